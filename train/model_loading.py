@@ -1,0 +1,226 @@
+"""Finding and loading a base model: a local folder, a Hugging Face id (+ revision) or a ModelScope id.
+
+train, merge and demo all read the base through `resolve_base`, so a base given as a hub id is downloaded
+once into the hub's own cache (safetensors only) and every module sees the same local folder and the same
+provenance (id, source, revision) for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from persona_lora.errors import ModelLoadError, UsageError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("auto", "local", "hf", "modelscope")
+# Only what a model needs, never pickled weights.
+BASE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "README.md", "LICENSE*"]
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """Where a base model lives on disk and what to record about it."""
+
+    path: Path
+    id: str  # hub id, or the folder's name for local bases (never an absolute path: it goes into cards)
+    source: str  # local | hf | modelscope
+    revision: str | None
+
+    @property
+    def config_sha256(self) -> str:
+        return sha256_file(self.path / "config.json")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_path(base: str) -> bool:
+    """Hub ids are `owner/name`; anything else that does not exist is a missing local folder."""
+    return not _HUB_ID.match(base) or base.startswith((".", "~"))
+
+
+def resolve_base(base: str, *, revision: str | None = None, source: str = "auto") -> ResolvedBase:
+    """Turn a --base value into a local folder, downloading from a hub when it is a hub id."""
+    if source not in SOURCES:
+        raise UsageError(f"--source must be one of {', '.join(SOURCES)}; got {source!r}")
+    local = Path(base).expanduser()
+    if source == "local" or (source == "auto" and (local.exists() or _looks_like_path(base))):
+        if not local.is_dir():
+            raise ModelLoadError(
+                f"base model folder {base} does not exist; build the embedded default with "
+                f"`persona-lora tiny-base {base}` or give a hub id like deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct"
+            )
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{base} is not a model folder: it has no config.json")
+        manifest_id = _recorded_hub_id(local)
+        return ResolvedBase(local.resolve(), manifest_id or local.resolve().name, "local", revision)
+    if source == "modelscope":
+        return _from_modelscope(base, revision)
+    return _from_hf(base, revision)
+
+
+def _recorded_hub_id(folder: Path) -> str | None:
+    """A folder pulled or merged by us remembers the hub id it came from (`persona_manifest.json`)."""
+    from train.manifest import MANIFEST_NAME
+
+    f = folder / MANIFEST_NAME
+    if f.is_file():
+        import json
+
+        try:
+            data = json.loads(f.read_text())
+            return (data.get("base_model") or {}).get("id") if data.get("kind") == "merged" else None
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _from_hf(repo_id: str, revision: str | None) -> ResolvedBase:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=BASE_PATTERNS)
+    except GatedRepoError as e:
+        raise ModelLoadError(f"{repo_id} is gated: request access on its Hub page, then set HF_TOKEN") from e
+    except RevisionNotFoundError as e:
+        raise ModelLoadError(f"revision {revision!r} of {repo_id} was not found; check --revision") from e
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(
+            f"{repo_id} was not found on the Hub (or is private: set HF_TOKEN); if it is a local folder, check the path"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        raise ModelLoadError(
+            f"cannot download {repo_id}: the Hub is unreachable and it is not in the local cache; "
+            "check the network or HF_ENDPOINT, or give a local folder"
+        ) from e
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelLoadError(f"cannot download {repo_id}: {e}; check the network or HF_ENDPOINT") from e
+    return ResolvedBase(Path(path), repo_id, "hf", revision)
+
+
+def _from_modelscope(model_id: str, revision: str | None) -> ResolvedBase:
+    try:
+        from modelscope import snapshot_download
+    except ImportError as e:  # pragma: no cover - modelscope is a dependency
+        raise ModelLoadError("source: modelscope needs the modelscope package: pip install modelscope") from e
+    try:
+        path = snapshot_download(model_id, revision=revision or "master", allow_patterns=BASE_PATTERNS)
+    except Exception as e:  # modelscope raises plain exceptions / requests errors
+        raise ModelLoadError(
+            f"cannot download {model_id} from ModelScope ({type(e).__name__}: {e}); check the id, the network or MODELSCOPE_DOMAIN"
+        ) from e
+    return ResolvedBase(Path(path), model_id, "modelscope", revision)
+
+
+def load_tokenizer(base: str | ResolvedBase, *, revision: str | None = None, source: str = "auto", chat_template_file: str | Path | None = None):
+    """The base's tokenizer, with a chat template from a file when given (it then counts as changed by us)."""
+    from transformers import AutoTokenizer
+
+    rb = base if isinstance(base, ResolvedBase) else resolve_base(base, revision=revision, source=source)
+    try:
+        tok = AutoTokenizer.from_pretrained(rb.path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {rb.id}: {e}") from e
+    if chat_template_file:
+        p = Path(chat_template_file)
+        if not p.is_file():
+            raise ModelLoadError(f"--chat-template {p} does not exist")
+        tok.chat_template = p.read_text(encoding="utf-8")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def default_dtype(device: str):
+    """bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name: str | None, device: str):
+    import torch
+
+    if name in (None, "auto"):
+        return default_dtype(device)
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise UsageError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
+    return table[name]
+
+
+def attention_implementation() -> str:
+    """flash-attn when installed (and on CUDA), else PyTorch SDPA."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_base_model(
+    base: str | ResolvedBase,
+    *,
+    revision: str | None = None,
+    source: str = "auto",
+    dtype: str | None = "auto",
+    device: str | None = None,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Load the base causal LM. Never runs remote code unless asked; DeepSeek-V2 is native in transformers 5."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rb = base if isinstance(base, ResolvedBase) else resolve_base(base, revision=revision, source=source)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": parse_dtype(dtype, device), "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise UsageError("load_in_4bit (QLoRA) needs a CUDA GPU; on CPU set load_in_4bit: false")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UsageError("load_in_4bit needs bitsandbytes: pip install 'persona-lora[qlora]'") from e
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_use_double_quant=True
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if device.startswith("cuda"):
+        kwargs["attn_implementation"] = attention_implementation()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(rb.path, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(f"{rb.id} needs remote code; set trust_remote_code: true only if you trust it") from e
+        raise ModelLoadError(f"cannot load {rb.id}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"cannot load {rb.id}: {e}") from e
+    if not load_in_4bit and device != "cpu":
+        model.to(device)
+    return model
