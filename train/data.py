@@ -262,32 +262,33 @@ def _array_element_lines(text: str, count: int) -> list[int] | None:
 
 def _parse_jsonl(text: str, name: str, display: str) -> list[tuple[str, str, Any]]:
     """One JSON object per non-blank line; every malformed line is reported, the good ones still validated."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    if text.lstrip().startswith("["):
         try:
             if isinstance(json.loads(text), list):
                 raise data_error([f"{name}: the file is one JSON array, not JSON Lines; fix: rename it to .json, "
                                   f"or write one record object per line"], display)
         except json.JSONDecodeError:
             pass
-    problems, out = [], []
+    out = []
     # split on "\n" only: str.splitlines() would also split on U+2028 etc., which JSON strings may contain.
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        place = f"{name}, line {lineno}"
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{name}, line {lineno}, column {e.colno}: invalid JSON ({e.msg}); fix: make this line "
+            item = _BadLine(f"{name}, line {lineno}, column {e.colno}: invalid JSON ({e.msg}); fix: make this line "
                             f"one complete JSON object (a record may not span several lines in .jsonl)")
-            continue
-        out.append((f"{name}, line {lineno}", f"{name}:{lineno}", item))
-    if problems:
-        raise data_error(problems + _validate_items(out, name, display, collect_only=True)[1], display)
-    if not out:
-        raise data_error([f"{name}: the file has no records (only blank lines); fix: write one JSON record per "
-                          f"line"], display)
+        out.append((place, f"{name}:{lineno}", item))
     return out
+
+
+@dataclasses.dataclass
+class _BadLine:
+    """A JSONL line that is not JSON: carried along so its problem is listed in line order with the others."""
+
+    problem: str
 
 
 # ----------------------------------------------------------------------------------------------- hub datasets
@@ -323,10 +324,8 @@ def _load_hub(hub_id: str, *, revision: str | None, split: str) -> LoadedDataset
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _validate_items(items: list[tuple[str, str, Any]], name: str, display: str, *, collect_only: bool = False):
-    """Normalize every item, collect every problem, check one format per file, warn once about unknown keys.
-
-    Returns (records, format); with collect_only, returns (records, problems) instead of raising."""
+def _validate_items(items: list[tuple[str, str, Any]], name: str, display: str) -> tuple[list[Record], str]:
+    """Normalize every item, collect every problem, check one format per file, warn once about unknown keys."""
     problems: list[str] = []
     records: list[Record] = []
     formats: dict[str, list[str]] = {}
@@ -340,12 +339,10 @@ def _validate_items(items: list[tuple[str, str, Any]], name: str, display: str, 
         if messages is not None and not item_problems:
             records.append({"messages": messages, "origin": origin})
     if len(formats) > 1:
-        parts = [f"{len(places)} {FORMAT_LABELS[f]} (first: {places[0]})" for f, places in
-                 sorted(formats.items(), key=lambda kv: -len(kv[1]))]
+        parts = [f"{len(places)} record{'s' if len(places) != 1 else ''} in {FORMAT_LABELS[f]}, first at {places[0]}"
+                 for f, places in sorted(formats.items(), key=lambda kv: -len(kv[1]))]
         problems.append(f"{name}: mixed formats in one file: {'; '.join(parts)}; fix: convert all records to one "
                         f"format (or split the file)")
-    if collect_only:
-        return records, problems
     if problems:
         raise data_error(problems, display)
     if unknown:
@@ -358,6 +355,8 @@ def _validate_items(items: list[tuple[str, str, Any]], name: str, display: str, 
 
 def _normalize(item: Any, place: str) -> tuple[str | None, list[dict] | None, list[str], list[str]]:
     """One raw item -> (format, messages, problems, unknown keys)."""
+    if isinstance(item, _BadLine):
+        return None, None, [item.problem], []
     if not isinstance(item, dict):
         return None, None, [f"{place}: expected a record object {{...}}, got {_json_type(item)}; fix: make each "
                             f"record a JSON object with its fields"], []
@@ -384,8 +383,8 @@ def _normalize(item: Any, place: str) -> tuple[str | None, list[dict] | None, li
 def _no_format_problem(item: dict, place: str) -> str:
     """No known key: suggest the key the user probably misspelled."""
     known = ["instruction", "output", "input", "messages", "conversations"]
-    renames = [f"{k!r} -> {m[0]!r}" for k in item if (m := difflib.get_close_matches(str(k), known, n=1))]
-    hint = f" (did you mean {', '.join(renames)}?)" if renames else ""
+    renames = [f"{k!r} to {m[0]!r}" for k in item if (m := difflib.get_close_matches(str(k), known, n=1))]
+    hint = f" (misspelled? rename {', '.join(renames)})" if renames else ""
     keys = ", ".join(repr(k) for k in item) or "none"
     return (f"{place}: record is in no known format (keys: {keys}){hint}; fix: use Alpaca ('instruction', "
             f"'output'), chat 'messages' (role/content) or ShareGPT 'conversations' (from/value)")

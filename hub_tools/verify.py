@@ -1,0 +1,364 @@
+"""Checks on a downloaded (or merged) folder: the bytes are the hub's, the files are what they claim, the
+adapter fits the base it will be loaded on.
+
+Why: a pulled adapter is loaded into memory next to a multi-GB base; a truncated/corrupted file, a pickle, or an
+adapter trained for another base should fail here with a sentence, not later as a CUDA shape error or as
+arbitrary code execution. Nothing here loads weights: safetensors headers are read directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from persona_lora.errors import ModelLoadError, VerificationError
+
+from hub_tools.files import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8, "F4": 0.5, "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
+}
+MAX_HEADER = 100_000_000
+MAX_LISTED = 6
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """What the hub says about one file: size and a hash (sha256 for LFS files, else the git blob sha1)."""
+
+    path: str
+    size: int | None
+    sha256: str | None = None
+    git_oid: str | None = None
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (the manifest's `config_sha256` is this, of the base's config.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ hashes
+def hash_problems(folder: Path, remote: dict[str, RemoteFile]) -> list[str]:
+    """Every downloaded file must have the hub's size and hash."""
+    problems = []
+    for rel, meta in sorted(remote.items()):
+        local = folder / rel
+        if not local.is_file():
+            problems.append(f"{rel}: missing after download")
+            continue
+        size = local.stat().st_size
+        if meta.size is not None and size != meta.size:
+            problems.append(f"{rel}: {size} bytes, the hub says {meta.size}")
+            continue
+        if meta.sha256:
+            got = sha256_file(local)
+            if got != meta.sha256.lower():
+                problems.append(f"{rel}: sha256 {got[:16]}… but the hub says {meta.sha256[:16]}…")
+        elif meta.git_oid:
+            got = git_blob_sha1(local)
+            if got != meta.git_oid.lower():
+                problems.append(f"{rel}: git blob id {got[:16]}… but the hub says {meta.git_oid[:16]}…")
+    return problems
+
+
+def discard_files(folder: Path, rels: list[str]) -> None:
+    """Remove bad downloads (cache pointer *and* blob) so the next pull fetches them again."""
+    for rel in rels:
+        p = folder / rel
+        try:
+            if p.is_symlink():
+                blob = p.resolve()
+                p.unlink()
+                if blob.is_file():
+                    blob.unlink()
+            elif p.exists():
+                p.unlink()
+                meta = folder / ".cache" / "huggingface" / "download" / f"{rel}.metadata"
+                if meta.is_file():
+                    meta.unlink()
+        except OSError as e:  # pragma: no cover - best effort
+            log.warning("could not remove corrupted %s: %s", p, e)
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} after checking the header is self-consistent."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise VerificationError(f"{path.name} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise VerificationError(f"{path.name} is not a valid safetensors file (header length {n} > file size {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VerificationError(f"{path.name} has a corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise VerificationError(f"{path.name} has a corrupt safetensors header (not a JSON object)")
+    data_len = size - 8 - n
+    spans = []
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            numel = 1
+            for d in shape:
+                if not isinstance(d, int) or d < 0:
+                    raise ValueError(f"bad dimension {d!r}")
+                numel *= d
+            expected = numel * _DTYPE_SIZES[dtype]
+        except (KeyError, TypeError, ValueError) as e:
+            raise VerificationError(f"{path.name}: tensor {name} has an invalid header entry ({e})") from None
+        if not (0 <= start <= end <= data_len) or end - start != expected:
+            raise VerificationError(
+                f"{path.name}: tensor {name} points outside the file or has the wrong byte size "
+                f"(offsets {start}-{end}, data {data_len} bytes); the file is truncated or corrupt"
+            )
+        spans.append((start, end))
+        tensors[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+    spans.sort()
+    pos = 0
+    for start, end in spans:
+        if start != pos:
+            raise VerificationError(f"{path.name}: tensor data overlaps or has holes; the file is corrupt")
+        pos = end
+    if pos != data_len:
+        raise VerificationError(f"{path.name}: {data_len - pos} trailing bytes after the tensors; the file is corrupt")
+    try:  # and the reference implementation agrees
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            list(f.keys())
+    except ImportError:  # pragma: no cover
+        pass
+    except Exception as e:
+        raise VerificationError(f"{path.name} does not open with safetensors ({e})") from None
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------ folder content
+def verify_content(folder: Path, *, allow_pickle: bool = False) -> str:
+    """'adapter' or 'model' after checking the files parse; raises VerificationError otherwise."""
+    cfg_path = folder / "adapter_config.json"
+    manifest = folder / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise VerificationError(f"{MANIFEST_NAME} is not valid JSON ({e})") from None
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise VerificationError(f"adapter_config.json is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or not cfg.get("peft_type"):
+            raise VerificationError("adapter_config.json has no peft_type: it is not a PEFT adapter config")
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():
+            tensors = read_safetensors_header(weights)
+            if not tensors:
+                raise VerificationError("adapter_model.safetensors holds no tensors")
+        elif allow_pickle and (folder / "adapter_model.bin").is_file():
+            log.warning("adapter weights are pickled (adapter_model.bin): not verified beyond their hash")
+        else:
+            raise VerificationError("the adapter has no adapter_model.safetensors")
+        return "adapter"
+    if (folder / "config.json").is_file():
+        shards = sorted(folder.glob("*.safetensors"))
+        if not shards and not (allow_pickle and any(folder.glob("*.bin"))):
+            raise VerificationError("the model folder has config.json but no *.safetensors weights")
+        for shard in shards:
+            read_safetensors_header(shard)
+        return "model"
+    raise VerificationError("the repo holds neither an adapter (adapter_config.json) nor a model (config.json)")
+
+
+# ------------------------------------------------------------------------------------------ base compatibility
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+
+
+def local_base_shapes(base: Path) -> dict[str, list[int]]:
+    shards = sorted(base.glob("*.safetensors"))
+    if not shards:
+        raise VerificationError(f"base folder {base} has no *.safetensors weights, so the adapter's shapes cannot be checked")
+    shapes = {}
+    for shard in shards:
+        for name, info in read_safetensors_header(shard).items():
+            shapes[name] = info["shape"]
+    return shapes
+
+
+def hub_base_shapes(base_id: str, *, token: str | None = None, endpoint: str | None = None) -> dict[str, list[int]] | None:
+    """Tensor shapes of a Hub model from its safetensors headers (HTTP range reads, no weights downloaded)."""
+    from huggingface_hub import HfApi
+
+    from hub_tools.errors import hf_endpoint, hf_errors
+
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    endpoint = endpoint or hf_endpoint()
+    api = HfApi(endpoint=endpoint, token=token)
+    with hf_errors("read base", base_id, endpoint=endpoint, token=token):
+        api.model_info(base_id)  # a clear "not found" / "private" error before the header reads
+        try:
+            meta = api.get_safetensors_metadata(base_id)
+        except NotASafetensorsRepoError:
+            log.warning("base %s has no safetensors weights on the Hub; tensor shapes not checked", base_id)
+            return None
+    return {name: list(t.shape) for fm in meta.files_metadata.values() for name, t in fm.tensors.items()}
+
+
+def _expert_shapes(module: str, base: dict[str, list[int]]) -> list[tuple[int, int, int]]:
+    """Fused expert parameter shapes (E, out, in) of `module` (…mlp.experts), from either layout."""
+    out = []
+    for suffix in ("gate_up_proj", "down_proj"):
+        s = base.get(f"{module}.{suffix}")
+        if s and len(s) == 3:
+            out.append(tuple(s))
+    if out:
+        return out
+    per = {}
+    pat = re.compile(re.escape(module) + r"\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    for name, shape in base.items():
+        m = pat.match(name)
+        if m:
+            per.setdefault(m.group(2), {})[int(m.group(1))] = shape
+    if "gate_proj" in per and "up_proj" in per:
+        e = len(per["gate_proj"])
+        i, h = per["gate_proj"][0]
+        out.append((e, 2 * i, h))
+    if "down_proj" in per:
+        e = len(per["down_proj"])
+        h, i = per["down_proj"][0]
+        out.append((e, h, i))
+    return out
+
+
+def shape_problems(adapter: dict[str, list[int]], base: dict[str, list[int]]) -> list[str]:
+    """Compare every LoRA A/B tensor with the base weight it adapts."""
+    pairs: dict[str, dict[str, list[int]]] = {}
+    for name, shape in adapter.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.*?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?(?:\.weight)?$", name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = shape
+    problems = []
+    for module, parts in sorted(pairs.items()):
+        a, b = parts.get("lora_A") or parts.get("lora_embedding_A"), parts.get("lora_B") or parts.get("lora_embedding_B")
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            problems.append(f"{module}: incomplete LoRA pair in the adapter")
+            continue
+        plain = re.sub(r"(\.base_layer)+$", "", module)
+        weight = base.get(f"{plain}.weight")
+        if "lora_embedding_A" in parts:
+            if weight is None:
+                problems.append(f"{plain}: the base has no embedding {plain}.weight")
+            elif a[1] != weight[0] or b[0] != weight[1]:
+                problems.append(f"{plain}: adapter embedding is {a[1]}x{b[0]}, the base's is {weight[0]}x{weight[1]}")
+            continue
+        if weight is not None and len(weight) == 2:
+            out_f, in_f = weight
+            if a[1] != in_f or b[0] != out_f:
+                problems.append(
+                    f"{plain}: adapter expects in={a[1]}, out={b[0]}; the base weight {plain}.weight is "
+                    f"{out_f}x{in_f} (out x in)")
+            elif a[0] != b[1]:
+                problems.append(f"{plain}: lora_A rank {a[0]} != lora_B rank {b[1]}")
+            continue
+        experts = _expert_shapes(plain, base)
+        if experts:  # PEFT ParamWrapper on fused experts: A (r*E, in), B (out, r*E)
+            if not any(a[1] == i and b[0] == o and a[0] % e == 0 for e, o, i in experts):
+                shown = ", ".join(f"{e}x{o}x{i}" for e, o, i in experts)
+                problems.append(f"{plain}: adapter expects in={a[1]}, out={b[0]}; the base's experts are {shown} (E x out x in)")
+            continue
+        problems.append(f"{plain}: the base has no weight for this adapted module (is it the same architecture/size?)")
+    return problems
+
+
+def _listed(problems: list[str]) -> str:
+    shown = problems[:MAX_LISTED]
+    more = f"\n  - … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return "".join(f"\n  - {p}" for p in shown) + more
+
+
+def check_base(folder: Path, base: str, *, token: str | None = None, hub: str = "hf", endpoint: str | None = None) -> None:
+    """Raise VerificationError unless the adapter in `folder` was trained for `base` (folder or hub id).
+
+    Local base folder: the manifest's `base_model.config_sha256` must equal sha256(base/config.json), and the
+    LoRA shapes must fit the base's safetensors headers. Hub id: the recorded base id (manifest
+    `base_model.id`, else adapter_config `base_model_name_or_path`) must equal it, and on the Hugging Face Hub the
+    shapes are checked against the remote safetensors headers (ModelScope: ids only).
+    """
+    folder = Path(folder)
+    manifest = _read_json(folder / MANIFEST_NAME)
+    recorded = manifest.get("base_model") if isinstance(manifest.get("base_model"), dict) else {}
+    cfg = _read_json(folder / "adapter_config.json")
+    recorded_id = recorded.get("id") or cfg.get("base_model_name_or_path")
+    problems: list[str] = []
+    base_shapes = None
+    local = Path(base).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"base folder {base} has no config.json; give the base model's folder")
+        want = recorded.get("config_sha256")
+        have = sha256_file(local / "config.json")
+        if want and want != have:
+            problems.append(
+                f"config.json differs: {base}/config.json has sha256 {have[:12]}…, the adapter was trained on a base "
+                f"whose config.json has {want[:12]}… (recorded base: {recorded_id or 'unknown'})")
+        elif not want:
+            log.warning("%s records no base config_sha256; checking tensor shapes only", MANIFEST_NAME)
+        base_shapes = local_base_shapes(local)
+    elif HUB_ID.match(base):
+        if recorded_id and recorded_id != base:
+            problems.append(f"the adapter was trained on {recorded_id}, not {base}")
+        elif not recorded_id:
+            log.warning("the adapter records no base model id; checking tensor shapes only")
+        if problems:
+            pass  # a different base id is decisive; its weights are not worth fetching
+        elif hub == "hf":
+            base_shapes = hub_base_shapes(base, token=token, endpoint=endpoint)
+        else:
+            log.info("shapes not checked against ModelScope base %s (no header API); ids compared only", base)
+    else:
+        raise ModelLoadError(f"--base {base}: no such folder, and it is not a hub id (owner/name)")
+    if base_shapes is not None:
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():
+            adapter = {n: i["shape"] for n, i in read_safetensors_header(weights).items()}
+            problems += shape_problems(adapter, base_shapes)
+    if problems:
+        raise VerificationError(f"adapter {folder.name} does not match base {base}:{_listed(problems)}")

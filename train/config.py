@@ -1,0 +1,272 @@
+"""Typed training config: one dataclass per concern, help text on every field, all problems reported at once.
+
+A YAML file holds sections `base`, `data`, `lora`, `training` (plus top-level `name`, `license`); CLI flags
+and `--set section.key=value` override it. Errors name the key (`training.learning_rate`) and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from persona_lora.errors import ConfigError
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class BaseConfig:
+    model: str = _f("runs/tiny-base", "local folder, Hugging Face id or ModelScope id of the base model")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit) of the base model")
+    source: str = _f("auto", "where `model` lives: auto (local folder if it exists, else Hugging Face), local, hf, modelscope", choices=("auto", "local", "hf", "modelscope"))
+    dtype: str = _f("auto", "weights dtype: auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16, float16", choices=("auto", "float32", "bfloat16", "float16"))
+    load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 with bitsandbytes (CUDA only)")
+    trust_remote_code: bool = _f(False, "run the model repo's own Python code; leave false unless you trust it (DeepSeek-V2 is native)")
+    chat_template: str | None = _f(None, "Jinja file with a chat template, for bases whose tokenizer has none (it is then saved with the adapter)")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("examples/data/persona_zh.json", "dataset: .json/.jsonl file (Alpaca, messages or ShareGPT records) or a hub dataset id")
+    revision: str | None = _f(None, "hub dataset revision")
+    system_prompt: str | None = _f(None, "system prompt for records without their own `system`; stored in the manifest and used by the demo")
+    max_length: int = _f(512, "maximum tokens per example (prompt + answer)", min=8)
+    train_on: str = _f("all", "which assistant turns of a multi-turn record are trained: all, last", choices=("all", "last"))
+    overlong: str = _f("truncate", "over-long examples: truncate (cut the prompt from the left, keep the answer and EOS) or drop", choices=("truncate", "drop"))
+    eval_fraction: float = _f(0.05, "fraction of records held out for eval loss (0 disables eval)", min=0.0, max=0.5)
+    language: list[str] = _f([], "dataset languages for the card, e.g. [zh]")
+
+
+@dataclass
+class LoraConfigSection:
+    preset: str | None = _f("attention+mlp", "coverage preset: attention | attention+mlp | all (MoE: all adds the routed experts)")
+    target_modules: list[str] | None = _f(None, "explicit leaf names instead of a preset (e.g. the tutorial's list); gate/up/down mean every MLP incl. experts")
+    r: int = _f(16, "LoRA rank (higher: more capacity and memory)", min=1)
+    alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)", min=1)
+    dropout: float = _f(0.05, "LoRA dropout on linear layers (fused experts get 0: PEFT refuses dropout there)", min=0.0, max=0.9)
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = _f("runs/adapter", "the adapter folder to write (checkpoints go to its checkpoints/)")
+    epochs: float = _f(3.0, "number of passes over the training records", min=0.0)
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    batch_size: int = _f(8, "examples per device per step", min=1)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
+    learning_rate: float = _f(2e-4, "peak learning rate (LoRA wants ~1e-4..2e-3, not the tutorial's 1e-5)", min=0.0)
+    lr_scheduler: str = _f("cosine", "learning-rate schedule (transformers name): cosine, linear, constant, constant_with_warmup")
+    warmup_ratio: float = _f(0.03, "fraction of steps for linear warmup", min=0.0, max=0.5)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", min=0.0)
+    seed: int = _f(42, "seed for init, shuffling and the eval split")
+    gradient_checkpointing: str = _f("auto", "auto (on for CUDA, off on CPU), true, false; non-reentrant, works with LoRA", choices=("auto", "true", "false"))
+    group_by_length: bool = _f(True, "batch examples of similar length to cut padding")
+    packing: bool = _f(False, "pack examples padding-free (measured slower on CPU; try on GPU)")
+    logging_steps: int = _f(10, "log train loss every N steps", min=1)
+    eval_steps: int = _f(50, "eval loss every N steps", min=1)
+    save_steps: int = _f(50, "checkpoint every N steps", min=1)
+    save_total_limit: int = _f(2, "keep the last K checkpoints", min=1)
+    report_to: list[str] = _f(["tensorboard"], "logging integrations (tensorboard, wandb, none)")
+    resume: str = _f("false", "continue from the latest checkpoint: false, true (error if none), auto (if any)", choices=("false", "true", "auto"))
+    overwrite: bool = _f(False, "replace an existing non-empty output_dir (checkpoints included)")
+    samples: int = _f(4, "base-vs-adapter sample answers on held-out prompts at the end (0: none)", min=0)
+    sample_max_new_tokens: int = _f(64, "max new tokens per sample answer", min=1)
+    dataloader_workers: int = _f(0, "DataLoader worker processes", min=0)
+
+
+@dataclass
+class TrainConfig:
+    name: str | None = _f(None, "adapter name for the card (default: the output folder's name)")
+    license: str | None = _f(None, "license of the adapter for the card (default: the base's when known)")
+    base: BaseConfig = field(default_factory=BaseConfig, metadata={"help": "base model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "dataset and formatting"})
+    lora: LoraConfigSection = field(default_factory=LoraConfigSection, metadata={"help": "LoRA coverage and size"})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "optimisation and checkpoints"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfigSection, "training": TrainingConfig}
+
+
+def _coerce(value, tp, key: str, problems: list[str]):
+    """Check/convert a YAML value to the annotated type; on failure record a problem naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{key}: expected a list of strings, got {value!r}")
+            return None
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return None
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return None
+    if tp is str:
+        if isinstance(value, bool):  # YAML's `true`/`false` for str fields like resume / gradient_checkpointing
+            return "true" if value else "false"
+        if not isinstance(value, (str, int, float)):
+            problems.append(f"{key}: expected a string, got {value!r}")
+            return None
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            problems.append(f"{full}: unknown key" + (f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(names)}"))
+            continue
+        f = next(x for x in fields(cls) if x.name == key)
+        v = _coerce(value, hints[key], full, problems)
+        if v is None and value is not None:
+            continue
+        meta = f.metadata
+        if v is not None and "choices" in meta and v not in meta["choices"]:
+            problems.append(f"{full}: {v!r} is not one of {', '.join(map(str, meta['choices']))}")
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if "min" in meta and v < meta["min"]:
+                problems.append(f"{full}: must be >= {meta['min']}, got {v}")
+                continue
+            if "max" in meta and v > meta["max"]:
+                problems.append(f"{full}: must be <= {meta['max']}, got {v}")
+                continue
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str | None = None) -> TrainConfig:
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping with sections base, data, lora, training", source)
+    top = {}
+    sections = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append(f"{key}: must be a mapping of keys, got {value!r}")
+                continue
+            sections[key] = _build(SECTIONS[key], value, f"{key}.", problems)
+        elif key in ("name", "license"):
+            top[key] = _coerce(value, str | None, key, problems)
+        else:
+            near = difflib.get_close_matches(key, [*SECTIONS, "name", "license"], n=1)
+            problems.append(f"{key}: unknown section" + (f"; did you mean {near[0]}?" if near else "; sections are base, data, lora, training"))
+    cfg = TrainConfig(**top, **sections)
+    problems += cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def cross_checks(cfg: TrainConfig) -> list[str]:
+    """Conflicts between options, each naming both and the fix."""
+    p = []
+    if cfg.training.overwrite and cfg.training.resume != "false":
+        p.append("training.overwrite and training.resume are both set: overwrite deletes the checkpoints resume needs; choose one")
+    if cfg.lora.preset and cfg.lora.target_modules:
+        p.append("lora.preset and lora.target_modules are both set; choose one (set lora.preset: null to use target_modules)")
+    if not cfg.lora.preset and not cfg.lora.target_modules:
+        p.append("lora.preset is empty and lora.target_modules is not set; choose a preset (attention, attention+mlp, all)")
+    if cfg.training.max_steps <= 0 and cfg.training.epochs <= 0:
+        p.append("training.epochs is 0 and training.max_steps is not set: nothing to train")
+    if cfg.base.load_in_4bit and cfg.base.dtype == "float32":
+        p.append("base.load_in_4bit with base.dtype float32: 4-bit compute wants bfloat16/float16 (or auto)")
+    return p
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """`--set training.learning_rate=1e-4` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for a in assignments:
+        if "=" not in a or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"--set {a!r}: expected section.key=value, e.g. --set training.learning_rate=1e-4")
+        key, raw = a.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) and isinstance(out.get(k), (dict, type(None))) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults), apply overrides, validate everything at once."""
+    data: dict = {}
+    source = None
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist", None)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}", None) from e
+    return config_from_dict(merge(data, overrides or {}), source)
+
+
+def field_help(cls=TrainConfig) -> dict[str, str]:
+    """Flat `section.key -> help` (used by `train --help-config`)."""
+    out = {}
+    for f in fields(cls):
+        if f.name in SECTIONS:
+            for g in fields(SECTIONS[f.name]):
+                out[f"{f.name}.{g.name}"] = g.metadata.get("help", "")
+        else:
+            out[f.name] = f.metadata.get("help", "")
+    return out
+
+
+__all__ = ["TrainConfig", "load_config", "parse_set", "config_from_dict", "field_help", "MISSING"]

@@ -1,0 +1,61 @@
+"""`persona-lora train CONFIG.yaml [overrides]`: the training entry point (see train/trainer.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from train.config import field_help, load_config, parse_set
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter from a YAML config",
+        description="Train a LoRA adapter. The YAML config has sections base, data, lora, training "
+        "(see configs/*.yaml and `persona-lora train --help-config`); flags override it.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (optional: defaults + flags also work)")
+    p.add_argument("--base", help="override base.model (local folder, HF id or ModelScope id)")
+    p.add_argument("--data", help="override data.path")
+    p.add_argument("--output-dir", help="override training.output_dir")
+    p.add_argument("--max-steps", type=int, help="override training.max_steps")
+    p.add_argument("--epochs", type=float, help="override training.epochs")
+    p.add_argument("--lora-preset", help="override lora.preset (attention, attention+mlp, all)")
+    p.add_argument("--resume", nargs="?", const="true", choices=["true", "auto", "false"], help="continue from the latest checkpoint (auto: only if one exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key, e.g. --set training.learning_rate=1e-4")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, data statistics, LoRA coverage and estimates; do not train")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its help text")
+    p.set_defaults(func=_run)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    o = parse_set(args.set)
+    flags = {
+        ("base", "model"): args.base,
+        ("data", "path"): args.data,
+        ("training", "output_dir"): args.output_dir,
+        ("training", "max_steps"): args.max_steps,
+        ("training", "epochs"): args.epochs,
+        ("lora", "preset"): args.lora_preset,
+        ("training", "resume"): args.resume,
+        ("training", "overwrite"): True if args.overwrite else None,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            o.setdefault(section, {})[key] = value
+    if args.lora_preset:
+        o["lora"].setdefault("target_modules", None)
+    return o
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.help_config:
+        for key, text in field_help().items():
+            print(f"{key:<40} {text}")
+        return 0
+    cfg = load_config(args.config, overrides_from_args(args))
+    from train.trainer import run_training
+
+    run_training(cfg, dry_run=args.dry_run)
+    return 0
