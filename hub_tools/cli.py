@@ -47,8 +47,8 @@ def _register_push(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created from main if missing)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing to it")
     p.add_argument("--message", "-m", metavar="MSG", help="commit message")
-    p.add_argument("--include", metavar="PATTERN", nargs="+", action="extend", default=[],
-                   help="also push files matching these patterns (relative path or name), e.g. 'notes/*.md'")
+    p.add_argument("--include", metavar="PATTERN", action="append", default=[],
+                   help="also push files matching PATTERN (relative path or name, e.g. 'notes/*.md'); repeatable")
     p.set_defaults(func=cmd_push)
     return p
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 
 from persona_lora.errors import HubError, PersonaLoraError
@@ -38,7 +39,8 @@ def redact(text: str, *secrets: str | None) -> str:
     for s in sorted(candidates, key=len, reverse=True):
         if len(s) >= 6:
             text = text.replace(s, "***")
-    return text
+    # pre-signed upload/download URLs carry credentials in their query string
+    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]+", r"\1?…", text)
 
 
 def missing_token(action: str, hub: str = "hf") -> HubError:
@@ -110,7 +112,7 @@ def hf_errors(action: str, repo_id: str, *, revision: str | None = None, endpoin
         ) from None
     except RevisionNotFoundError:
         raise HubError(
-            f"revision {revision!r} does not exist in {repo_id}: check the branch, tag or commit name "
+            f"revision {revision or 'main'!r} does not exist in {repo_id}: check the branch, tag or commit name "
             f"(branches are listed at {page}/tree/main)"
         ) from None
     except RepositoryNotFoundError:
@@ -147,7 +149,7 @@ def hf_errors(action: str, repo_id: str, *, revision: str | None = None, endpoin
         transport = _transport_error(e)
         upload_failed = isinstance(e, RuntimeError) and "Error while uploading" in str(e)
         if upload_failed:
-            why = f"the connection dropped ({type(transport).__name__})" if transport else f"{e.__cause__ or e}"
+            why = f"the connection dropped ({type(transport).__name__})" if transport else redact(str(e.__cause__ or e), token)
             raise HubError(redact(
                 f"{action} {repo_id}: {str(e).rstrip('.')}: {why}. Nothing was committed, the repo is unchanged; "
                 "run the command again (files already uploaded are not sent twice)", token)) from None

@@ -62,6 +62,10 @@ def ms_errors(action: str, repo_id: str, *, revision: str | None = None, token: 
         name = type(e).__name__
         text = redact(str(e), token)
         low = text.lower()
+        if "hash mismatch" in low or name in ("FileIntegrityError", "FileSizeMismatchError"):
+            raise VerificationError(
+                f"the download of {repo_id} from ModelScope is corrupt (it does not match the hub's hashes): {text}. "
+                "Run pull again; if it keeps failing, a proxy or the hub copy is at fault") from None
         if _transport_error(e) is not None or name in ("NetworkError", "RequestTimeoutError"):
             raise HubError(f"cannot reach {endpoint}; check your network or MODELSCOPE_DOMAIN ({name} during {action} {repo_id})") from None
         if name == "AuthenticationError" or " 401" in text or "unauthorized" in low:
@@ -102,15 +106,35 @@ def push(plan, repo_id: str, *, private: bool, revision: str | None, create_pr: 
     with ms_errors("push to", repo_id, revision=revision, token=token), redirect_stdout(sys.stderr):
         api = _api(token)
         api.create_repo(repo_id, repo_type="model", visibility="private" if private else "public", exist_ok=True)
-        result = api.upload_folder(
-            repo_id=repo_id, folder_path=str(plan.folder), repo_type="model", revision=branch,
-            allow_patterns=list(plan.files), commit_message=message,
-        )
+        try:
+            result = api.upload_folder(
+                repo_id=repo_id, folder_path=str(plan.folder), repo_type="model", revision=branch,
+                allow_patterns=list(plan.files), commit_message=message,
+            )
+        except Exception as e:
+            if "failed to upload" not in str(e):
+                raise
+            # Unlike the Hugging Face Hub, the ModelScope client commits the files that did upload.
+            raise HubError(_partial_push_message(repo_id, branch, plan.files, token, e)) from None
     url = f"{ms_endpoint()}/models/{repo_id}" + (f"/files?revision={branch}" if revision else "")
     commit = None
     if isinstance(result, dict):
         commit = result.get("sha") or result.get("commit_id") or result.get("CommitId")
     return PushResult(url, repo_id=repo_id, commit=commit, pushed=plan.files, skipped=plan.skipped, pr_url=None)
+
+
+def _partial_push_message(repo_id: str, branch: str, files: list, token: str | None, error: Exception) -> str:
+    try:
+        there = {f.path: f for f in remote_files(repo_id, branch, token)}
+        missing = [f for f in files if f not in there]
+        state = (f"the repo is missing {', '.join(missing)}" if missing else
+                 "some files on the repo may be older versions")
+    except Exception:  # the listing failed too: say what we know
+        state = "which files made it could not be checked"
+    cause = redact(str(error), token).splitlines()[0]
+    return (f"push to {repo_id} on ModelScope was incomplete ({cause}). The ModelScope client commits the files "
+            f"that uploaded, so {repo_id}@{branch} may now hold a partial adapter: {state}. Run the same push again "
+            "(uploaded files are skipped); do not pull it before that succeeds")
 
 
 def remote_files(repo_id: str, revision: str, token: str | None) -> list[RemoteFile]:

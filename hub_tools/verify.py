@@ -198,6 +198,14 @@ def verify_content(folder: Path, *, allow_pickle: bool = False) -> str:
             raise VerificationError("the model folder has config.json but no *.safetensors weights")
         for shard in shards:
             read_safetensors_header(shard)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise VerificationError("model.safetensors.index.json has no weight_map")
+            missing = sorted(set(weight_map.values()) - {s.name for s in shards})
+            if missing:
+                raise VerificationError(f"model.safetensors.index.json names shards that are missing: {', '.join(missing)}")
         return "model"
     raise VerificationError("the repo holds neither an adapter (adapter_config.json) nor a model (config.json)")
 

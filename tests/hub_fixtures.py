@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from hub_server import DEFAULT_TOKEN, DEFAULT_USER, FakeHub  # noqa: E402
 from modelscope_server import DEFAULT_MS_TOKEN, DEFAULT_MS_USER, FakeModelScope  # noqa: E402
 
-__all__ = ["hub_server", "fast_retries", "ms_server", "FakeHub", "FakeModelScope", "DEFAULT_TOKEN", "DEFAULT_USER",
+__all__ = ["hub_server", "fast_retries", "ms_server", "ms_fast_retries", "FakeHub", "FakeModelScope", "DEFAULT_TOKEN", "DEFAULT_USER",
            "DEFAULT_MS_TOKEN", "DEFAULT_MS_USER"]
 
 
@@ -78,6 +78,7 @@ def hub_server(tmp_path_factory, monkeypatch):
     server = FakeHub().start()
     _point_client_at(monkeypatch, server.url, home, DEFAULT_TOKEN)
     server.hf_home = home
+    server.token = DEFAULT_TOKEN
     try:
         yield server
     finally:
@@ -126,3 +127,17 @@ def ms_server(tmp_path_factory, monkeypatch):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def ms_fast_retries(monkeypatch):
+    """The modelscope client's back-off made instant: urllib3's retry back-off (its API session) and the sleeps
+    of its upload pipeline and file-tree listing. Every retry still reaches the server."""
+    import urllib3.util.retry
+    from modelscope_hub import _legacy_api, _upload
+
+    monkeypatch.setattr(urllib3.util.retry.Retry, "get_backoff_time", lambda self: 0)
+    for module in (_legacy_api, _upload):
+        fake_time = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
+        fake_time.sleep = lambda s: None
+        monkeypatch.setattr(module, "time", fake_time)

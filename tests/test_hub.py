@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 from pathlib import Path
 
 import pytest
 
-from hub_fixtures import DEFAULT_TOKEN, DEFAULT_USER, fast_retries, hub_server  # noqa: F401
+from tests.hub_fixtures import DEFAULT_MS_TOKEN, DEFAULT_MS_USER, DEFAULT_TOKEN, DEFAULT_USER  # fixtures: conftest.py
 from persona_lora.cli import main
 from persona_lora.errors import HubError, ModelLoadError, UsageError, VerificationError
 
@@ -196,6 +195,7 @@ def test_create_pr_opens_pull_request_without_touching_main(hub_server, run_dir)
     assert url.pr_url == url
     assert hub_server.head(REPO) == main_head
     assert b"Proposed change" in hub_server.file_bytes(REPO, "README.md", revision="refs/pr/1")
+    assert "Proposed change" in (pull(revision="refs/pr/1") / "README.md").read_text()
     with pytest.raises(UsageError, match="--create-pr"):
         push(run_dir, create_pr=True, revision="dev")
 
@@ -352,6 +352,66 @@ def test_server_errors_are_retried_then_reported(hub_server, run_dir, fast_retri
         pull(revision="main")
 
 
+def test_invalid_readme_metadata_is_reported(hub_server, run_dir):
+    (run_dir / "README.md").write_text("---\nbase_model: [unclosed\n---\n# card\n")
+    with pytest.raises(HubError, match="README.md has invalid metadata"):
+        push(run_dir)
+
+
+def test_push_and_pull_a_merged_model_folder(hub_server, tiny_models, tmp_path):
+    folder = tmp_path / "merged"
+    shutil.copytree(tiny_models["base32"], folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04old pickle")  # left over: never pushed
+    result = push(folder, f"{DEFAULT_USER}/merged")
+    assert set(result.pushed) == {"config.json", "generation_config.json", "model.safetensors"}
+    assert "pytorch_model.bin" in dict(result.skipped)
+    out = pull(f"{DEFAULT_USER}/merged")
+    assert sha256(out / "model.safetensors") == sha256(folder / "model.safetensors")
+
+
+def test_truncated_safetensors_is_refused(tmp_path, tiny_models):
+    from hub_tools.verify import read_safetensors_header, verify_content
+
+    folder = tmp_path / "a"
+    shutil.copytree(tiny_models["adapter"], folder)
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(VerificationError, match="adapter_model.safetensors"):
+        verify_content(folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(VerificationError, match="not a valid safetensors"):
+        read_safetensors_header(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").write_bytes(data)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    del cfg["peft_type"]
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(VerificationError, match="peft_type"):
+        verify_content(folder)
+
+
+def test_fake_hub_speaks_the_rest_of_the_protocol(hub_server):
+    """Endpoints hub_tools does not call itself but other code may: datasets, paths-info, refs, file_exists."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi()
+    api.create_repo("data-set", repo_type="dataset")
+    api.upload_file(path_or_fileobj=b'{"messages": []}\n', path_in_repo="train.jsonl", repo_id=f"{DEFAULT_USER}/data-set",
+                    repo_type="dataset")
+    local = hf_hub_download(f"{DEFAULT_USER}/data-set", "train.jsonl", repo_type="dataset")
+    assert Path(local).read_bytes() == b'{"messages": []}\n'
+    assert api.dataset_info(f"{DEFAULT_USER}/data-set").sha == hub_server.head(f"{DEFAULT_USER}/data-set", repo_type="dataset")
+    hub_server.add_repo(REPO, {"a/b.txt": "x", "w.safetensors": b"\0" * 16})
+    infos = {i.path: i for i in api.get_paths_info(REPO, ["a", "w.safetensors", "missing"], expand=True)}
+    assert set(infos) == {"a", "w.safetensors"} and infos["w.safetensors"].lfs.size == 16
+    assert infos["w.safetensors"].last_commit is not None
+    api.create_branch(REPO, branch="dev")
+    assert {b.name for b in api.list_repo_refs(REPO).branches} == {"main", "dev"}
+    assert api.file_exists(REPO, "a/b.txt") and not api.file_exists(REPO, "nope.txt")
+    assert sorted(api.list_repo_files(REPO)) == [".gitattributes", "a/b.txt", "w.safetensors"]
+    tree = list(api.list_repo_tree(REPO, expand=True))
+    assert {t.path for t in tree} == {".gitattributes", "a", "w.safetensors"}
+
+
 # ------------------------------------------------------------------------------------------------ pickles
 def _pickle_repo(hub_server, tiny_models, repo="someone/pickled-adapter"):
     adapter = tiny_models["adapter"]
@@ -492,8 +552,10 @@ def test_cli_base_mismatch(hub_server, run_dir, tiny_models, capsys):
 def test_token_never_printed_logged_or_written(hub_server, run_dir, tmp_path, capsys, caplog, monkeypatch):
     import logging
 
+    import huggingface_hub.constants as c
+
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("HF_DEBUG", "1")
+    monkeypatch.setattr(c, "HF_DEBUG", True)  # the client logs every request as a curl command
     home = Path(hub_server.hf_home)
     assert main(["-vv", "push", str(run_dir), REPO]) == 0
     assert main(["-vv", "pull", REPO, "--local-dir", str(tmp_path / "dl")]) == 0
@@ -514,7 +576,7 @@ def test_token_never_printed_logged_or_written(hub_server, run_dir, tmp_path, ca
 
 # ------------------------------------------------------------------------------------------------ ModelScope
 @pytest.fixture
-def modelscope_env(tmp_path, monkeypatch):
+def modelscope_env(tmp_path, monkeypatch, ms_fast_retries):
     """ModelScope client pointed at a closed local port, with its home/cache in tmp."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -528,14 +590,6 @@ def modelscope_env(tmp_path, monkeypatch):
     from modelscope_hub import config as ms_config
 
     monkeypatch.setattr(ms_config, "_default_config", None)
-    # the client's back-off (urllib3 retries, tree-listing retries) sleeps ~20 s against a closed port
-    import types
-
-    import urllib3.util.retry
-    from modelscope_hub import _legacy_api
-
-    monkeypatch.setattr(urllib3.util.retry.Retry, "get_backoff_time", lambda self: 0)
-    monkeypatch.setattr(_legacy_api, "time", types.SimpleNamespace(**{**vars(_legacy_api.time), "sleep": lambda s: None}))
     return dead
 
 
@@ -567,8 +621,6 @@ def test_modelscope_network_down_is_reported(modelscope_env, run_dir, monkeypatc
 
 
 # ------------------------------------------------------------------------------------------------ ModelScope (fake server)
-from hub_fixtures import DEFAULT_MS_USER, ms_server  # noqa: E402,F401
-
 MS_REPO = f"{DEFAULT_MS_USER}/tiny-persona"
 
 
@@ -606,7 +658,7 @@ def test_modelscope_private_missing_and_pickles(ms_server, run_dir, tiny_models,
 def test_modelscope_corrupted_download_is_detected(ms_server, run_dir):
     push(run_dir, MS_REPO, hub="modelscope")
     ms_server.corrupt_paths.add("adapter_config.json")
-    with pytest.raises((VerificationError, HubError), match="adapter_config.json"):
+    with pytest.raises(VerificationError, match="(?s)corrupt.*adapter_config.json"):
         pull(MS_REPO, hub="modelscope")
 
 
@@ -617,3 +669,28 @@ def test_modelscope_cli_push_and_pull(ms_server, run_dir, capsys):
     assert main(["pull", MS_REPO, "--hub", "modelscope"]) == 0
     out, _ = capsys.readouterr()
     assert (Path(out.strip()) / "adapter_model.safetensors").is_file()
+
+
+def test_modelscope_failed_blob_upload_reports_partial_push(ms_server, run_dir, ms_fast_retries):
+    ms_server.fail_blob_puts = True
+    with pytest.raises(HubError) as e:
+        push(run_dir, MS_REPO, hub="modelscope")
+    msg = str(e.value)
+    assert "incomplete" in msg and "partial adapter" in msg and "adapter_model.safetensors" in msg
+    # the surprise this guards against: the client committed the small files without the weights
+    assert "adapter_config.json" in ms_server.list_files(MS_REPO)
+    assert "adapter_model.safetensors" not in ms_server.list_files(MS_REPO)
+    ms_server.fail_blob_puts = False
+    push(run_dir, MS_REPO, hub="modelscope")
+    assert set(ms_server.list_files(MS_REPO)) == PUSHED
+
+
+def test_modelscope_token_never_written(ms_server, run_dir, tmp_path, capsys):
+    assert main(["-vv", "push", str(run_dir), MS_REPO, "--hub", "modelscope"]) == 0
+    assert main(["-vv", "pull", MS_REPO, "--hub", "modelscope", "--local-dir", str(tmp_path / "dl")]) == 0
+    out, err = capsys.readouterr()
+    assert DEFAULT_MS_TOKEN not in out + err
+    for root in (Path(ms_server.home), tmp_path):
+        for p in root.rglob("*"):
+            if p.is_file():
+                assert DEFAULT_MS_TOKEN.encode() not in p.read_bytes(), p

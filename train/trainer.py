@@ -182,9 +182,19 @@ def build_peft_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta: b
     spec = presets.resolve(model, cfg.lora.preset, cfg.lora.target_modules)
     lcfg = presets.lora_config_for(spec, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
     peft_model, note = attach_new_adapter(model, lcfg, dropout=cfg.lora.dropout)
-    peft_model.peft_config["default"].base_model_name_or_path = rb.id
     table = presets.check_coverage(peft_model, spec)
     return peft_model, spec, table, note
+
+
+def save_adapter(peft_model, out: Path, rb: ResolvedBase) -> None:
+    """PEFT's files, with the base recorded by its hub id (never a local absolute path). PEFT's own stub card
+    is dropped when there was no card before: ours replaces it right after."""
+    had_card = (out / "README.md").exists()
+    peft_model.peft_config["default"].base_model_name_or_path = rb.id
+    # save_embedding_layers=False: embeddings are never adapted, and "auto" would look the base id up online
+    peft_model.save_pretrained(out, save_embedding_layers=False)
+    if not had_card:
+        (out / "README.md").unlink(missing_ok=True)
 
 
 def count_params(model) -> tuple[int, int]:
@@ -246,7 +256,7 @@ def training_arguments(cfg: TrainConfig, out: Path, device: str, has_eval: bool,
     t = cfg.training
     report = [r for r in t.report_to if r != "none"]
     if "tensorboard" in report:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / LOGS))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / LOGS)  # read by transformers TensorBoardCallback
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=t.epochs,
@@ -506,6 +516,8 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
     import torch
 
     t0 = time.time()
+    # PEFT's checkpoint saves load a card stub without metadata; that warning is noise for our users
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
     device = resolve_device(cfg)
     rb = resolve_base(cfg.base.model, revision=cfg.base.revision, source=cfg.base.source)
     tokenizer = load_tokenizer(rb, chat_template_file=cfg.base.chat_template)
@@ -531,6 +543,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
 
     from transformers import Trainer
 
+    peft_model.config.pad_token_id = tokenizer.pad_token_id
     state = RunState()
     if resume_from:
         state.notes.append("resumed")
@@ -553,7 +566,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
         print_fn(f"interrupted: checkpoint saved under {out / CHECKPOINTS}; continue with --resume")
 
     if trainer.is_world_process_zero():
-        peft_model.save_pretrained(out)
+        save_adapter(peft_model, out, rb)
         if template_source == "file":
             tokenizer.save_pretrained(out)
         samples = []
