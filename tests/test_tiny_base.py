@@ -268,18 +268,30 @@ def test_size_options(tmp_path):
     ({"experts": 4, "experts_per_token": 6}, "--experts-per-token (6) must be <= --experts (4)"),
     ({"layers": 1}, "--layers"),
     ({"vocab_size": 100}, "--vocab-size"),
-    ({"arch": "gpt2"}, "--arch"),
 ])
 def test_bad_sizes_name_the_option(tmp_path, changes, option):
     spec = replace(SMALL, **changes)
     with pytest.raises(UsageError) as e:
-        if changes.get("arch"):
-            build_tiny_base(tmp_path / "bad", spec)
-        else:
-            validate_spec(spec)
+        validate_spec(spec)
     assert option in str(e.value)
     with pytest.raises(UsageError, match=re.escape(option)):
         build_tiny_base(tmp_path / "bad", spec)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_unknown_arch_names_the_option(tmp_path):
+    with pytest.raises(UsageError, match="--arch 'gpt2' is not supported"):
+        build_tiny_base(tmp_path / "bad", replace(SMALL, arch="gpt2"))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: train/tiny_base.py build_tiny_base() checks --arch only in tiny_config(), after it has created the folder "
+    "and saved the tokenizer, so an unknown arch leaves a half-written folder that the next try refuses as "
+    "'not empty'; validate_spec() should reject an unknown arch before anything is written"))
+def test_unknown_arch_writes_nothing(tmp_path):
+    with pytest.raises(UsageError, match="--arch"):
+        build_tiny_base(tmp_path / "bad", replace(SMALL, arch="gpt2"))
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_all_problems_are_reported_at_once():

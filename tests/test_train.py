@@ -212,3 +212,22 @@ def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_pat
     code = main(args)
     err = capsys.readouterr().err
     assert code != 0 and needle in err and "Traceback" not in err, err
+
+
+def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, small_persona_data, tmp_path):
+    """`accelerate launch` runs the same command data-parallel (2 CPU processes, gloo)."""
+    out = tmp_path / "ddp"
+    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "3", "--set", "training.batch_size=4", "--set", "training.samples=0", "--set", "training.report_to=none")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "persona_lora", *args,
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["training"]["world_size"] == 2 and m["training"]["effective_batch_size"] == 8
+    assert m["metrics"]["steps"] == 3
+    assert proc.stdout.count("LoRA coverage:") == 1, "only rank 0 prints"
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)

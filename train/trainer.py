@@ -523,8 +523,16 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
     tokenizer = load_tokenizer(rb, chat_template_file=cfg.base.chat_template)
     require_chat_template(tokenizer, f"the tokenizer of {rb.id}")
     template_source = "file" if cfg.base.chat_template else "base"
-    if not dry_run:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # under `accelerate launch`/torchrun only rank 0 checks, prints and writes the folder
+        print_fn = lambda *a, **k: None  # noqa: E731
+    if dry_run:
+        pass
+    elif rank == 0:
         out, resume_from = prepare_output_dir(cfg)
+    else:
+        out = Path(cfg.training.output_dir)
+        resume_from = latest_checkpoint(out) if cfg.training.resume in ("true", "auto") else None
     data = prepare_data(cfg, tokenizer)
     dtype = parse_dtype(cfg.base.dtype, device)
     if dry_run:

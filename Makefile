@@ -1,0 +1,55 @@
+# persona-lora: the two commands of the README, and their set-up.
+#   make quickstart   embedded default end to end: tiny base -> data check/preview -> train -> card -> demo
+#   make test         the test suite (installs Debian chromium for the browser test when run as root)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first and pinned: 2.13.0 is the CPU build on this project's machines; unpinned pip picks a CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+PORT   ?= 7860
+
+.PHONY: install quickstart test test-fast browser-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+runs/tiny-base/config.json: $(STAMP)
+	rm -rf runs/tiny-base
+	$(BIN)/persona-lora tiny-base runs/tiny-base
+
+runs/tiny-adapter/persona_manifest.json: runs/tiny-base/config.json configs/tiny.yaml
+	$(BIN)/persona-lora train configs/tiny.yaml --resume auto
+
+quickstart: runs/tiny-base/config.json
+	$(BIN)/persona-lora data check examples/data/persona_zh.json --base runs/tiny-base --max-length 256
+	$(BIN)/persona-lora data preview examples/data/persona_zh.json --base runs/tiny-base -n 2
+	$(MAKE) --no-print-directory runs/tiny-adapter/persona_manifest.json
+	$(BIN)/persona-lora card runs/tiny-adapter
+	$(BIN)/persona-lora demo --base runs/tiny-base --adapter runs/tiny-adapter --port $(PORT)
+
+browser-deps:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium not installed and not root: the browser test will be skipped"; fi
+
+test: $(STAMP) browser-deps
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache
