@@ -61,8 +61,23 @@ def register_merge(subparsers) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+_MERGE_ONLY = ("base", "merge_dir", "dtype", "max_shard_size", "force", "base_revision")
+
+
 def add_push_arguments(push_parser) -> None:
     _merge_options(push_parser, for_push=True)
+    push_parser.set_defaults(func=_push_entry)
+
+
+def _push_entry(args) -> int:
+    """`push`, refusing merge options without --merged (they would be silently ignored otherwise)."""
+    from hub_tools import cli
+
+    given = [n for n in _MERGE_ONLY if getattr(args, n, None)]
+    if given and not args.merged:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(f"push: {flags} only apply with --merged (merge DIR into --base, then push the merged model)")
+    return cli.cmd_push(args)
 
 
 def resolve_adapter(adapter: str, *, hub: str = "hf", revision: str | None = None) -> tuple[Path, str | None]:

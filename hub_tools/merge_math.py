@@ -90,19 +90,15 @@ class TensorDelta:
     shape: tuple
     pieces: list = field(default_factory=list)
 
-    def block(self, r0: int, r1: int):
-        """The float32 delta for rows [r0, r1) of the 2-D view."""
-        import torch
-
-        out = torch.empty((r1 - r0, self.shape[-1]), dtype=torch.float32)
+    def add_to(self, block, r0: int) -> None:
+        """Add the delta of rows [r0, r0 + len(block)) of the 2-D view to `block` (float32, in place)."""
+        r1 = r0 + block.shape[0]
         start = 0
         for p in self.pieces:
             lo, hi = max(r0, start), min(r1, start + p.rows)
             if lo < hi:
-                torch.matmul(p.left[lo - start:hi - start], p.right, out=out[lo - r0:hi - r0])
-                out[lo - r0:hi - r0].mul_(p.scaling)
+                block[lo - r0:hi - r0].addmm_(p.left[lo - start:hi - start], p.right, alpha=p.scaling)
             start += p.rows
-        return out
 
 
 def check_adapter_config(adapter_config: dict, path: Path) -> None:

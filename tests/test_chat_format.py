@@ -136,10 +136,6 @@ def test_one_eos_per_answer_and_one_bos(tok, name):
     assert prompt.count(tok.bos_token_id) == 1 and prompt[0] == tok.bos_token_id
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: train/chat_format.py checks for special-token text only inside answers (_ensure_single_eos); a user or "
-    "system turn containing the literal '<｜end▁of▁sentence｜>' or '<｜begin▁of▁sentence｜>' is tokenized to the "
-    "special token, so the example holds an extra EOS/BOS in its prompt; expected a DataError as for answers"))
 @pytest.mark.parametrize("special", ["eos", "bos"])
 def test_special_token_text_in_a_prompt_turn_is_refused(tokenizer, special):
     text = tokenizer.eos_token if special == "eos" else tokenizer.bos_token
@@ -215,10 +211,6 @@ def test_truncate_keeps_bos_and_the_whole_last_answer(tok):
         assert enc.input_ids.count(tok.bos_token_id) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: train/chat_format.py _fit(): `cut = len(ids) - (max_length - head)` removes one token too many, so a "
-    "truncated example has max_length - 1 tokens, and at max_length == len(last answer + EOS) + 1 it cuts the "
-    "answer's first token; expected `cut = len(ids) - max_length` (len == max_length, bos + whole answer kept)"))
 def test_truncate_fills_max_length_exactly(tok):
     full, tail = full_and_tail(tok, MULTI)
     for max_length in range(tail + 1, len(full.input_ids)):
@@ -235,10 +227,6 @@ def test_last_answer_alone_too_long_is_none(tok):
         assert encode_example(tok, MULTI, max_length=max_length, overlong="drop") is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: train/chat_format.py _fit(): when max_length == len(last answer + EOS) it returns the answer alone, "
-    "without bos and without any prompt (head = 0); truncation must keep the first token (bos), so this is "
-    "'the final answer does not fit' and should return None (require keep_tail + 1 <= max_length)"))
 def test_no_room_for_bos_is_none(tokenizer):
     _, tail = full_and_tail(tokenizer, MULTI)
     assert encode_example(tokenizer, MULTI, max_length=tail, overlong="truncate") is None
@@ -299,22 +287,12 @@ def chatml_tokenizer(tiny_base):
     return tok
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: train/chat_format.py _ensure_single_eos() appends EOS to every answer whose segment does not end with "
-    "it; with a ChatML template (turn ends '<|im_end|>\\n') and eos '<｜end▁of▁sentence｜>' the training text gets "
-    "'<|im_end|>\\n<eos>' after each answer, so the tokens before turn 2 differ from encode_prompt(messages[:k]) "
-    "(invariant (a)); expected: end-of-turn text taken as it is when the template has its own turn end"))
 def test_chatml_template_keeps_prompts_identical(chatml_tokenizer):
     enc = encode_example(chatml_tokenizer, MULTI, max_length=BIG)
     for k, (start, _) in zip(assistant_turns(MULTI), spans(enc.labels)):
         assert enc.input_ids[:start] == encode_prompt(chatml_tokenizer, MULTI[:k])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: train/chat_format.py _ensure_single_eos(): with a Qwen-style ChatML template whose eos_token is "
-    "'<|im_end|>' the answer segment is content + '<|im_end|>' + '\\n', so EOS is not the last token and is taken "
-    "for an EOS inside the answer text: every record raises DataError blaming the data; expected an example whose "
-    "answer ends with exactly one '<|im_end|>' (+ the template's '\\n')"))
 def test_chatml_template_with_im_end_as_eos(chatml_tokenizer):
     chatml_tokenizer.eos_token = "<|im_end|>"
     enc = encode_example(chatml_tokenizer, ALPACA, max_length=BIG)

@@ -94,6 +94,17 @@ def checkpoint_keys(folder: Path) -> dict[str, str]:
     return json.loads(index.read_text())["weight_map"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all small ops: one torch thread is faster, and much faster on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("merge")
@@ -282,3 +293,5 @@ def test_cli_merge_from_hub_and_push_merged(hub_server, tiny_base, attention_ada
     assert not any(f.startswith("adapter_") for f in files)
     assert main(["push", str(attention_adapter), f"{DEFAULT_USER}/x", "--merged"]) == 2
     assert "--base" in capsys.readouterr().err
+    assert main(["push", str(attention_adapter), f"{DEFAULT_USER}/x", "--base", str(tiny_base)]) == 2
+    assert "only apply with --merged" in capsys.readouterr().err

@@ -93,9 +93,24 @@ def segments(tokenizer, messages: list[dict], *, add_generation_prompt: bool = F
     return parts
 
 
+def _special_texts(tokenizer) -> list[str]:
+    return [t for t in dict.fromkeys(tokenizer.all_special_tokens) if t]
+
+
+def _refuse_special_text(messages: list[dict], specials: list[str], tokenizer) -> None:
+    """Special-token text typed into a message would become the special token itself (a second BOS or EOS in
+    the middle of a prompt); refuse it rather than train or prompt on it."""
+    for msg in messages:
+        for tok in specials:
+            if tok in msg["content"]:
+                what = "end-of-sequence" if tok == tokenizer.eos_token else "special"
+                raise DataError(f"a {msg['role']} turn contains the {what} token text {tok!r}; remove it from the text")
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids that inference feeds the model for `messages` (ending in a user turn)."""
     require_chat_template(tokenizer)
+    _refuse_special_text(messages, _special_texts(tokenizer), tokenizer)
     texts = [text for text, _ in segments(tokenizer, messages, add_generation_prompt=True)]
     return [i for ids in _tokenize(tokenizer, texts) for i in ids]
 
@@ -125,6 +140,9 @@ def encode_examples(
     if overlong not in OVERLONG:
         raise ConfigError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
     require_chat_template(tokenizer)
+    specials = _special_texts(tokenizer)
+    for conv in conversations:
+        _refuse_special_text(conv, specials, tokenizer)
     all_segments = [segments(tokenizer, conv) for conv in conversations]
     flat = [text for segs in all_segments for text, _ in segs]
     flat_ids = iter(_tokenize(tokenizer, flat))
@@ -136,11 +154,14 @@ def encode_examples(
         answers = [i for i, (_, trained) in enumerate(segs) if trained]
         for i, (text, trained) in enumerate(segs):
             seg_ids = next(flat_ids)
+            tail: list[int] = []
             if trained:
-                seg_ids = _ensure_single_eos(seg_ids, eos, tokenizer)
+                seg_ids, tail = _split_answer(seg_ids, eos, tokenizer)
             learn = trained and (train_on == "all" or i == answers[-1])
             ids.extend(seg_ids)
             labels.extend(seg_ids if learn else [IGNORE_INDEX] * len(seg_ids))
+            ids.extend(tail)
+            labels.extend([IGNORE_INDEX] * len(tail))
         out.append(_fit(ids, labels, max_length, overlong, _last_span_len(labels)))
     return out
 
@@ -153,28 +174,33 @@ def _last_span_len(labels: list[int]) -> int:
     return n
 
 
-def _ensure_single_eos(seg_ids: list[int], eos: set[int], tokenizer) -> list[int]:
-    """An answer segment ends with exactly one EOS: the template's own. Templates that end turns with another
-    token get EOS appended once; an EOS inside the answer text is an error (it would teach early stopping)."""
+def _split_answer(seg_ids: list[int], eos: set[int], tokenizer) -> tuple[list[int], list[int]]:
+    """Split an answer segment into (trained ids, untrained tail).
+
+    The trained part is the answer and the template's end of turn: through its one EOS when the template ends
+    turns with EOS (DeepSeek, Llama-2; ChatML with eos `<|im_end|>`, whose "\n" after it is prompt text for the
+    next turn, so it is not trained); templates that end turns with another marker (ChatML with a different eos)
+    keep their own marker and nothing is appended, so later prompts stay exactly what inference feeds. An EOS
+    inside the answer text is an error: it would teach the model to stop early."""
     if not eos:
         raise ModelLoadError("the tokenizer has no eos_token; set one (e.g. in tokenizer_config.json) before training")
-    inner = seg_ids[:-1] if seg_ids and seg_ids[-1] in eos else seg_ids
-    if any(t in eos for t in inner):
+    at = [k for k, t in enumerate(seg_ids) if t in eos]
+    if len(at) > 1 or (at and any(not tokenizer.decode([t]).isspace() for t in seg_ids[at[0] + 1:])):
         raise DataError(f"an assistant answer contains the end-of-sequence token {tokenizer.eos_token!r} in its text; remove it from the data")
-    return [*inner, tokenizer.eos_token_id]
+    if not at:
+        return seg_ids, []
+    return seg_ids[: at[0] + 1], seg_ids[at[0] + 1:]
 
 
 def _fit(ids: list[int], labels: list[int], max_length: int, overlong: str, keep_tail: int) -> Encoded | None:
+    """Make an example fit: drop it, or cut prompt tokens from the left, always keeping the first token (bos)
+    and the whole last answer with its EOS. None when even that does not fit."""
     if len(ids) <= max_length:
         return Encoded(ids, labels)
-    if overlong == "drop":
+    if overlong == "drop" or keep_tail == 0 or keep_tail + 1 > max_length:
         return None
-    # truncate from the left of the prompt, keep the first token (bos) and the whole last answer + EOS
-    head = 1 if keep_tail + 1 <= max_length else 0
-    if keep_tail + head > max_length or keep_tail == 0:
-        return None
-    cut = len(ids) - (max_length - head)
-    return Encoded(ids[:head] + ids[head + cut:], labels[:head] + labels[head + cut:], truncated=True)
+    cut = len(ids) - max_length
+    return Encoded(ids[:1] + ids[1 + cut:], labels[:1] + labels[1 + cut:], truncated=True)
 
 
 def encode_example(tokenizer, messages: list[dict], *, max_length: int, train_on: str = "all", overlong: str = "truncate") -> Encoded | None:

@@ -172,6 +172,8 @@ def tiny_config(spec: TinySpec, bos_id: int, eos_id: int) -> dict:
 def validate_spec(spec: TinySpec) -> None:
     """Reject sizes that cannot build, naming the option; all problems at once."""
     problems = []
+    if spec.arch not in ("deepseek_v2", "llama"):
+        problems.append(f"--arch {spec.arch!r} is not supported; choose 'deepseek_v2' or 'llama'")
     for name in ("layers", "hidden", "heads", "experts", "vocab_size", "shards"):
         if getattr(spec, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(spec, name)})")

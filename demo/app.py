@@ -1,0 +1,332 @@
+"""The Gradio app: base and adapter side by side (Chat), blind A/B votes (Blind A/B), and a `compare` API.
+
+`build_demo(engine, votes=...)` returns the `gr.Blocks` (queue configured, not launched), so tests and the CLI
+build the same app. Everything the browser shows that came from a user or a model goes through components
+that sanitize HTML (`gr.Chatbot(sanitize_html=True)`, `gr.Markdown`), and names are shown in code spans.
+
+Scripted A/B batches (the `compare` endpoint: greedy, one user turn, no history)::
+
+    from gradio_client import Client
+
+    client = Client("http://127.0.0.1:7860/")          # add auth=("user", "password") if started with --auth
+    base_answer, adapter_answer = client.predict(
+        "Who are you?",          # message
+        "zhenhuan-attn",         # adapter, as named in the picker: its folder name or hub id (owner/name)
+        "",                      # system prompt ("" = none; the manifest's prompt is what the UI prefills)
+        128,                     # max new tokens (clamped to the server's --max-new-tokens cap)
+        api_name="/compare",
+    )
+
+`client.view_api()` lists the endpoint; the UI's own events are private.
+"""
+
+import html
+import logging
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from persona_lora.errors import PersonaLoraError
+from demo.engine import Engine, GenerationSettings
+from demo.votes import VoteStore
+
+log = logging.getLogger(__name__)
+
+VOTE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+RATE_HEADERS = ["adapter", "base", "votes", "adapter wins", "base wins", "ties", "both bad", "win rate", "95% CI (Wilson)"]
+_random = random.SystemRandom()
+
+
+def build_demo(
+    engine: Engine,
+    *,
+    votes: VoteStore | None = None,
+    max_message_chars: int = 4000,
+    default_max_new_tokens: int = 256,
+    concurrency_limit: int = 8,
+    queue_size: int = 64,
+    push_votes_to: str | None = None,
+    refresh_seconds: float = 10.0,
+    title: str = "persona-lora: base vs adapter",
+) -> gr.Blocks:
+    """The demo app for `engine`. `votes` None keeps votes in a temporary database (lost at exit).
+
+    `concurrency_limit` is how many requests run at once (they share the one model, decoding in turns);
+    `queue_size` how many may wait; `push_votes_to` (a dataset repo id) adds a button that pushes the votes
+    there with the server's token — only for demos whose users may publish votes."""
+    if votes is None:
+        votes = VoteStore(Path(tempfile.mkdtemp(prefix="persona-lora-votes-")) / "votes.sqlite")
+        log.warning("votes go to a temporary database %s; pass --votes PATH to keep them", votes.path)
+    ui = _Handlers(engine, votes, max_message_chars)
+    names = engine.adapter_names()
+    first = names[0] if names else None
+    cap = engine.max_new_tokens_cap
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {html.escape(title)}")
+        with gr.Row(equal_height=True):
+            adapter = gr.Dropdown(choices=names, value=first, label="Adapter", interactive=True, scale=2,
+                                  elem_id="adapter-picker")
+            add_spec = gr.Textbox(label="Add an adapter: local folder or hub id (owner/name[@revision])", scale=3,
+                                  max_lines=1, elem_id="add-adapter")
+            add_btn = gr.Button("Load adapter", scale=1)
+        info = gr.Markdown(ui.info_markdown(first), elem_id="sides-info")
+        system = gr.Textbox(value=engine.system_prompt(first), lines=2, max_length=max_message_chars,
+                            label="System prompt (prefilled from the adapter's manifest; editable; used by both sides)")
+        with gr.Accordion("Generation settings", open=False):
+            with gr.Row():
+                max_new = gr.Slider(1, cap, value=min(default_max_new_tokens, cap), step=1,
+                                    label=f"Max new tokens (server cap {cap})")
+                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (sampling only)")
+                seed = gr.Number(value=0, precision=0, label="Seed (sampling only; same for both sides)")
+        settings = [max_new, temperature, top_p, seed]
+
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                base_hist, ad_hist = gr.State([]), gr.State([])
+                with gr.Row():
+                    base_chat = gr.Chatbot(label="Base", height=420, sanitize_html=True, allow_tags=False,
+                                           elem_id="base-chat")
+                    ad_chat = gr.Chatbot(label=first or "Adapter", height=420, sanitize_html=True, allow_tags=False,
+                                         elem_id="adapter-chat")
+                msg = gr.Textbox(label="Message", placeholder="Type a message; both sides answer at once",
+                                 max_length=max_message_chars, lines=2, elem_id="chat-message")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                    retry = gr.Button("Retry", elem_id="chat-retry")
+                    stop = gr.Button("Stop")
+                    clear = gr.Button("Clear", elem_id="chat-clear")
+
+            with gr.Tab("Blind A/B", id="ab"):
+                gr.Markdown("Ask something; the base's and the adapter's answers appear as A and B in random order. "
+                            "Vote, then see which was which.")
+                pending = gr.State(None)
+                ab_msg = gr.Textbox(label="Prompt", max_length=max_message_chars, lines=2, elem_id="ab-message")
+                ab_go = gr.Button("Get two answers", variant="primary", elem_id="ab-go")
+                with gr.Row():
+                    a_chat = gr.Chatbot(label="A", height=300, sanitize_html=True, allow_tags=False, elem_id="a-chat")
+                    b_chat = gr.Chatbot(label="B", height=300, sanitize_html=True, allow_tags=False, elem_id="b-chat")
+                with gr.Row():
+                    vote_btns = [gr.Button(label, interactive=False, elem_id=f"vote-{key}") for key, label in VOTE_LABELS.items()]
+                reveal = gr.Markdown(elem_id="ab-reveal")
+                gr.Markdown("### Win rates vs base (decisive votes; ties and 'both bad' are counted apart)")
+                rates = gr.Dataframe(value=ui.rates_rows(), headers=RATE_HEADERS, interactive=False, elem_id="win-rates")
+                with gr.Row():
+                    export_btn = gr.Button("Export preference dataset (JSONL for TRL DPO)")
+                    export_file = gr.File(label="preferences.jsonl", interactive=False)
+                if push_votes_to:
+                    push_btn = gr.Button(f"Push votes to the dataset repo {push_votes_to}")
+                    push_out = gr.Markdown()
+                timer = gr.Timer(refresh_seconds)
+
+        private = {"api_visibility": "private"}
+        # adapters: picking one updates the system prompt, the info line and the adapter pane; the base stays put
+        pick_outputs = [system, info, ad_chat, base_chat, base_hist, ad_hist]
+        adapter.change(ui.on_pick, [adapter], pick_outputs, **private)
+        adapter.focus(ui.refresh_choices, [adapter], [adapter], **private)
+        add_btn.click(ui.on_add, [add_spec], [adapter, add_spec], **private)
+        add_spec.submit(ui.on_add, [add_spec], [adapter, add_spec], **private)
+        demo.load(ui.refresh_choices, [adapter], [adapter], **private)
+
+        chat_in = [msg, base_hist, ad_hist, adapter, system, *settings]
+        chat_out = [msg, base_chat, ad_chat, base_hist, ad_hist]
+        sending = [send.click(ui.on_send, chat_in, chat_out, **private),
+                   msg.submit(ui.on_send, chat_in, chat_out, **private),
+                   retry.click(ui.on_retry, [base_hist, ad_hist, adapter, system, *settings], chat_out, **private)]
+        stop.click(None, None, None, cancels=sending, **private)
+        clear.click(ui.on_clear, None, [msg, base_chat, ad_chat, base_hist, ad_hist], cancels=sending, **private)
+
+        ab_in = [ab_msg, adapter, system, *settings]
+        ab_out = [a_chat, b_chat, pending, reveal, *vote_btns]
+        ab_go.click(ui.on_ab, ab_in, ab_out, **private)
+        ab_msg.submit(ui.on_ab, ab_in, ab_out, **private)
+        for key, btn in zip(VOTE_LABELS, vote_btns):
+            btn.click(ui.vote_handler(key), [pending], [pending, reveal, rates, *vote_btns], **private)
+        timer.tick(ui.rates_rows, None, [rates], show_progress="hidden", **private)
+        export_btn.click(ui.on_export, None, [export_file], **private)
+        if push_votes_to:
+            push_btn.click(lambda: ui.on_push(push_votes_to), None, [push_out], **private)
+
+        gr.api(ui.compare_api, api_name="compare",
+               api_description="Greedy answers of the base and of an adapter to one message: (base, adapter).")
+
+    demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit, api_open=False)
+    return demo
+
+
+class _Handlers:
+    """The event handlers, kept apart from the layout. User mistakes become `gr.Error` (shown as a toast)."""
+
+    def __init__(self, engine: Engine, votes: VoteStore, max_message_chars: int):
+        self.engine, self.votes, self.max_chars = engine, votes, max_message_chars
+        self.export_dir = Path(tempfile.mkdtemp(prefix="persona-lora-export-"))
+
+    # -------------------------------------------------------------- adapters
+
+    def info_markdown(self, name: str | None) -> str:
+        sides = self.engine.describe(name)
+        return f"**Base pane:** {_code(sides['base'])}  \n**Adapter pane:** {_code(sides['adapter'])}"
+
+    def on_pick(self, name):
+        try:
+            system = self.engine.system_prompt(name)
+        except PersonaLoraError as e:
+            raise gr.Error(str(e)) from e
+        return (system, self.info_markdown(name), gr.Chatbot(value=[], label=name or "Adapter"),
+                gr.Chatbot(value=[]), [], [])
+
+    def refresh_choices(self, current):
+        names = self.engine.adapter_names()
+        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+
+    def on_add(self, spec):
+        try:
+            info = self.engine.add_adapter(spec)
+        except PersonaLoraError as e:
+            raise gr.Error(str(e)) from e
+        gr.Info(f"Loaded adapter {info.name}")
+        return gr.Dropdown(choices=self.engine.adapter_names(), value=info.name), ""
+
+    # -------------------------------------------------------------- chat
+
+    def _message(self, message) -> str:
+        message = (message or "").strip()
+        if len(message) > self.max_chars:
+            raise gr.Error(f"The message is {len(message)} characters long; the limit is {self.max_chars}.")
+        return message
+
+    @staticmethod
+    def _settings(max_new, temperature, top_p, seed) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=int(max_new or 1), temperature=float(temperature or 0),
+                                  top_p=float(top_p or 1), seed=int(seed or 0))
+
+    def on_send(self, message, base_hist, ad_hist, adapter, system, *settings):
+        message = self._message(message)
+        if not message:
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        yield from self._chat(message, base_hist or [], ad_hist or [], adapter, system, settings)
+
+    def on_retry(self, base_hist, ad_hist, adapter, system, *settings):
+        base_hist, ad_hist = list(base_hist or []), list(ad_hist or [])
+        last = max((i for i, m in enumerate(base_hist) if m["role"] == "user"), default=None)
+        if last is None:
+            raise gr.Error("Nothing to retry yet.")
+        message = base_hist[last]["content"]
+        ad_last = max((i for i, m in enumerate(ad_hist) if m["role"] == "user"), default=len(ad_hist))
+        yield from self._chat(message, base_hist[:last], ad_hist[:ad_last], adapter, system, settings)
+
+    def _chat(self, message, base_hist, ad_hist, adapter, system, settings):
+        user = {"role": "user", "content": message}
+        base_turns, ad_turns = [*base_hist, user], [*ad_hist, user]
+        try:
+            gen = self._settings(*settings)
+            if adapter:
+                stream = self.engine.stream_compare(adapter, base_turns, ad_turns, system, gen)
+            else:  # no adapter loaded yet: the base alone
+                stream = ((text, "") for text in self.engine.stream_one(None, base_turns, system, gen))
+            for b, a in stream:
+                # the states follow the panes, so a stopped answer stays in the context the model sees next
+                new_base, new_ad = _with(base_turns, b), (_with(ad_turns, a) if adapter else [])
+                yield "", new_base, new_ad, new_base, new_ad
+        except PersonaLoraError as e:
+            raise gr.Error(str(e)) from e
+
+    def on_clear(self):
+        return "", [], [], [], []
+
+    # -------------------------------------------------------------- blind A/B
+
+    def on_ab(self, message, adapter, system, *settings):
+        message = self._message(message)
+        off = [gr.Button(interactive=False)] * len(VOTE_LABELS)
+        if not message:
+            raise gr.Error("Type a prompt first.")
+        if not adapter:
+            raise gr.Error("Load an adapter first (top of the page).")
+        a_side = "base" if _random.random() < 0.5 else "adapter"
+        user = {"role": "user", "content": message}
+        try:
+            gen = self._settings(*settings)
+            info = self.engine.adapter(adapter)
+            b = a = ""
+            for b, a in self.engine.stream_compare(adapter, [user], [user], system, gen):
+                first, second = (b, a) if a_side == "base" else (a, b)
+                yield _with([user], first), _with([user], second), None, "", *off
+        except PersonaLoraError as e:
+            raise gr.Error(str(e)) from e
+        answer_a, answer_b = (b, a) if a_side == "base" else (a, b)
+        pending = {
+            "prompt": message, "system_prompt": system or "", "adapter_name": info.name, "adapter_id": info.adapter_id,
+            "base_id": self.engine.base.id, "answer_a": answer_a, "answer_b": answer_b, "a_side": a_side,
+            "settings": {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
+                         "seed": gen.seed, "greedy": gen.greedy},
+        }
+        on = [gr.Button(interactive=True)] * len(VOTE_LABELS)
+        yield _with([user], answer_a), _with([user], answer_b), pending, "Which answer is better?", *on
+
+    def vote_handler(self, key: str):
+        def vote(pending):
+            off = [gr.Button(interactive=False)] * len(VOTE_LABELS)
+            if not pending:
+                raise gr.Error("Ask for two answers first (each pair takes one vote).")
+            self.votes.record(vote=key, **pending)
+            a_name = "the base" if pending["a_side"] == "base" else f"adapter {_code(pending['adapter_name'])}"
+            b_name = f"adapter {_code(pending['adapter_name'])}" if pending["a_side"] == "base" else "the base"
+            text = f"Thanks! You voted **{VOTE_LABELS[key]}**. A was {a_name}, B was {b_name}."
+            return None, text, self.rates_rows(), *off
+
+        return vote
+
+    def rates_rows(self) -> list[list]:
+        rows = []
+        for r in self.votes.win_rates():
+            rate = "n/a" if r["win_rate"] is None else f"{100 * r['win_rate']:.0f}%"
+            ci = "n/a" if r["win_rate"] is None else f"{100 * r['ci_low']:.0f}% to {100 * r['ci_high']:.0f}%"
+            rows.append([r["adapter"], r["base"], r["votes"], r["adapter_wins"], r["base_wins"], r["ties"],
+                         r["both_bad"], rate, ci])
+        return rows
+
+    def on_export(self):
+        out = self.export_dir / f"persona-lora-preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        n = self.votes.export_preferences(out)
+        gr.Info(f"Exported {n} preference pair(s).")
+        return str(out)
+
+    def on_push(self, repo_id: str) -> str:
+        try:
+            url = self.votes.push_to_hub(repo_id)
+        except PersonaLoraError as e:
+            raise gr.Error(str(e)) from e
+        return f"Pushed to {_code(url)}"
+
+    # -------------------------------------------------------------- API
+
+    def compare_api(self, message: str, adapter: str, system_prompt: str, max_new_tokens: int) -> tuple[str, str]:
+        """Greedy (base answer, adapter answer) to one user message; `adapter` as named in the picker."""
+        message = (message or "").strip()
+        if not message:
+            raise gr.Error("message is empty")
+        if len(message) > self.max_chars:
+            raise gr.Error(f"message is {len(message)} characters long; the limit is {self.max_chars}")
+        try:
+            return self.engine.compare(adapter, message, system_prompt or "",
+                                       GenerationSettings(max_new_tokens=int(max_new_tokens)))
+        except PersonaLoraError as e:
+            raise gr.Error(str(e)) from e
+
+
+def _with(turns: list[dict], answer: str) -> list[dict]:
+    return [*turns, {"role": "assistant", "content": answer}]
+
+
+def _code(text: str) -> str:
+    """Show untrusted text literally in Markdown: a code span renders no HTML and no Markdown."""
+    text = re.sub(r"\s+", " ", str(text))
+    ticks = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    return f"{ticks} {text} {ticks}"

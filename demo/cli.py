@@ -1,0 +1,118 @@
+"""`persona-lora demo`: serve the A/B demo for one base and any number of adapters.
+
+Sharing: `--share` asks Gradio for a public *.gradio.live link, which needs the internet (Gradio's share
+server) and exposes the demo to anyone holding the link: combine it with `--auth`. `--host 0.0.0.0` exposes it
+on your network the same way. Neither is exercised by the tests (no internet there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from persona_lora.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+AUTH_ENV = "PERSONA_LORA_DEMO_AUTH"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="chat with a base model and its adapters side by side; blind A/B votes",
+        description="Serve a Gradio app: the base's and an adapter's answers side by side (streaming, one resident "
+        "model for all adapters), blind A/B votes stored in SQLite with win rates, export of the votes as a DPO "
+        "preference dataset, and a `compare` API endpoint for scripts (gradio_client).",
+    )
+    p.add_argument("--base", required=True, metavar="BASE", help="base model: local folder or hub id")
+    p.add_argument("--revision", metavar="REV", help="revision of a hub base")
+    p.add_argument("--source", default="auto", choices=("auto", "local", "hf", "modelscope"), help="where --base lives")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR_OR_REPO_ID",
+                   help="an adapter folder or hub id (owner/name[@revision]); repeat for several. More can be added "
+                        "from the page while it runs")
+    p.add_argument("--hub", default="hf", choices=("hf", "modelscope"), help="hub for adapter ids (default hf)")
+    p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template for a base whose tokenizer has none")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public gradio.live link (needs the internet; use with --auth)")
+    p.add_argument("--auth", metavar="USER:PASSWORD",
+                   help=f"require this login (or set {AUTH_ENV}=USER:PASSWORD to keep it out of the process list)")
+    p.add_argument("--votes", metavar="PATH", default="persona-lora-votes.sqlite",
+                   help="SQLite file for A/B votes (default ./persona-lora-votes.sqlite)")
+    p.add_argument("--push-votes-to", metavar="REPO_ID",
+                   help="add a button that pushes the votes to this Hugging Face dataset repo (server's HF_TOKEN)")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="server-side cap on new tokens (default 512)")
+    p.add_argument("--max-input-chars", type=int, default=4000, metavar="N", help="longest accepted message (default 4000)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, metavar="N",
+                   help="longest prompt; older turns are dropped beyond it (default 2048)")
+    p.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests decoded at once (default 8)")
+    p.add_argument("--queue-size", type=int, default=64, metavar="N", help="requests allowed to wait (default 64)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--no-mixed-batch", action="store_true",
+                   help="decode the two sides one after the other instead of in one batch (slower; a fallback for "
+                        "MoE layouts the batched path does not know)")
+    p.set_defaults(func=cmd_demo)
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UsageError("--auth must look like USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def check_args(args: argparse.Namespace) -> tuple[str, str] | None:
+    """Validate the options that need no model; returns the auth pair."""
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    for opt in ("max_new_tokens", "max_input_chars", "concurrency", "queue_size"):
+        if getattr(args, opt) < 1:
+            raise UsageError(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    if args.max_prompt_tokens < 8:
+        raise UsageError(f"--max-prompt-tokens must be at least 8, got {args.max_prompt_tokens}")
+    auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
+    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and not auth:
+        log.warning("the demo is reachable by others (--share or --host %s) without --auth", args.host)
+    return auth
+
+
+def build_from_args(args: argparse.Namespace):
+    """(engine, demo, auth) from parsed options, without launching: what `cmd_demo` serves."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    auth = check_args(args)
+    from demo.app import build_demo
+    from demo.engine import Engine
+    from demo.votes import VoteStore
+
+    votes = VoteStore(args.votes)
+    engine = Engine(args.base, revision=args.revision, source=args.source, device=args.device, dtype=args.dtype,
+                    chat_template=args.chat_template, max_new_tokens_cap=args.max_new_tokens,
+                    max_prompt_tokens=args.max_prompt_tokens, hub=args.hub, mixed_batch=not args.no_mixed_batch)
+    try:
+        for spec in args.adapter:
+            engine.add_adapter(spec)
+        demo = build_demo(engine, votes=votes, max_message_chars=args.max_input_chars,
+                          default_max_new_tokens=min(256, args.max_new_tokens), concurrency_limit=args.concurrency,
+                          queue_size=args.queue_size, push_votes_to=args.push_votes_to)
+    except BaseException:
+        engine.close()
+        raise
+    return engine, demo, auth
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    engine, demo, auth = build_from_args(args)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                    auth_message="persona-lora demo" if auth else None, show_error=True)
+    except OSError as e:  # port taken, address not available
+        raise UsageError(f"cannot serve on {args.host}:{args.port} ({e}); choose another --port or --host") from e
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,433 @@
+"""The A/B demo: one resident model, both answers equal to standalone greedy generation, switching, votes, API.
+
+Adapters are made directly (training is slow): LoRA with the `attention` and `all` presets on the tiny
+DeepSeek-V2 base, lora_B randomised with a fixed seed so the answers differ from the base's, plus a manifest.
+The expected answers come from `train.trainer.generate_greedy` (plain `model.generate(do_sample=False)`) on a
+separately loaded base (+ adapter): "what that model gives alone".
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from persona_lora.errors import ModelLoadError, UsageError
+
+N = 12  # new tokens per answer: enough to differ, cheap on 2 cores
+SYSTEM = "You are Zhen Huan, a consort in the imperial palace."
+M1, M2 = "Who are you?", "What did you do today?"
+ADAPTERS = {"persona-attn": ("attention", 1), "persona-all": ("all", 2)}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+def make_adapter(base: Path, out: Path, preset: str, seed: int, system_prompt: str = SYSTEM) -> Path:
+    import torch
+
+    from train import presets
+    from train.adapters import attach_new_adapter
+    from train.manifest import SCHEMA, now_iso, write_manifest
+    from train.model_loading import load_base_model, load_tokenizer, resolve_base
+
+    model = load_base_model(str(base), device="cpu")
+    spec = presets.resolve(model, preset)
+    peft_model, _ = attach_new_adapter(model, presets.lora_config_for(spec, r=8, alpha=16, dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(out)
+    rb = resolve_base(str(base))
+    write_manifest(out, {
+        "schema": SCHEMA, "kind": "adapter", "name": out.name, "created_at": now_iso(),
+        "base_model": {"id": rb.id, "source": rb.source, "revision": None, "config_sha256": rb.config_sha256,
+                       "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"]},
+        "chat": {"system_prompt": system_prompt, "chat_template": load_tokenizer(rb).chat_template,
+                 "template_source": "base", "train_on": "all", "overlong": "truncate", "max_length": 256},
+        "lora": {"preset": preset, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": spec.target_modules,
+                 "target_parameters": spec.target_parameters},
+    })
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: one intra-op thread is faster and steadier for a model this small."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_base, root / name, preset, seed) for name, (preset, seed) in ADAPTERS.items()}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# Multi-turn: the two sides have different histories (so different prompt lengths: left padding is exercised).
+BASE_HISTORY = [user("Hello"), assistant("Hi."), user("Tell me more.")]
+ADAPTER_HISTORY = [user("Hello"), assistant("Greetings to you, I am the consort of the palace, and I serve."), user("Tell me more.")]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_base, adapters) -> dict:
+    """Standalone greedy answers: {(side, case): text}, side "base" or an adapter name."""
+    from train.adapters import load_adapter
+    from train.chat_format import conversation_for
+    from train.model_loading import load_base_model, load_tokenizer
+    from train.trainer import generate_greedy
+
+    tok = load_tokenizer(str(tiny_base))
+    cases = {"m1": [user(M1)], "m2": [user(M2)]}
+    out = {}
+    for side in ["base", *adapters]:
+        model = load_base_model(str(tiny_base), device="cpu")
+        if side != "base":
+            model = load_adapter(model, adapters[side])
+        model.eval()
+        convs = {**cases, "multi": BASE_HISTORY if side == "base" else ADAPTER_HISTORY}
+        names = list(convs)
+        answers = generate_greedy(model, tok, [conversation_for(convs[k], SYSTEM) for k in names], N)
+        out.update({(side, k): a for k, a in zip(names, answers)})
+    for name in adapters:  # the random LoRA must make a visible difference, or the tests prove nothing
+        assert out[(name, "m1")] != out[("base", "m1")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base, adapters):
+    from demo.engine import Engine
+
+    eng = Engine(str(tiny_base), max_new_tokens_cap=16, max_prompt_tokens=512)
+    for path in adapters.values():
+        eng.add_adapter(str(path))
+    yield eng
+    eng.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    from demo.app import build_demo
+    from demo.votes import VoteStore
+
+    votes = VoteStore(tmp_path_factory.mktemp("votes") / "votes.sqlite")
+    app = build_demo(engine, votes=votes, max_message_chars=200, concurrency_limit=8, queue_size=64)
+    _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    app.close()
+
+
+def client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+def test_one_resident_model_holds_every_adapter(engine, adapters):
+    """Both adapters live in the one model (no second copy of the base), and the experts one is recognised."""
+    import torch
+
+    assert set(engine.adapter_names()) == set(adapters)
+    assert engine.adapter("persona-all").experts and not engine.adapter("persona-attn").experts
+    assert engine.system_prompt("persona-attn") == SYSTEM
+    assert set(engine.model.peft_config) == {engine.adapter(n).key for n in adapters}
+    base_params = sum(p.numel() for n, p in engine.model.named_parameters() if "lora_" not in n)
+    assert base_params == sum(p.numel() for p in torch.nn.Module.parameters(engine.model.get_base_model())
+                              if True) - sum(p.numel() for n, p in engine.model.named_parameters() if "lora_" in n)
+    info = engine.describe("persona-all")
+    assert "tiny-base" in info["base"] and "persona-all" in info["adapter"] and "local folder" in info["adapter"]
+    assert "chat template" in info["adapter"] and "WARNING" not in info["adapter"]
+
+
+def test_stream_multi_turn_equals_standalone(engine, expected):
+    """Different histories per side (left padding), both adapter kinds, streamed: every side equals its model alone."""
+    from demo.engine import GenerationSettings
+
+    for name in ADAPTERS:
+        updates = list(engine.stream_compare(name, BASE_HISTORY, ADAPTER_HISTORY, SYSTEM, GenerationSettings(max_new_tokens=N)))
+        assert len(updates) > 2  # streamed token by token, not in one piece
+        assert updates[-1] == (expected[("base", "multi")], expected[(name, "multi")])
+        assert all(isinstance(b, str) and isinstance(a, str) for b, a in updates)
+    assert engine.answer(None, M1, SYSTEM, GenerationSettings(max_new_tokens=N)) == expected[("base", "m1")]
+    assert engine.answer("persona-all", M1, SYSTEM, GenerationSettings(max_new_tokens=N)) == expected[("persona-all", "m1")]
+
+
+def test_separate_mode_and_sampling(tiny_base, adapters, expected):
+    """The fallback (sides decoded one after the other) gives the same greedy answers; seeded sampling repeats."""
+    from demo.engine import Engine, GenerationSettings
+
+    eng = Engine(str(tiny_base), max_new_tokens_cap=16, mixed_batch=False)
+    try:
+        eng.add_adapter(str(adapters["persona-all"]))
+        assert eng.compare("persona-all", M1, SYSTEM, GenerationSettings(max_new_tokens=N)) == (
+            expected[("base", "m1")], expected[("persona-all", "m1")])
+        sampled = GenerationSettings(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=7)
+        assert eng.compare("persona-all", M1, SYSTEM, sampled) == eng.compare("persona-all", M1, SYSTEM, sampled)
+    finally:
+        eng.close()
+
+
+def test_engine_refuses_bad_input(engine, tmp_path):
+    from demo.engine import GenerationSettings
+
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        engine.add_adapter(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        engine.add_adapter(str(tmp_path))
+    with pytest.raises(UsageError, match="no adapter named 'nope'.*persona-attn"):
+        engine.compare("nope", M1)
+    with pytest.raises(UsageError, match="top_p"):
+        engine.compare("persona-attn", M1, settings=GenerationSettings(top_p=0))
+    with pytest.raises(UsageError, match="at most 512"):
+        engine.compare("persona-attn", "hello " * 2000)
+    # the cap is enforced server-side whatever the caller asks
+    assert GenerationSettings(max_new_tokens=10_000).checked(16).max_new_tokens == 16
+
+
+# ---------------------------------------------------------------------------------------------- app + API
+
+
+def test_compare_api_equals_standalone_greedy(server, expected):
+    c = client(server)
+    assert list(c.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/compare"]
+    for name in ADAPTERS:
+        got = c.predict(M1, name, SYSTEM, N, api_name="/compare")
+        assert tuple(got) == (expected[("base", "m1")], expected[(name, "m1")])
+    # switching back and forth: each answer still belongs to the adapter asked for
+    assert tuple(c.predict(M2, "persona-attn", SYSTEM, N, api_name="/compare"))[1] == expected[("persona-attn", "m2")]
+    assert tuple(c.predict(M2, "persona-all", SYSTEM, N, api_name="/compare"))[1] == expected[("persona-all", "m2")]
+
+
+def test_compare_api_limits(server):
+    from gradio_client.exceptions import AppError
+
+    c = client(server)
+    with pytest.raises(AppError, match="limit is 200"):
+        c.predict("x" * 201, "persona-attn", "", 4, api_name="/compare")
+    with pytest.raises(AppError, match="no adapter named"):
+        c.predict(M1, "persona-missing", "", 4, api_name="/compare")
+
+
+def test_twenty_concurrent_sessions(server, expected):
+    """20 sessions at once, alternating adapters and prompts: no errors, and no answer from the wrong adapter
+    (PEFT's active adapter is global to the model)."""
+    names = list(ADAPTERS)
+    jobs = [(names[i % 2], ("m1", M1) if i % 4 < 2 else ("m2", M2)) for i in range(20)]
+    clients = [client(server) for _ in jobs]
+    start = threading.Barrier(len(jobs))
+
+    def run(i):
+        name, (case, message) = jobs[i]
+        start.wait()
+        return clients[i].predict(message, name, SYSTEM, N, api_name="/compare")
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, range(len(jobs))))
+    for (name, (case, _)), got in zip(jobs, results):
+        assert tuple(got) == (expected[("base", case)], expected[(name, case)])
+
+
+def test_add_adapter_from_hub_at_run_time(engine, adapters, expected, hub_server):
+    """An adapter added by hub id (here the attention one, pushed to the local hub) joins the same model."""
+    from hub_tools.push import push_folder
+
+    ptr = engine.model.get_base_model().model.embed_tokens.weight.data_ptr()
+    push_folder(adapters["persona-attn"], "tester/persona-attn-hub")
+    info = engine.add_adapter("tester/persona-attn-hub")
+    assert info.name == "tester/persona-attn-hub" and info.source == "hf" and info.commit
+    assert engine.model.get_base_model().model.embed_tokens.weight.data_ptr() == ptr  # the base was not reloaded
+    assert engine.compare(info.name, M1, SYSTEM, _greedy()) == (expected[("base", "m1")], expected[("persona-attn", "m1")])
+    assert engine.add_adapter("tester/persona-attn-hub") is info  # loading twice is a no-op
+
+
+def _greedy():
+    from demo.engine import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=N)
+
+
+def test_chat_handlers_multi_turn_and_retry(engine, expected):
+    """The Chat tab's handlers keep one history per side and retry the last turn."""
+    from demo.app import _Handlers
+    from demo.votes import VoteStore
+
+    ui = _Handlers(engine, VoteStore(Path(engine.base.path).parent / "chat-votes.sqlite"), 200)
+    settings = (N, 0, 1, 0)
+    *_, last = ui.on_send(M1, [], [], "persona-attn", SYSTEM, *settings)
+    msg, base_chat, ad_chat, base_hist, ad_hist = last
+    assert msg == "" and base_hist[-1]["content"] == expected[("base", "m1")]
+    assert ad_hist[-1]["content"] == expected[("persona-attn", "m1")] and base_chat == base_hist
+    *_, again = ui.on_retry(base_hist, ad_hist, "persona-attn", SYSTEM, *settings)
+    assert again[3] == base_hist and again[4] == ad_hist  # greedy: the retried turn is the same
+    *_, second = ui.on_send(M2, base_hist, ad_hist, "persona-attn", SYSTEM, *settings)
+    assert len(second[3]) == 4 and len(second[4]) == 4
+    assert second[3][:2] == base_hist and second[4][:2] == ad_hist
+
+
+# ---------------------------------------------------------------------------------------------- votes
+
+
+def test_blind_vote_round_trip_and_preference_export(engine, expected, tmp_path):
+    from datasets import load_dataset
+
+    from demo.app import _Handlers
+    from demo.votes import VoteStore
+
+    store = VoteStore(tmp_path / "votes.sqlite")
+    ui = _Handlers(engine, store, 200)
+    *_, last = ui.on_ab(M1, "persona-all", SYSTEM, N, 0, 1, 0)
+    a_chat, b_chat, pending = last[:3]
+    answers = {"base": expected[("base", "m1")], "adapter": expected[("persona-all", "m1")]}
+    other = "adapter" if pending["a_side"] == "base" else "base"
+    assert pending["answer_a"] == answers[pending["a_side"]] and pending["answer_b"] == answers[other]
+    assert a_chat[-1]["content"] == pending["answer_a"] and b_chat[-1]["content"] == pending["answer_b"]
+    out = ui.vote_handler("B")(pending)
+    assert out[0] is None and "B is better" in out[1]
+    rows = store.votes()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["winner"] == other and row["adapter_id"] == "persona-all" and row["base_id"] == "tiny-base"
+    assert row["prompt"] == M1 and row["system_prompt"] == SYSTEM and row["settings"]["max_new_tokens"] == N
+    with pytest.raises(Exception, match="Ask for two answers"):
+        ui.vote_handler("A")(None)  # one vote per pair
+    store.record(base_id="tiny-base", adapter_name="x", adapter_id="x", prompt="p", answer_a="a", answer_b="b",
+                 a_side="base", vote="tie")  # ties are votes, not pairs
+
+    path = Path(ui.on_export())
+    ds = load_dataset("json", data_files=str(path), split="train")
+    assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 1
+    assert ds[0]["prompt"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": M1}]
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": answers[other]}]
+    assert ds[0]["rejected"] == [{"role": "assistant", "content": answers[pending["a_side"]]}]
+    _check_trl_format(ds[0], engine.tokenizer)
+
+
+def _check_trl_format(example, tokenizer):
+    """TRL's own detection: a conversational preference example that its chat-template step turns into strings."""
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    assert is_conversational(example)
+    rendered = maybe_apply_chat_template(example, tokenizer)
+    assert set(rendered) >= {"prompt", "chosen", "rejected"}
+    assert rendered["prompt"].rstrip().endswith("Assistant:") and SYSTEM in rendered["prompt"]
+    assert example["chosen"][0]["content"] in rendered["chosen"]
+
+
+def test_win_rates_wilson_and_concurrent_voters(tmp_path):
+    from demo.votes import VoteStore, wilson
+
+    lo, hi = wilson(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)
+    assert wilson(0, 0) == (0.0, 1.0)
+    store = VoteStore(tmp_path / "v.sqlite")
+    assert store.path.with_name("v.sqlite-wal").exists() or True  # WAL file appears with the first write
+
+    def voter(i):
+        for j in range(15):
+            vote = ["A", "B", "tie", "both_bad"][(i + j) % 4]
+            store.record(base_id="b", adapter_name=f"ad{i % 2}", adapter_id=f"ad{i % 2}", prompt=f"p{i}-{j}",
+                         answer_a="x", answer_b="y", a_side="base" if j % 2 else "adapter", vote=vote)
+
+    threads = [threading.Thread(target=voter, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.count() == 12 * 15
+    import sqlite3
+
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rates = {r["adapter_id"]: r for r in store.win_rates()}
+    assert set(rates) == {"ad0", "ad1"} and sum(r["votes"] for r in rates.values()) == 180
+    for r in rates.values():
+        assert r["adapter_wins"] + r["base_wins"] + r["ties"] + r["both_bad"] == r["votes"]
+        assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
+
+
+def test_push_votes_as_dataset_repo(tmp_path, hub_server):
+    from tests.hub_fixtures import DEFAULT_USER
+
+    from demo.votes import VoteStore
+
+    store = VoteStore(tmp_path / "v.sqlite")
+    store.record(base_id="b", adapter_name="ad", adapter_id="ad", prompt="hi", answer_a="good", answer_b="bad",
+                 a_side="adapter", vote="A", system_prompt="sys")
+    url = store.push_to_hub("ab-votes")
+    repo = f"{DEFAULT_USER}/ab-votes"
+    assert url.endswith(f"/datasets/{repo}")
+    files = hub_server.list_files(repo, repo_type="dataset")
+    assert {"README.md", "preferences.jsonl", "votes.jsonl"} <= set(files)
+    pair = json.loads(hub_server.file_bytes(repo, "preferences.jsonl", repo_type="dataset"))
+    assert pair["chosen"] == [{"role": "assistant", "content": "good"}]
+    assert "data_files: preferences.jsonl" in hub_server.file_bytes(repo, "README.md", repo_type="dataset").decode()
+
+
+@pytest.mark.slow
+def test_export_trains_one_dpo_step(tiny_base, tmp_path):
+    """The exported file is accepted by TRL's DPOTrainer as it is (one optimizer step on the tiny base)."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from demo.votes import VoteStore
+    from train.model_loading import load_tokenizer
+
+    store = VoteStore(tmp_path / "v.sqlite")
+    for i in range(2):
+        store.record(base_id="b", adapter_name="ad", adapter_id="ad", prompt=f"hi {i}", answer_a="Greetings, my lord.",
+                     answer_b="go away", a_side="adapter", vote="A", system_prompt=SYSTEM)
+    store.export_preferences(tmp_path / "prefs.jsonl")
+    ds = load_dataset("json", data_files=str(tmp_path / "prefs.jsonl"), split="train")
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, save_strategy="no", max_length=64)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_base), args=args, train_dataset=ds,
+                         processing_class=load_tokenizer(str(tiny_base)))
+    assert trainer.train().global_step == 1
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_registers_demo_and_checks_options(tiny_base, tmp_path, capsys):
+    from persona_lora.cli import build_parser, main
+
+    args = build_parser().parse_args(["demo", "--base", str(tiny_base), "--adapter", "a", "--adapter", "o/n@v1",
+                                      "--votes", str(tmp_path / "v.sqlite"), "--auth", "me:pw"])
+    assert args.adapter == ["a", "o/n@v1"] and args.port == 7860 and args.host == "127.0.0.1" and not args.share
+    from demo.cli import check_args
+
+    assert check_args(args) == ("me", "pw")
+    # user mistakes stop before any model is loaded, with exit code 2 and one line naming the option
+    assert main(["demo", "--base", str(tiny_base), "--auth", "nopassword"]) == 2
+    assert "--auth must look like USER:PASSWORD" in capsys.readouterr().err
+    assert main(["demo", "--base", str(tiny_base), "--port", "70000"]) == 2
+    assert main(["demo", "--base", str(tmp_path / "nobase")]) == 1
+    assert "does not exist" in capsys.readouterr().err

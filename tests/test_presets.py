@@ -1,0 +1,263 @@
+"""LoRA coverage per preset (train/presets.py + train/adapters.py), checked module by module on the tiny
+DeepSeek-V2 base by walking the PEFT model ourselves (independently of `coverage_table`), then against it.
+
+Also shows the PEFT 0.21 behaviours we guard against: its v4->v5 rewrite of `*_proj` targets on MoE models
+(the dense MLP silently left out) and its refusal of dropout on fused experts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import peft
+import pytest
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM
+
+from persona_lora.errors import ConfigError, ModelLoadError
+from train import presets
+from train.adapters import attach_new_adapter, load_adapter
+from train.presets import TUTORIAL_TARGETS, check_coverage, coverage_table, lora_config_for, resolve
+
+ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+IDS = torch.tensor([[0, 11, 250, 37, 902, 4, 1500, 1]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Toy-sized matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's waiting threads make a
+    forward pass take seconds instead of milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fresh(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def attach(model, preset=None, targets=None, dropout=0.0, r=4):
+    spec = resolve(model, preset, targets)
+    peft_model, note = attach_new_adapter(model, lora_config_for(spec, r=r, alpha=2 * r, dropout=dropout), dropout=dropout)
+    return spec, peft_model, note
+
+
+def adapted(peft_model) -> dict[str, nn.Module]:
+    """{what is adapted: the LoRA module} from a walk over the PEFT model; fused experts as `...experts.<param>`."""
+    out = {}
+    for name, mod in peft_model.named_modules():
+        lora_a = getattr(mod, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or not len(lora_a):
+            continue
+        name = name.removeprefix("base_model.model.")
+        if getattr(mod, "parameter_name", None):  # LoRA on a parameter (fused experts), nested via base_layer
+            name = name.removesuffix(".base_layer") + "." + mod.parameter_name
+        assert name not in out, name
+        out[name] = mod
+    return out
+
+
+def expected(config, groups) -> set[str]:
+    layers, dense = config.num_hidden_layers, config.first_k_dense_replace
+    out = set()
+    if "attention" in groups:
+        out |= {f"model.layers.{L}.self_attn.{p}" for L in range(layers) for p in ATTN}
+    if "dense" in groups:
+        out |= {f"model.layers.{L}.mlp.{p}" for L in range(dense) for p in MLP}
+    if "shared" in groups:
+        out |= {f"model.layers.{L}.mlp.shared_experts.{p}" for L in range(dense, layers) for p in MLP}
+    if "routed" in groups:
+        out |= {f"model.layers.{L}.mlp.experts.{p}" for L in range(dense, layers) for p in ("gate_up_proj", "down_proj")}
+    return out
+
+
+PRESET_GROUPS = {
+    "attention": ["attention"],
+    "attention+mlp": ["attention", "dense", "shared"],
+    "all": ["attention", "dense", "shared", "routed"],
+}
+TABLE_GROUPS = {"attention": presets.ATTENTION, "dense": presets.DENSE_MLP, "shared": presets.SHARED_EXPERTS,
+                "routed": presets.ROUTED_EXPERTS}
+
+
+def assert_never_adapted(names):
+    for n in names:
+        assert "lm_head" not in n and "embed_tokens" not in n, n
+        assert not n.endswith("mlp.gate"), n  # the router
+        assert "norm" not in n, n
+
+
+# ------------------------------------------------------------------------------------------------ coverage per preset
+@pytest.mark.parametrize("preset", PRESET_GROUPS)
+def test_preset_coverage_module_by_module(tiny_base, preset):
+    model = fresh(tiny_base)
+    config = model.config
+    assert config.first_k_dense_replace == 1 and config.num_hidden_layers >= 3
+    spec, peft_model, _ = attach(model, preset)
+    found = adapted(peft_model)
+    want = expected(config, PRESET_GROUPS[preset])
+    assert set(found) == want
+    assert_never_adapted(found)
+    for name, mod in found.items():
+        is_expert = re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", name) is not None
+        assert (type(mod).__name__ == "ParamWrapper") == is_expert, name
+        if not is_expert:
+            assert isinstance(mod.base_layer, nn.Linear), name
+    if preset != "all":
+        assert not any(".mlp.experts" in n for n in found)
+    if preset == "attention":
+        assert not any(".mlp." in n for n in found)
+    # the router, lm_head and the embeddings are untouched modules, and only LoRA weights train
+    base = peft_model.get_base_model()
+    for L in range(1, config.num_hidden_layers):
+        assert type(base.get_submodule(f"model.layers.{L}.mlp.gate")).__name__ == "DeepseekV2TopkRouter"
+    assert type(base.lm_head) is nn.Linear and type(base.model.embed_tokens) is nn.Embedding
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+    # coverage_table agrees, group by group, and check_coverage passes
+    table = {row["group"]: row for row in check_coverage(peft_model, spec)}
+    asked = {TABLE_GROUPS[g] for g in PRESET_GROUPS[preset]}
+    assert set(table) == asked
+    for short in PRESET_GROUPS[preset]:
+        row = table[TABLE_GROUPS[short]]
+        assert row["asked"] and row["applied"]
+        assert set(row["names"]) == expected(config, [short])
+        assert row["modules"] == len(row["names"])
+        assert row["params"] == sum(p.numel() for n in row["names"] for k in ("lora_A", "lora_B")
+                                    for p in getattr(found[n], k).parameters())
+
+
+def test_tutorial_targets_cover_what_all_covers(tiny_base):
+    spec, peft_model, _ = attach(fresh(tiny_base), None, TUTORIAL_TARGETS)
+    assert spec.groups == presets.PRESETS["moe"]["all"]
+    _, all_model, _ = attach(fresh(tiny_base), "all")
+    assert set(adapted(peft_model)) == set(adapted(all_model)) == expected(peft_model.config, PRESET_GROUPS["all"])
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["q_proj", "gate_proj"], "gate_proj"),
+    (["gate_proj", "up_proj"], "down_proj"),
+    (["q_proj", "mlp"], "unknown module name"),
+    (["lm_head"], "lm_head"),
+])
+def test_bad_target_lists_are_config_errors(tiny_base, targets, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(fresh(tiny_base), None, targets)
+
+
+def test_unknown_preset_is_a_config_error(tiny_base):
+    with pytest.raises(ConfigError, match="'everything'.*attention, attention\\+mlp, all"):
+        resolve(fresh(tiny_base), "everything")
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+def test_peft_alone_refuses_dropout_on_fused_experts(tiny_base):
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"],
+                             target_parameters=presets.EXPERT_PARAMS)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        peft.get_peft_model(fresh(tiny_base), config)
+
+
+def test_dropout_with_all_goes_on_linear_layers_only(tiny_base):
+    spec, peft_model, note = attach(fresh(tiny_base), "all", dropout=0.1)
+    found = adapted(peft_model)
+    linear = {n: m for n, m in found.items() if type(m).__name__ != "ParamWrapper"}
+    experts = {n: m for n, m in found.items() if type(m).__name__ == "ParamWrapper"}
+    assert linear and experts
+    for name, mod in linear.items():
+        drop = mod.lora_dropout["default"]
+        assert isinstance(drop, nn.Dropout) and drop.p == 0.1, name
+    for name, mod in experts.items():
+        assert not isinstance(mod.lora_dropout["default"], nn.Dropout), name
+    assert note and "0.1" in note and str(len(linear)) in note
+    check_coverage(peft_model, spec)
+    peft_model.train()
+    peft_model(input_ids=IDS, labels=IDS).loss.backward()  # and it trains
+
+
+def test_dropout_without_experts_is_plain_peft_dropout(tiny_base):
+    _, peft_model, note = attach(fresh(tiny_base), "attention+mlp", dropout=0.1)
+    assert note is None
+    for mod in adapted(peft_model).values():
+        assert isinstance(mod.lora_dropout["default"], nn.Dropout) and mod.lora_dropout["default"].p == 0.1
+
+
+# ------------------------------------------------------------------------------------------------ PEFT's rewrite
+DENSE_TARGETS = [f"model.layers.0.mlp.{p}" for p in MLP]
+
+
+def test_plain_peft_rewrites_dense_mlp_targets_to_the_experts(tiny_base):
+    model = fresh(tiny_base)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
+    found = set(adapted(peft_model))
+    assert not found & set(DENSE_TARGETS)  # the dense MLP we named is NOT adapted...
+    assert found and all(".mlp.experts." in n for n in found)  # ...the routed experts are, which we did not name
+
+
+def test_attach_new_adapter_adapts_exactly_the_named_modules(tiny_base):
+    model = fresh(tiny_base)
+    peft_model, _ = attach_new_adapter(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
+    assert set(adapted(peft_model)) == set(DENSE_TARGETS)
+    # and PEFT's own conversion is switched back on afterwards
+    again = peft.get_peft_model(fresh(tiny_base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
+    assert not set(adapted(again)) & set(DENSE_TARGETS)
+
+
+# ------------------------------------------------------------------------------------------------ save + reload
+@pytest.mark.parametrize("preset", PRESET_GROUPS)
+def test_save_and_reload_gives_identical_logits(tiny_base, tmp_path, preset):
+    base_logits = fresh(tiny_base)(input_ids=IDS).logits.detach()
+    spec, peft_model, _ = attach(fresh(tiny_base), preset)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(input_ids=IDS).logits
+    assert not torch.allclose(before, base_logits)  # the adapter does something
+    peft_model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert bool(saved.get("target_parameters")) == (preset == "all")
+
+    reloaded = load_adapter(fresh(tiny_base), tmp_path / "adapter")
+    reloaded.eval()
+    assert set(adapted(reloaded)) == set(adapted(peft_model))
+    check_coverage(reloaded, spec)
+    with torch.no_grad():
+        after = reloaded(input_ids=IDS).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_load_adapter_refuses_a_folder_without_adapter_files(tiny_base, tmp_path):
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        load_adapter(fresh(tiny_base), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ dense llama
+def test_llama_all_adapts_every_linear_layer_but_lm_head(tiny_llama):
+    model = fresh(tiny_llama)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    spec, peft_model, note = attach(model, "all", dropout=0.1)
+    assert note is None and spec.target_parameters == []
+    found = adapted(peft_model)
+    assert set(found) == linears
+    assert_never_adapted(found)
+    table = {row["group"]: row for row in check_coverage(peft_model, spec)}
+    assert set(table) == {presets.ATTENTION, presets.DENSE_MLP}
+    layers = peft_model.config.num_hidden_layers
+    assert table[presets.DENSE_MLP]["modules"] == 3 * layers
+    assert table[presets.ATTENTION]["modules"] == 4 * layers
+
+
+def test_llama_attention_preset(tiny_llama):
+    _, peft_model, _ = attach(fresh(tiny_llama), "attention")
+    layers = peft_model.config.num_hidden_layers
+    assert set(adapted(peft_model)) == {f"model.layers.{L}.self_attn.{p}" for L in range(layers)
+                                        for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
