@@ -90,10 +90,8 @@ def build_demo(
             with gr.Tab("Chat", id="chat"):
                 base_hist, ad_hist = gr.State([]), gr.State([])
                 with gr.Row():
-                    base_chat = gr.Chatbot(label="Base", height=420, sanitize_html=True, allow_tags=False,
-                                           elem_id="base-chat")
-                    ad_chat = gr.Chatbot(label=first or "Adapter", height=420, sanitize_html=True, allow_tags=False,
-                                         elem_id="adapter-chat")
+                    base_chat = _chatbot("Base", "base-chat", 420)
+                    ad_chat = _chatbot(first or "Adapter", "adapter-chat", 420)
                 msg = gr.Textbox(label="Message", placeholder="Type a message; both sides answer at once",
                                  max_length=max_message_chars, lines=2, elem_id="chat-message")
                 with gr.Row():
@@ -109,8 +107,8 @@ def build_demo(
                 ab_msg = gr.Textbox(label="Prompt", max_length=max_message_chars, lines=2, elem_id="ab-message")
                 ab_go = gr.Button("Get two answers", variant="primary", elem_id="ab-go")
                 with gr.Row():
-                    a_chat = gr.Chatbot(label="A", height=300, sanitize_html=True, allow_tags=False, elem_id="a-chat")
-                    b_chat = gr.Chatbot(label="B", height=300, sanitize_html=True, allow_tags=False, elem_id="b-chat")
+                    a_chat = _chatbot("A", "a-chat", 300)
+                    b_chat = _chatbot("B", "b-chat", 300)
                 with gr.Row():
                     vote_btns = [gr.Button(label, interactive=False, elem_id=f"vote-{key}") for key, label in VOTE_LABELS.items()]
                 reveal = gr.Markdown(elem_id="ab-reveal")
@@ -139,7 +137,8 @@ def build_demo(
                    msg.submit(ui.on_send, chat_in, chat_out, **private),
                    retry.click(ui.on_retry, [base_hist, ad_hist, adapter, system, *settings], chat_out, **private)]
         stop.click(None, None, None, cancels=sending, **private)
-        clear.click(ui.on_clear, None, [msg, base_chat, ad_chat, base_hist, ad_hist], cancels=sending, **private)
+        for clearing in (clear.click, base_chat.clear, ad_chat.clear):  # the panes' own trash icons clear both sides
+            clearing(ui.on_clear, None, [msg, base_chat, ad_chat, base_hist, ad_hist], cancels=sending, **private)
 
         ab_in = [ab_msg, adapter, system, *settings]
         ab_out = [a_chat, b_chat, pending, reveal, *vote_btns]
@@ -319,6 +318,12 @@ class _Handlers:
                                        GenerationSettings(max_new_tokens=int(max_new_tokens)))
         except PersonaLoraError as e:
             raise gr.Error(str(e)) from e
+
+
+def _chatbot(label: str, elem_id: str, height: int) -> gr.Chatbot:
+    """A chat pane that renders Markdown but never runs HTML from prompts or answers (sanitized, no custom tags)."""
+    return gr.Chatbot(label=label, height=height, sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
+                      elem_id=elem_id)
 
 
 def _with(turns: list[dict], answer: str) -> list[dict]:

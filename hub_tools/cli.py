@@ -43,9 +43,11 @@ def _register_push(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="the adapter folder (or merged model folder)")
     p.add_argument("repo_id", metavar="REPO_ID", help="owner/name (or name, for your own namespace)")
     _hub_option(p)
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility)")
     p.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created from main if missing)")
-    p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing to it")
+    p.add_argument("--create-pr", action="store_true",
+                   help="open a pull request against main instead of committing to it")
     p.add_argument("--message", "-m", metavar="MSG", help="commit message")
     p.add_argument("--include", metavar="PATTERN", action="append", default=[],
                    help="also push files matching PATTERN (relative path or name, e.g. 'notes/*.md'); repeatable")

@@ -143,22 +143,27 @@ def hf_errors(action: str, repo_id: str, *, revision: str | None = None, endpoin
         raise HubError(redact(f"{action} {repo_id} failed ({status}){_server_message(e)}", token)) from None
     except ValueError as e:
         if "Invalid metadata in README.md" in str(e):
-            raise HubError(redact(f"README.md has invalid metadata: {e}; fix the YAML header of the card", token)) from None
+            msg = f"README.md has invalid metadata: {e}; fix the YAML header of the card"
+            raise HubError(redact(msg, token)) from None
         raise
     except Exception as e:  # network failures come as httpx, OSError or RuntimeError (uploads)
         transport = _transport_error(e)
         upload_failed = isinstance(e, RuntimeError) and "Error while uploading" in str(e)
         if upload_failed:
-            why = f"the connection dropped ({type(transport).__name__})" if transport else redact(str(e.__cause__ or e), token)
+            if transport is not None:
+                why = f"the connection dropped ({type(transport).__name__})"
+            else:
+                why = redact(str(e.__cause__ or e), token)
             raise HubError(redact(
                 f"{action} {repo_id}: {str(e).rstrip('.')}: {why}. Nothing was committed, the repo is unchanged; "
                 "run the command again (files already uploaded are not sent twice)", token)) from None
         http = next((c for c in _chain(e) if isinstance(c, HfHubHTTPError) and c.response is not None), None)
         if http is not None and transport is None:  # e.g. snapshot_download wrapping a 5xx in "not in cache"
             status = http.response.status_code
+            kind = " (a server error) after retries" if status >= 500 else ""
             raise HubError(redact(
-                f"{action} {repo_id}: {endpoint} answered {status}{' (a server error) after retries' if status >= 500 else ''}"
-                f"{_server_message(http)}; try again later", token)) from None
+                f"{action} {repo_id}: {endpoint} answered {status}{kind}{_server_message(http)}; try again later",
+                token)) from None
         if transport is not None or isinstance(e, LocalEntryNotFoundError):
             raise HubError(
                 f"cannot reach {endpoint}; check your network or HF_ENDPOINT "

@@ -75,7 +75,9 @@ def _allowed(name: str, kind: str) -> bool:
     return name in MODEL_FILES or any(fnmatch.fnmatch(name, p) for p in MODEL_PATTERNS)
 
 
-def select_files(folder: Path, kind: str, include_extra: list[str] | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+def select_files(
+    folder: Path, kind: str, include_extra: list[str] | None = None
+) -> tuple[list[str], list[tuple[str, str]]]:
     """(files to push, [(skipped file, why)]), paths relative to `folder` in POSIX form.
 
     `include_extra` patterns (fnmatch on the relative path or the file name) override every exclusion.

@@ -67,15 +67,18 @@ def ms_errors(action: str, repo_id: str, *, revision: str | None = None, token: 
                 f"the download of {repo_id} from ModelScope is corrupt (it does not match the hub's hashes): {text}. "
                 "Run pull again; if it keeps failing, a proxy or the hub copy is at fault") from None
         if _transport_error(e) is not None or name in ("NetworkError", "RequestTimeoutError"):
-            raise HubError(f"cannot reach {endpoint}; check your network or MODELSCOPE_DOMAIN ({name} during {action} {repo_id})") from None
+            raise HubError(f"cannot reach {endpoint}; check your network or MODELSCOPE_DOMAIN "
+                           f"({name} during {action} {repo_id})") from None
         if name == "AuthenticationError" or " 401" in text or "unauthorized" in low:
-            raise HubError(f"ModelScope rejected the token (401) at {endpoint}: {TOKEN_FIX} with a valid token") from None
+            raise HubError(f"ModelScope rejected the token (401) at {endpoint}: {TOKEN_FIX} with a valid token") \
+                from None
         if name == "PermissionDeniedError" or " 403" in text or "forbidden" in low:
             raise HubError(f"{action} {repo_id}: forbidden (403) on ModelScope; use a token with write access to "
-                           f"'{repo_id.split('/')[0]}' (or request access to the model on its page {endpoint}/models/{repo_id})") from None
+                           f"'{repo_id.split('/')[0]}' (or request access on {endpoint}/models/{repo_id})") from None
         if name in ("NotExistError", "FileNotFoundError") or "not exist" in low or "not found" in low or " 404" in text:
             if revision and "revision" in low:
-                raise HubError(f"revision {revision!r} does not exist in {repo_id} on ModelScope; check the branch/tag name") from None
+                raise HubError(f"revision {revision!r} does not exist in {repo_id} on ModelScope; "
+                               "check the branch/tag name") from None
             raise HubError(f"{repo_id} was not found on ModelScope ({endpoint}), or it is private: check the id; "
                            f"for a private repo {TOKEN_FIX}") from None
         if name == "ServerError":

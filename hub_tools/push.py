@@ -93,7 +93,8 @@ def push_folder(
 
         return modelscope_hub.push(plan, repo_id, private=private, revision=revision, create_pr=create_pr,
                                    message=message, token=token)
-    return _push_hf(plan, repo_id, private=private, revision=revision, create_pr=create_pr, message=message, token=token)
+    return _push_hf(plan, repo_id, private=private, revision=revision, create_pr=create_pr, message=message,
+                    token=token)
 
 
 def _push_hf(plan: PushPlan, repo_id: str, *, private: bool, revision: str | None, create_pr: bool, message: str,
@@ -113,7 +114,8 @@ def _push_hf(plan: PushPlan, repo_id: str, *, private: bool, revision: str | Non
         branch = None if create_pr or revision in (None, "main") else revision
         if branch:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(plan.folder / rel)) for rel in plan.files]
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(plan.folder / rel))
+                      for rel in plan.files]
         info = api.create_commit(
             repo_id, operations, commit_message=message, revision=branch, create_pr=create_pr,
         )
@@ -124,4 +126,5 @@ def _push_hf(plan: PushPlan, repo_id: str, *, private: bool, revision: str | Non
     else:
         url = f"{endpoint}/{repo_id}"
     log.info("pushed %d file(s) to %s (commit %s)", len(plan.files), url, info.oid)
-    return PushResult(url, repo_id=repo_id, commit=info.oid, pushed=plan.files, skipped=plan.skipped, pr_url=info.pr_url)
+    return PushResult(url, repo_id=repo_id, commit=info.oid, pushed=plan.files, skipped=plan.skipped,
+                      pr_url=info.pr_url)

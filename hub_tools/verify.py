@@ -30,6 +30,9 @@ _DTYPE_SIZES = {
 }
 MAX_HEADER = 100_000_000
 MAX_LISTED = 6
+# PEFT keys: base_model.model.<module>.lora_A[.adapter].weight, …lora_embedding_A[.adapter]
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(.*?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?(?:\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             raise VerificationError(f"{path.name} is not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > min(MAX_HEADER, size - 8):
-            raise VerificationError(f"{path.name} is not a valid safetensors file (header length {n} > file size {size})")
+            raise VerificationError(
+                f"{path.name} is not a valid safetensors file (header length {n} > file size {size})")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -205,7 +209,8 @@ def verify_content(folder: Path, *, allow_pickle: bool = False) -> str:
                 raise VerificationError("model.safetensors.index.json has no weight_map")
             missing = sorted(set(weight_map.values()) - {s.name for s in shards})
             if missing:
-                raise VerificationError(f"model.safetensors.index.json names shards that are missing: {', '.join(missing)}")
+                raise VerificationError(
+                    f"model.safetensors.index.json names shards that are missing: {', '.join(missing)}")
         return "model"
     raise VerificationError("the repo holds neither an adapter (adapter_config.json) nor a model (config.json)")
 
@@ -222,7 +227,8 @@ def _read_json(path: Path) -> dict:
 def local_base_shapes(base: Path) -> dict[str, list[int]]:
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
-        raise VerificationError(f"base folder {base} has no *.safetensors weights, so the adapter's shapes cannot be checked")
+        raise VerificationError(
+            f"base folder {base} has no *.safetensors weights, so the adapter's shapes cannot be checked")
     shapes = {}
     for shard in shards:
         for name, info in read_safetensors_header(shard).items():
@@ -230,7 +236,9 @@ def local_base_shapes(base: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def hub_base_shapes(base_id: str, *, token: str | None = None, endpoint: str | None = None) -> dict[str, list[int]] | None:
+def hub_base_shapes(
+    base_id: str, *, token: str | None = None, endpoint: str | None = None
+) -> dict[str, list[int]] | None:
     """Tensor shapes of a Hub model from its safetensors headers (HTTP range reads, no weights downloaded)."""
     from huggingface_hub import HfApi
 
@@ -280,12 +288,13 @@ def shape_problems(adapter: dict[str, list[int]], base: dict[str, list[int]]) ->
     """Compare every LoRA A/B tensor with the base weight it adapts."""
     pairs: dict[str, dict[str, list[int]]] = {}
     for name, shape in adapter.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.*?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?(?:\.weight)?$", name)
+        m = _LORA_KEY.match(name)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = shape
     problems = []
     for module, parts in sorted(pairs.items()):
-        a, b = parts.get("lora_A") or parts.get("lora_embedding_A"), parts.get("lora_B") or parts.get("lora_embedding_B")
+        a = parts.get("lora_A") or parts.get("lora_embedding_A")
+        b = parts.get("lora_B") or parts.get("lora_embedding_B")
         if a is None or b is None or len(a) != 2 or len(b) != 2:
             problems.append(f"{module}: incomplete LoRA pair in the adapter")
             continue
@@ -310,7 +319,8 @@ def shape_problems(adapter: dict[str, list[int]], base: dict[str, list[int]]) ->
         if experts:  # PEFT ParamWrapper on fused experts: A (r*E, in), B (out, r*E)
             if not any(a[1] == i and b[0] == o and a[0] % e == 0 for e, o, i in experts):
                 shown = ", ".join(f"{e}x{o}x{i}" for e, o, i in experts)
-                problems.append(f"{plain}: adapter expects in={a[1]}, out={b[0]}; the base's experts are {shown} (E x out x in)")
+                problems.append(
+                    f"{plain}: adapter expects in={a[1]}, out={b[0]}; the base's experts are {shown} (E x out x in)")
             continue
         problems.append(f"{plain}: the base has no weight for this adapted module (is it the same architecture/size?)")
     return problems
@@ -322,7 +332,9 @@ def _listed(problems: list[str]) -> str:
     return "".join(f"\n  - {p}" for p in shown) + more
 
 
-def check_base(folder: Path, base: str, *, token: str | None = None, hub: str = "hf", endpoint: str | None = None) -> None:
+def check_base(
+    folder: Path, base: str, *, token: str | None = None, hub: str = "hf", endpoint: str | None = None
+) -> None:
     """Raise VerificationError unless the adapter in `folder` was trained for `base` (folder or hub id).
 
     Local base folder: the manifest's `base_model.config_sha256` must equal sha256(base/config.json), and the

@@ -1,0 +1,143 @@
+"""The demo in a real browser: send a message, see two answers, vote; nothing from a prompt, an answer or an
+adapter name runs as HTML. Debian's chromium driven by Playwright (its own browser download does not work here).
+
+Screenshots: the test's tmp folder, copied to /tmp/persona-lora-demo.png (chat) and /tmp/persona-lora-demo-ab.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"),
+]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+EVIL_PROMPT = 'Hi <img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script>'
+EVIL_ANSWER = (' <img src=y onerror="window.__pwned=3"><svg onload="window.__pwned=4"></svg>'
+               '<a href="javascript:window.__pwned=5">link</a>')
+EVIL_NAME = "evil<img src=z onerror=window.__pwned=6>"
+SHOTS = {"chat": Path("/tmp/persona-lora-demo.png"), "ab": Path("/tmp/persona-lora-demo-ab.png")}
+
+
+class HtmlAnswers:
+    """The real engine, except that the adapter's answers end with HTML that would run if rendered raw."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stream_compare(self, *args, **kwargs):
+        for base, adapter in self._engine.stream_compare(*args, **kwargs):
+            yield base, adapter + EVIL_ANSWER
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_base, tmp_path_factory):
+    import torch
+
+    from demo.app import build_demo
+    from demo.engine import Engine
+    from demo.votes import VoteStore
+    from tests.test_demo import free_port, make_adapter
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = make_adapter(tiny_base, tmp_path_factory.mktemp("adapters") / EVIL_NAME, "attention", seed=1)
+    engine = Engine(str(tiny_base), max_new_tokens_cap=16)
+    engine.add_adapter(str(folder))
+    votes = VoteStore(tmp_path_factory.mktemp("votes") / "votes.sqlite")
+    app = build_demo(HtmlAnswers(engine), votes=votes, default_max_new_tokens=10, refresh_seconds=2)
+    _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url, votes
+    app.close()
+    engine.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1100})
+        finally:
+            browser.close()
+
+
+def wait_stable(page, selector: str, timeout: float = 60) -> str:
+    """Text of `selector` once it is non-empty and has not changed for a second (streaming finished)."""
+    last, since, end = None, time.time(), time.time() + timeout
+    while time.time() < end:
+        text = page.locator(selector).last.inner_text() if page.locator(selector).count() else ""
+        if text != last:
+            last, since = text, time.time()
+        elif text.strip() and time.time() - since > 1.0:
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"{selector} did not settle: {last!r}")
+
+
+def assert_nothing_ran(page):
+    """No injected script ran, and none is left in the page to run later (event handlers, scripts, js: links)."""
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    found = page.evaluate("""() => ({
+        handlers: document.querySelectorAll('[onerror], [onload]').length,
+        scripts: Array.from(document.querySelectorAll('script')).filter(s => s.textContent.includes('__pwned')).length,
+        js_links: Array.from(document.querySelectorAll('a[href]'))
+            .filter(a => a.getAttribute('href').trim().toLowerCase().startsWith('javascript')).length,
+    })""")
+    assert found == {"handlers": 0, "scripts": 0, "js_links": 0}
+
+
+def save_shot(page, tmp_path: Path, key: str) -> Path:
+    out = tmp_path / SHOTS[key].name
+    page.screenshot(path=str(out), full_page=True)
+    shutil.copyfile(out, SHOTS[key])
+    return out
+
+
+def test_chat_and_blind_vote_in_the_browser(app_url, page, tmp_path):
+    url, votes = app_url
+    page.goto(url)
+    page.wait_for_selector("#chat-message textarea", timeout=60_000)
+    assert EVIL_NAME in page.locator("#adapter-chat").inner_text()  # the name is shown as text, not as a tag
+
+    page.fill("#chat-message textarea", EVIL_PROMPT)
+    page.click("#chat-send")
+    page.wait_for_selector('#base-chat [data-testid="bot"]', timeout=60_000)
+    page.wait_for_selector('#adapter-chat [data-testid="bot"]', timeout=60_000)
+    base = wait_stable(page, '#base-chat [data-testid="bot"]')
+    adapter = wait_stable(page, '#adapter-chat [data-testid="bot"]')
+    assert base.strip() and adapter.strip() and "link" in adapter
+    assert "Hi" in page.locator('#base-chat [data-testid="user"]').inner_text()
+    assert_nothing_ran(page)
+    save_shot(page, tmp_path, "chat")
+
+    page.get_by_role("tab", name="Blind A/B").click()
+    page.fill("#ab-message textarea", "Who are you? <img src=q onerror=window.__pwned=7>")
+    page.click("#ab-go")
+    page.wait_for_selector("#vote-A:not([disabled])", timeout=60_000)
+    a_text = wait_stable(page, '#a-chat [data-testid="bot"]')
+    b_text = wait_stable(page, '#b-chat [data-testid="bot"]')
+    assert a_text.strip() and b_text.strip() and ("link" in a_text) != ("link" in b_text)  # one of them is the adapter
+    page.click("#vote-A")
+    page.wait_for_function("document.querySelector('#ab-reveal').innerText.includes('You voted')", timeout=30_000)
+    reveal = page.locator("#ab-reveal").inner_text()
+    assert "A is better" in reveal and ("A was the base" in reveal or f"A was adapter {EVIL_NAME}" in reveal)
+    page.wait_for_function("document.querySelector('#win-rates').innerText.includes('evil')", timeout=30_000)
+    assert_nothing_ran(page)
+    save_shot(page, tmp_path, "ab")
+
+    rows = votes.votes()
+    assert len(rows) == 1 and rows[0]["vote"] == "A" and rows[0]["adapter_name"] == EVIL_NAME
+    assert rows[0]["winner"] == rows[0]["a_side"]
+    assert ("link" in rows[0]["answer_a"]) == (rows[0]["a_side"] == "adapter")
