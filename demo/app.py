@@ -76,7 +76,8 @@ def build_demo(
             add_btn = gr.Button("Load adapter", scale=1)
         info = gr.Markdown(ui.info_markdown(first), elem_id="sides-info")
         system = gr.Textbox(value=engine.system_prompt(first), lines=2, max_length=max_message_chars,
-                            label="System prompt (prefilled from the adapter's manifest; editable; used by both sides)")
+                            label="System prompt (prefilled from the adapter's manifest; editable; used by both sides)",
+                            elem_id="system-prompt")
         with gr.Accordion("Generation settings", open=False):
             with gr.Row():
                 max_new = gr.Slider(1, cap, value=min(default_max_new_tokens, cap), step=1,

@@ -22,6 +22,7 @@ EVIL_PROMPT = 'Hi <img src=x onerror="window.__pwned=1"> <script>window.__pwned=
 EVIL_ANSWER = (' <img src=y onerror="window.__pwned=3"><svg onload="window.__pwned=4"></svg>'
                '<a href="javascript:window.__pwned=5">link</a>')
 EVIL_NAME = "evil<img src=z onerror=window.__pwned=6>"
+EVIL_SYSTEM = "</textarea></script><script>window.__pwned=8</script> You are polite."  # from a (pulled) manifest
 SHOTS = {"chat": Path("/tmp/persona-lora-demo.png"), "ab": Path("/tmp/persona-lora-demo-ab.png")}
 
 
@@ -50,7 +51,8 @@ def app_url(tiny_base, tmp_path_factory):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    folder = make_adapter(tiny_base, tmp_path_factory.mktemp("adapters") / EVIL_NAME, "attention", seed=1)
+    folder = make_adapter(tiny_base, tmp_path_factory.mktemp("adapters") / EVIL_NAME, "attention", seed=1,
+                           system_prompt=EVIL_SYSTEM)
     engine = Engine(str(tiny_base), max_new_tokens_cap=16)
     engine.add_adapter(str(folder))
     votes = VoteStore(tmp_path_factory.mktemp("votes") / "votes.sqlite")
@@ -91,7 +93,8 @@ def assert_nothing_ran(page):
     assert page.evaluate("typeof window.__pwned") == "undefined"
     found = page.evaluate("""() => ({
         handlers: document.querySelectorAll('[onerror], [onload]').length,
-        scripts: Array.from(document.querySelectorAll('script')).filter(s => s.textContent.includes('__pwned')).length,
+        scripts: Array.from(document.querySelectorAll('script'))  // Gradio's config blob escapes '<' (\\u003c)
+            .filter(s => s.textContent.includes('__pwned') && !s.textContent.startsWith('window.gradio_')).length,
         js_links: Array.from(document.querySelectorAll('a[href]'))
             .filter(a => a.getAttribute('href').trim().toLowerCase().startsWith('javascript')).length,
     })""")
@@ -110,6 +113,8 @@ def test_chat_and_blind_vote_in_the_browser(app_url, page, tmp_path):
     page.goto(url)
     page.wait_for_selector("#chat-message textarea", timeout=60_000)
     assert EVIL_NAME in page.locator("#adapter-chat").inner_text()  # the name is shown as text, not as a tag
+    assert EVIL_NAME in page.locator("#sides-info").inner_text()
+    assert page.locator("#system-prompt textarea").input_value() == EVIL_SYSTEM  # the manifest's prompt, prefilled verbatim
 
     page.fill("#chat-message textarea", EVIL_PROMPT)
     page.click("#chat-send")
