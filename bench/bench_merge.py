@@ -42,7 +42,7 @@ def child_baseline(args) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import hub_tools.merge  # noqa: F401
+    import hub_tools.merge
     import hub_tools.merge_math  # noqa: F401
     import train.adapters  # noqa: F401
 
@@ -76,7 +76,7 @@ CHILDREN = {"baseline": child_baseline, "ours": child_ours, "peft": child_peft}
 def run_child(kind: str, **paths) -> dict:
     cmd = [sys.executable, __file__, "--child", kind] + [f"--{k}={v}" for k, v in paths.items()]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-4000:]}")

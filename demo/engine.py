@@ -7,12 +7,13 @@ Why it is built this way:
 - Both sides in one forward pass: the base row and the adapter row form one left-padded batch. LoRA on linear
   layers takes per-row adapters through PEFT's `adapter_names` mechanism. LoRA on fused MoE experts (PEFT's
   `ParamWrapper`, which our `all` preset produces) refuses mixed batches, so for those modules the rows are
-  split here: base rows go through the bare experts module, adapter rows through the wrapper (`_mixed_rows`).
+  split here: base rows go through the bare experts module, adapter rows through the wrapper (`_route_rows`).
   Every row gets exactly the computation the model does alone, so each side's greedy answer equals
   standalone `generate(do_sample=False)` with that model (tested for attention-only and `all` adapters).
-- Global state: PEFT's active adapter, `disable_adapter()` and the hooks above are state of the one model.
-  Every forward pass therefore runs on one inference thread (`_Worker`) that sets that state right before
-  the pass; sessions never see each other's choice. Concurrent requests are advanced one decode step at a
+- Global state: PEFT's active adapter and the row routing above are state of the one model. Every forward
+  pass therefore runs on one inference thread (`_Worker`) that sets that state right before the pass;
+  sessions never see each other's choice. (The routing hooks are installed once per adapter load and read the
+  current rows from the engine: PEFT's `disable_adapter()` alone cost more than a decode step of the toy model.) Concurrent requests are advanced one decode step at a
   time, round robin, so every session streams while others do.
 - Formatting is never re-implemented: prompts come from `train.chat_format.encode_prompt` with the adapter's
   chat template (the one its manifest records, i.e. the one training used). The base side is formatted with
@@ -162,8 +163,8 @@ class Engine:
         self._keys = itertools.count()
         self._tokenizers: dict[str, object] = {}
         self._active: str | None = None  # PEFT active adapter as last set by the worker
-        self._linear_lora: list = []
-        self._outer_wrappers: list = []
+        self._row_keys: list[str] | None = None  # rows of the forward pass in progress (None: PEFT's own state)
+        self._routing: list = []  # hook handles and patched wrappers, to undo on the next adapter load
         self._worker = _Worker()
         self._worker.start()
 
@@ -285,26 +286,45 @@ class Engine:
         except (RuntimeError, ValueError, KeyError, OSError) as e:  # shapes or names that do not fit this base
             if hasattr(self.model, "peft_config") and info.key in self.model.peft_config:
                 self.model.delete_adapter(info.key)
-                self._index_lora_modules()
+                self._install_row_routing()
             self._active = None
             raise ModelLoadError(f"cannot load adapter {info.name} from {info.path} onto {self.base.id}: {e}") from e
         self.model.eval()
         self._active = None
-        self._index_lora_modules()
+        self._install_row_routing()
 
-    def _index_lora_modules(self) -> None:
+    def _install_row_routing(self) -> None:
+        """(Re)install what gives each row of a batch its own adapter, on the LoRA modules present now.
+
+        Linear LoRA layers get a pre-hook that passes PEFT's `adapter_names` (only while `_row_keys` is set);
+        the outermost `ParamWrapper` of each fused-experts module gets a forward that routes rows itself."""
         from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
         try:
             from peft.utils.other import AuxiliaryTrainingWrapper
         except ImportError:  # pragma: no cover - older PEFT
             AuxiliaryTrainingWrapper = ()
+        for item in self._routing:
+            if isinstance(item, ParamWrapper):
+                item.__dict__.pop("forward", None)  # back to the class's forward
+            else:
+                item.remove()
+        self._routing = []
         inner = self.model.get_base_model()
         wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
         nested = {id(w.base_layer) for w in wrappers}
-        self._outer_wrappers = [w for w in wrappers if id(w) not in nested]
-        self._linear_lora = [m for m in inner.modules()
-                             if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper)]
+        for m in inner.modules():
+            if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper):
+                self._routing.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
+        for w in wrappers:
+            if id(w) not in nested:
+                w.forward = _route_rows(lambda: self._row_keys, w.forward, w.get_base_layer())
+                self._routing.append(w)
+
+    def _inject_rows(self, module, args, kwargs):
+        if self._row_keys is not None:
+            kwargs["adapter_names"] = self._row_keys
+        return args, kwargs
 
     # ------------------------------------------------------------------ describing
 
@@ -433,7 +453,7 @@ class Engine:
 
     @contextlib.contextmanager
     def _rows(self, keys: list[str]):
-        """Set PEFT's state for a batch whose rows use `keys` (BASE and at most one adapter)."""
+        """Set the model's state for a batch whose rows use `keys` (BASE and at most one adapter)."""
         adapters = set(keys) - {BASE}
         if len(adapters) > 1:
             raise ValueError(f"one batch mixes several adapters {sorted(adapters)}; the engine pairs base with one")
@@ -442,51 +462,33 @@ class Engine:
                 raise ValueError("no adapter is loaded")
             yield
             return
-        if not adapters:
-            with self.model.disable_adapter():
-                yield
-            return
-        (key,) = adapters
-        if self._active != key:
-            self.model.set_adapter(key, inference_mode=True)
-            self._active = key
-        if BASE not in keys:
+        if adapters:
+            (key,) = adapters
+            if self._active != key:
+                self.model.set_adapter(key, inference_mode=True)
+                self._active = key
+        # only the adapter: PEFT's plain path; otherwise route rows (a base-only batch is routed too: it is cheaper
+        # than toggling `disable_adapter()`, and gives the same bare-module computation)
+        self._row_keys = None if BASE not in keys else list(keys)
+        try:
             yield
-            return
-        with _mixed_rows(keys, self._linear_lora, self._outer_wrappers):
-            yield
+        finally:
+            self._row_keys = None
 
 
-@contextlib.contextmanager
-def _mixed_rows(keys: list[str], linear_lora: list, outer_wrappers: list):
-    """Per-row adapters for one forward pass: PEFT's `adapter_names` on linear LoRA layers, and a row split of our
-    own on fused-experts LoRA (`ParamWrapper`), whose base rows skip the wrapper. Only the inference thread
-    enters this, and it undoes everything on exit."""
-
-    def inject(module, args, kwargs):
-        kwargs["adapter_names"] = keys
-        return args, kwargs
-
-    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in linear_lora]
-    patched = []
-    try:
-        for wrapper in outer_wrappers:
-            wrapper.forward = _split_forward(keys, wrapper.forward, wrapper.get_base_layer())
-            patched.append(wrapper)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for wrapper in patched:
-            del wrapper.forward  # back to the class's forward
-
-
-def _split_forward(keys: list[str], adapted, bare):
-    """Forward of an experts module for rows with different adapters: the token dimension (dim 0) is rows×seq in
-    row-major order (transformers flattens (batch, seq) before calling the experts), so row i owns one slice."""
+def _route_rows(current_keys, adapted, bare):
+    """Forward of a fused-experts LoRA wrapper that serves rows with different adapters. Dim 0 of the experts'
+    inputs is rows x seq in row-major order (transformers flattens (batch, seq) before calling the experts), so
+    row i owns one contiguous slice: base rows go through the bare experts module, adapter rows through the
+    wrapper with the active adapter."""
     import torch
 
     def forward(x, *args, **kwargs):
+        keys = current_keys()
+        if keys is None:
+            return adapted(x, *args, **kwargs)
+        if all(k == BASE for k in keys):
+            return bare(x, *args, **kwargs)
         total = x.shape[0]
         if total % len(keys):
             raise RuntimeError(f"cannot split {total} expert inputs into {len(keys)} rows; use --no-mixed-batch")

@@ -29,15 +29,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_lora.errors import ModelLoadError, UsageError, VerificationError
-
 from hub_tools.files import PICKLE_SUFFIXES, TOKENIZER_FILES
+from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-LAYOUT = "original per-expert"
+LAYOUT = "original per-expert"  # the hub checkpoints' layout (docs/ARCHITECTURE.md)
+FUSED_LAYOUT = "fused (transformers 5)"
 PARTIAL_MARKER = ".persona-lora-merge-partial"
 BLOCK_BYTES = 32 << 20  # float32 working block: bounds memory independently of tensor size
 COPY_BYTES = 16 << 20
@@ -115,7 +115,7 @@ class SourceShard:
 
     def read(self, start: int, end: int) -> bytearray:
         if self._fh is None:
-            self._fh = open(self.path, "rb")
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across tensors, closed by close()
         buf = bytearray(end - start)
         self._fh.seek(self.data_start + start)
         view = memoryview(buf)
@@ -479,7 +479,7 @@ def merge_adapter(
                 merge={
                     "adapter": adapter_id or manifest.get("name") or adapter.name,
                     "dtype": _ST_NAMES.get(weights_dtype, weights_dtype),
-                    "layout": LAYOUT,
+                    "layout": layout_name(ckpt_shapes),
                     "base": {"id": rb.id, "source": rb.source, "revision": rb.revision, "config_sha256": have},
                     "forced_base_mismatch": mismatch,
                     "lora_layers": len(layers),
@@ -506,6 +506,15 @@ def merge_adapter(
     tmp.rename(out)
     log.info("merged model written to %s (%s, %d shard(s))", out, _human(total), len(layout))
     return out
+
+
+def layout_name(keys) -> str:
+    """The checkpoint layout, which the output shares with the base: the card tells readers which tools read it."""
+    if any(k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) for k in keys):
+        return FUSED_LAYOUT
+    if any(re.search(r"\.experts\.\d+\.", k) for k in keys):
+        return LAYOUT
+    return "original"  # no routed experts: a dense model's one layout
 
 
 def _dominant_dtype(layout) -> str:

@@ -152,6 +152,7 @@ def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path,
 
 def test_merge_dense_llama(tiny_llama, tmp_path):
     from hub_tools.merge import merge_adapter
+    from train.manifest import read_manifest
 
     adapter = make_adapter(tiny_llama, "attention+mlp", tmp_path / "adapter", seed=4)
     out = merge_adapter(adapter, tiny_llama, tmp_path / "merged")
@@ -159,6 +160,44 @@ def test_merge_dense_llama(tiny_llama, tmp_path):
     print(f"llama attention+mlp: max |merged - PEFT| logit diff {diff:.2e} (adapter effect {effect:.2f})")
     assert effect > 0.05 and diff <= LOGIT_TOLERANCE
     assert checkpoint_keys(out) == checkpoint_keys(tiny_llama)
+    assert read_manifest(out)["merge"]["layout"] == "original"
+
+
+def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
+    """A base saved in transformers 5's fused layout (experts.gate_up_proj) is merged in that layout."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hub_tools.merge import merge_adapter
+    from train.manifest import read_manifest
+    from train.tiny_base import save_sharded
+
+    state = {}
+    for shard in sorted(tiny_base.glob("*.safetensors")):
+        state.update(load_file(shard))
+    fused: dict = {}
+    for key in sorted(state):
+        m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
+        if not m:
+            fused[key] = state[key]
+            continue
+        prefix = m.group(1)
+        if f"{prefix}.down_proj" not in fused:
+            n = len({k for k in state if k.startswith(prefix + ".") and k.endswith(".down_proj.weight")})
+            fused[f"{prefix}.gate_up_proj"] = torch.stack(
+                [torch.cat([state[f"{prefix}.{e}.gate_proj.weight"], state[f"{prefix}.{e}.up_proj.weight"]]) for e in range(n)])
+            fused[f"{prefix}.down_proj"] = torch.stack([state[f"{prefix}.{e}.down_proj.weight"] for e in range(n)])
+    base = tmp_path / "fused-base"
+    shutil.copytree(tiny_base, base, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_sharded(fused, base, 2)
+
+    out = merge_adapter(all_adapter, base, tmp_path / "merged")
+    assert checkpoint_keys(out) == checkpoint_keys(base)
+    assert read_manifest(out)["merge"]["layout"] == "fused (transformers 5)"
+    diff, effect = compare_with_peft(base, all_adapter, out)
+    assert effect > 0.05 and diff <= LOGIT_TOLERANCE
 
 
 def test_reshard_and_bfloat16(tiny_base, all_adapter, tmp_path):
@@ -241,7 +280,7 @@ def test_out_folder_rules(tiny_base, attention_adapter, tmp_path):
 
 
 def test_pickled_base_and_full_disk_are_refused(tiny_base, attention_adapter, tmp_path, monkeypatch):
-    import hub_tools.merge as merge
+    from hub_tools import merge
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
