@@ -318,12 +318,15 @@ class Engine:
                 self._routing.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
         for w in wrappers:
             if id(w) not in nested:
-                w.forward = _route_rows(lambda: self._row_keys, w.forward, w.get_base_layer())
+                w.forward = _route_rows(lambda: self._row_keys, w, w.forward, w.get_base_layer())
                 self._routing.append(w)
 
     def _inject_rows(self, module, args, kwargs):
-        if self._row_keys is not None:
-            kwargs["adapter_names"] = self._row_keys
+        keys = self._row_keys
+        # A layer without the active adapter (the only one in the batch) computes the base for every row on
+        # PEFT's plain path, which is cheaper than its mixed-batch path.
+        if keys is not None and self._active in getattr(module, "lora_A", (self._active,)):
+            kwargs["adapter_names"] = keys
         return args, kwargs
 
     # ------------------------------------------------------------------ describing
@@ -462,11 +465,11 @@ class Engine:
                 raise ValueError("no adapter is loaded")
             yield
             return
-        if adapters:
-            (key,) = adapters
-            if self._active != key:
-                self.model.set_adapter(key, inference_mode=True)
-                self._active = key
+        # the active adapter is the batch's one; for a base-only batch any, as long as it is known (`_inject_rows`)
+        key = next(iter(adapters)) if adapters else (self._active or next(iter(self.model.peft_config)))
+        if self._active != key:
+            self.model.set_adapter(key, inference_mode=True)
+            self._active = key
         # only the adapter: PEFT's plain path; otherwise route rows (a base-only batch is routed too: it is cheaper
         # than toggling `disable_adapter()`, and gives the same bare-module computation)
         self._row_keys = None if BASE not in keys else list(keys)
@@ -476,7 +479,7 @@ class Engine:
             self._row_keys = None
 
 
-def _route_rows(current_keys, adapted, bare):
+def _route_rows(current_keys, wrapper, adapted, bare):
     """Forward of a fused-experts LoRA wrapper that serves rows with different adapters. Dim 0 of the experts'
     inputs is rows x seq in row-major order (transformers flattens (batch, seq) before calling the experts), so
     row i owns one contiguous slice: base rows go through the bare experts module, adapter rows through the
@@ -487,6 +490,7 @@ def _route_rows(current_keys, adapted, bare):
         keys = current_keys()
         if keys is None:
             return adapted(x, *args, **kwargs)
+        keys = [k if k in wrapper.lora_A else BASE for k in keys]  # an adapter without experts LoRA: base here
         if all(k == BASE for k in keys):
             return bare(x, *args, **kwargs)
         total = x.shape[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_fixtures import fast_retries, hub_server, ms_server  # noqa: F401  (fixtures)
+from tests.hub_fixtures import fast_retries, hub_server, ms_fast_retries, ms_server  # noqa: F401  (fixtures)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
