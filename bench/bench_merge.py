@@ -4,11 +4,11 @@ Why: the merge must run on machines that cannot hold the base in memory (DeepSee
 bf16), so its memory must be about one shard plus the adapter, not the model. This builds a toy DeepSeek-V2 of
 ~1.2 GB (float32) in 6 shards with the real checkpoint layout, an `all`-preset adapter (LoRA on attention, dense
 MLP, shared experts and the fused routed experts) with random lora_B, and runs each method in its own process,
-which reports its own peak RSS (getrusage RUSAGE_SELF: file pages mapped and touched count too, so mmap-based
+which reports its own peak RSS (VmHWM: file pages mapped and touched count too, so mmap-based
 loading is charged fairly). A third process only imports the libraries: its RSS is the fixed cost of Python +
 torch + transformers + peft that every method pays whatever the model size.
 
-    .venv/bin/python bench/bench_merge.py [--layers 10] [--work DIR] [--keep]
+    .venv/bin/python bench/bench_merge.py [--layers 18] [--work DIR] [--keep]
 
 Not a test: takes a few minutes and ~4 GB of disk.
 """
@@ -33,7 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 # ------------------------------------------------------------------------------------------ children
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries the parent's peak across fork+exec
+    into ru_maxrss, so a child spawned by a big parent would report the parent's memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_baseline(args) -> dict:
@@ -180,7 +186,7 @@ def main() -> None:
     ap.add_argument("--base")
     ap.add_argument("--adapter")
     ap.add_argument("--out")
-    ap.add_argument("--layers", type=int, default=10, help="10 layers: ~290M parameters, ~1.15 GB in float32")
+    ap.add_argument("--layers", type=int, default=18, help="18 layers: ~530M parameters, ~2 GB in float32 (10: ~1.15 GB)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
