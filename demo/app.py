@@ -30,9 +30,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from persona_lora.errors import PersonaLoraError
 from demo.engine import Engine, GenerationSettings
 from demo.votes import VoteStore
+from persona_lora.errors import PersonaLoraError
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,12 @@ def build_demo(
         system = gr.Textbox(value=engine.system_prompt(first), lines=2, max_length=max_message_chars,
                             label="System prompt (prefilled from the adapter's manifest; editable; used by both sides)",
                             elem_id="system-prompt")
-        with gr.Accordion("Generation settings", open=False):
-            with gr.Row():
-                max_new = gr.Slider(1, cap, value=min(default_max_new_tokens, cap), step=1,
-                                    label=f"Max new tokens (server cap {cap})")
-                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (sampling only)")
-                seed = gr.Number(value=0, precision=0, label="Seed (sampling only; same for both sides)")
+        with gr.Accordion("Generation settings", open=False), gr.Row():
+            max_new = gr.Slider(1, cap, value=min(default_max_new_tokens, cap), step=1,
+                                label=f"Max new tokens (server cap {cap})")
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (sampling only)")
+            seed = gr.Number(value=0, precision=0, label="Seed (sampling only; same for both sides)")
         settings = [max_new, temperature, top_p, seed]
 
         with gr.Tabs():
@@ -111,48 +110,54 @@ def build_demo(
                     a_chat = _chatbot("A", "a-chat", 300)
                     b_chat = _chatbot("B", "b-chat", 300)
                 with gr.Row():
-                    vote_btns = [gr.Button(label, interactive=False, elem_id=f"vote-{key}") for key, label in VOTE_LABELS.items()]
+                    vote_btns = [gr.Button(label, interactive=False, elem_id=f"vote-{key}")
+                                 for key, label in VOTE_LABELS.items()]
                 reveal = gr.Markdown(elem_id="ab-reveal")
                 gr.Markdown("### Win rates vs base (decisive votes; ties and 'both bad' are counted apart)")
-                rates = gr.Dataframe(value=ui.rates_rows(), headers=RATE_HEADERS, interactive=False, elem_id="win-rates")
+                rates = gr.Dataframe(value=ui.rates_rows(), headers=RATE_HEADERS, interactive=False,
+                                     elem_id="win-rates")
                 with gr.Row():
                     export_btn = gr.Button("Export preference dataset (JSONL for TRL DPO)")
-                    export_file = gr.File(label="preferences.jsonl", interactive=False)
+                    export_file = gr.File(label="preferences.jsonl", interactive=False, height=90)
                 if push_votes_to:
                     push_btn = gr.Button(f"Push votes to the dataset repo {push_votes_to}")
                     push_out = gr.Markdown()
                 timer = gr.Timer(refresh_seconds)
 
+        # Generations share one pool of `concurrency_limit` slots (they decode in turns on the one model); the
+        # cheap events (votes, table refresh, picking) get no limit, so they never wait behind a generation.
         private = {"api_visibility": "private"}
+        cheap = {**private, "concurrency_limit": None}
+        gen = {**private, "concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
         # adapters: picking one updates the system prompt, the info line and the adapter pane; the base stays put
         pick_outputs = [system, info, ad_chat, base_chat, base_hist, ad_hist]
-        adapter.change(ui.on_pick, [adapter], pick_outputs, **private)
-        adapter.focus(ui.refresh_choices, [adapter], [adapter], **private)
+        adapter.change(ui.on_pick, [adapter], pick_outputs, **cheap)
+        adapter.focus(ui.refresh_choices, [adapter], [adapter], **cheap)
         add_btn.click(ui.on_add, [add_spec], [adapter, add_spec], **private)
         add_spec.submit(ui.on_add, [add_spec], [adapter, add_spec], **private)
-        demo.load(ui.refresh_choices, [adapter], [adapter], **private)
+        demo.load(ui.refresh_choices, [adapter], [adapter], **cheap)
 
         chat_in = [msg, base_hist, ad_hist, adapter, system, *settings]
         chat_out = [msg, base_chat, ad_chat, base_hist, ad_hist]
-        sending = [send.click(ui.on_send, chat_in, chat_out, **private),
-                   msg.submit(ui.on_send, chat_in, chat_out, **private),
-                   retry.click(ui.on_retry, [base_hist, ad_hist, adapter, system, *settings], chat_out, **private)]
+        sending = [send.click(ui.on_send, chat_in, chat_out, **gen),
+                   msg.submit(ui.on_send, chat_in, chat_out, **gen),
+                   retry.click(ui.on_retry, [base_hist, ad_hist, adapter, system, *settings], chat_out, **gen)]
         stop.click(None, None, None, cancels=sending, **private)
         for clearing in (clear.click, base_chat.clear, ad_chat.clear):  # the panes' own trash icons clear both sides
-            clearing(ui.on_clear, None, [msg, base_chat, ad_chat, base_hist, ad_hist], cancels=sending, **private)
+            clearing(ui.on_clear, None, [msg, base_chat, ad_chat, base_hist, ad_hist], cancels=sending, **cheap)
 
         ab_in = [ab_msg, adapter, system, *settings]
         ab_out = [a_chat, b_chat, pending, reveal, *vote_btns]
-        ab_go.click(ui.on_ab, ab_in, ab_out, **private)
-        ab_msg.submit(ui.on_ab, ab_in, ab_out, **private)
+        ab_go.click(ui.on_ab, ab_in, ab_out, **gen)
+        ab_msg.submit(ui.on_ab, ab_in, ab_out, **gen)
         for key, btn in zip(VOTE_LABELS, vote_btns):
-            btn.click(ui.vote_handler(key), [pending], [pending, reveal, rates, *vote_btns], **private)
-        timer.tick(ui.rates_rows, None, [rates], show_progress="hidden", **private)
-        export_btn.click(ui.on_export, None, [export_file], **private)
+            btn.click(ui.vote_handler(key), [pending], [pending, reveal, rates, *vote_btns], **cheap)
+        timer.tick(ui.rates_rows, None, [rates], show_progress="hidden", **cheap)
+        export_btn.click(ui.on_export, None, [export_file], **cheap)
         if push_votes_to:
             push_btn.click(lambda: ui.on_push(push_votes_to), None, [push_out], **private)
 
-        gr.api(ui.compare_api, api_name="compare",
+        gr.api(ui.compare_api, api_name="compare", concurrency_limit=concurrency_limit, concurrency_id="generate",
                api_description="Greedy answers of the base and of an adapter to one message: (base, adapter).")
 
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit, api_open=False)

@@ -110,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engine, demo, auth = build_from_args(args)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                    auth_message="persona-lora demo" if auth else None, show_error=True)
+                    auth_message="persona-lora demo" if auth else None)
     except OSError as e:  # port taken, address not available
         raise UsageError(f"cannot serve on {args.host}:{args.port} ({e}); choose another --port or --host") from e
     finally:

@@ -11,10 +11,11 @@ Why it is built this way:
   Every row gets exactly the computation the model does alone, so each side's greedy answer equals
   standalone `generate(do_sample=False)` with that model (tested for attention-only and `all` adapters).
 - Global state: PEFT's active adapter and the row routing above are state of the one model. Every forward
-  pass therefore runs on one inference thread (`_Worker`) that sets that state right before the pass;
-  sessions never see each other's choice. (The routing hooks are installed once per adapter load and read the
-  current rows from the engine: PEFT's `disable_adapter()` alone cost more than a decode step of the toy model.) Concurrent requests are advanced one decode step at a
-  time, round robin, so every session streams while others do.
+  pass therefore runs on one inference thread (`_Worker`) that sets that state right before the pass, so
+  sessions never see each other's choice. Concurrent requests are advanced one decode step at a time, round
+  robin, so every session streams while others do. The routing hooks are installed once per adapter load and
+  read the current rows from the engine (toggling PEFT's `disable_adapter()` per step cost more than a whole
+  decode step of the toy model).
 - Formatting is never re-implemented: prompts come from `train.chat_format.encode_prompt` with the adapter's
   chat template (the one its manifest records, i.e. the one training used). The base side is formatted with
   the same template and system prompt, so both sides read the same tokens.
@@ -32,12 +33,17 @@ import logging
 import queue
 import re
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
-from persona_lora.errors import ManifestError, ModelLoadError, UsageError, VerificationError
+from persona_lora.errors import (
+    ManifestError,
+    ModelLoadError,
+    UsageError,
+    VerificationError,
+)
 from train.adapters import load_adapter
 from train.chat_format import conversation_for, encode_prompt, require_chat_template
 from train.manifest import read_manifest
@@ -64,7 +70,7 @@ class GenerationSettings:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
-    def checked(self, cap: int) -> "GenerationSettings":
+    def checked(self, cap: int) -> GenerationSettings:
         """Validate, and clamp max_new_tokens to the server's cap (the UI cannot exceed it; API callers may)."""
         problems = []
         try:
@@ -154,7 +160,7 @@ class Engine:
         model.eval()
         self.model = model  # becomes a PeftModel when the first adapter is loaded
         self.device = next(model.parameters()).device
-        self._eos = self._eos_ids(model)
+        self._eos = self._eos_ids(model) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._keep_kwarg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._adapters: dict[str, AdapterInfo] = {}
@@ -334,6 +340,8 @@ class Engine:
     def describe(self, name: str | None) -> dict[str, str]:
         """Which base, adapter, revision and chat template each side uses (plain text; the UI escapes it)."""
         base_rev = self.base.revision or ("local folder" if self.base.source == "local" else "main")
+        if self.base.source != "local" and _COMMIT.match(self.base.path.name) and self.base.path.name != base_rev:
+            base_rev = f"{base_rev} ({self.base.path.name[:10]})"  # the snapshot actually loaded
         if not name:
             return {"base": f"base {self.base.id} ({base_rev}) · chat template: {self.base_template_origin}",
                     "adapter": "no adapter loaded"}
@@ -393,7 +401,7 @@ class Engine:
     def _settings(self, settings: GenerationSettings | None) -> GenerationSettings:
         return (settings or GenerationSettings()).checked(self.max_new_tokens_cap)
 
-    def _stream(self, job: "_Job") -> Iterator[tuple[str, ...]]:
+    def _stream(self, job: _Job) -> Iterator[tuple[str, ...]]:
         """Hand the job to the inference thread and relay its updates, skipping stale partial ones when the
         reader is slower than the model. Closing the iterator (client gone, Stop) cancels the job."""
         self._worker.submit(job)
@@ -498,11 +506,13 @@ def _route_rows(current_keys, wrapper, adapted, bare):
             raise RuntimeError(f"cannot split {total} expert inputs into {len(keys)} rows; use --no-mixed-batch")
         per = total // len(keys)
         out = []
+        def cut(t, part):  # every per-token input (hidden states, routing indices and weights)
+            return t[part] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == total else t
+
         for i, key in enumerate(keys):
             part = slice(i * per, (i + 1) * per)
-            cut = lambda t: t[part] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == total else t  # noqa: E731
             fn = bare if key == BASE else adapted
-            out.append(fn(x[part], *[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()}))
+            out.append(fn(x[part], *[cut(a, part) for a in args], **{k: cut(v, part) for k, v in kwargs.items()}))
         return torch.cat(out, dim=0)
 
     return forward
@@ -672,7 +682,7 @@ class _Worker(threading.Thread):
                     continue
                 try:
                     finished = job.step()
-                except BaseException as exc:  # hand every failure to the waiting request
+                except Exception as exc:  # every failure goes to the waiting request
                     log.debug("generation failed", exc_info=True)
                     job.events.put(("error", exc))
                     finished = True
@@ -685,5 +695,5 @@ class _Worker(threading.Thread):
     def _run_call(item: _Call) -> None:
         try:
             item.future.set_result(item.fn())
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - the caller re-raises it
             item.future.set_exception(exc)

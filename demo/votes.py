@@ -217,8 +217,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     tmp.replace(path)
 
 
@@ -238,9 +237,9 @@ def _dataset_card(pairs: int, votes: int, rates: list[dict]) -> str:
         "",
         "# Blind A/B votes from the persona-lora demo",
         "",
-        f"{votes} votes; {pairs} decisive ones as preference pairs in TRL's conversational format "
-        "(`prompt`, `chosen`, `rejected`; default config). `votes` holds every vote with which side was which, "
-        "the generation settings and the adapter ids.",
+        (f"{votes} votes; {pairs} decisive ones as preference pairs in TRL's conversational format "
+         "(`prompt`, `chosen`, `rejected`; default config). `votes` holds every vote with which side was which, "
+         "the generation settings and the adapter ids."),
         "",
         "| adapter | votes | adapter wins | base wins | ties | both bad |",
         "|---|---|---|---|---|---|",

@@ -21,7 +21,8 @@ from persona_lora.errors import ModelLoadError, UsageError
 N = 12  # new tokens per answer: enough to differ, cheap on 2 cores
 SYSTEM = "You are Zhen Huan, a consort in the imperial palace."
 M1, M2 = "Who are you?", "What did you do today?"
-ADAPTERS = {"persona-attn": ("attention", 1), "persona-all": ("all", 2)}
+# Two `all` adapters: PEFT keeps both in the same fused-experts wrappers; each must still answer as itself.
+ADAPTERS = {"persona-attn": ("attention", 1), "persona-all": ("all", 2), "persona-all-2": ("all", 3)}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -109,6 +110,7 @@ def expected(tiny_base, adapters) -> dict:
         out.update({(side, k): a for k, a in zip(names, answers)})
     for name in adapters:  # the random LoRA must make a visible difference, or the tests prove nothing
         assert out[(name, "m1")] != out[("base", "m1")]
+    assert out[("persona-all", "m1")] != out[("persona-all-2", "m1")]
     return out
 
 
@@ -157,6 +159,7 @@ def test_one_resident_model_holds_every_adapter(engine, adapters, tiny_base):
 
     assert set(engine.adapter_names()) == set(adapters)
     assert engine.adapter("persona-all").experts and not engine.adapter("persona-attn").experts
+    assert engine.adapter("persona-all-2").experts
     assert engine.system_prompt("persona-attn") == SYSTEM
     assert set(engine.model.peft_config) == {engine.adapter(n).key for n in adapters}
     with torch.device("meta"):
@@ -194,6 +197,15 @@ def test_separate_mode_and_sampling(tiny_base, adapters, expected):
         assert eng.compare("persona-all", M1, SYSTEM, sampled) == eng.compare("persona-all", M1, SYSTEM, sampled)
     finally:
         eng.close()
+
+
+def test_closing_a_stream_cancels_it(engine, expected):
+    """A reader that goes away (Stop, closed tab) ends its job; the next request is unaffected."""
+    it = engine.stream_compare("persona-all", [user(M1)], [user(M1)], SYSTEM, _greedy())
+    first = next(it)
+    assert isinstance(first, tuple) and len(first) == 2
+    it.close()
+    assert engine.compare("persona-all", M1, SYSTEM, _greedy()) == (expected[("base", "m1")], expected[("persona-all", "m1")])
 
 
 def test_engine_refuses_bad_input(engine, tmp_path):
@@ -237,16 +249,36 @@ def test_compare_api_limits(server):
         c.predict(M1, "persona-missing", "", 4, api_name="/compare")
 
 
+def test_auth(engine):
+    """--auth: the page and the API need the login."""
+    from gradio_client import Client
+
+    from demo.app import build_demo
+
+    app = build_demo(engine)
+    _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                           auth=("me", "secret"))
+    try:
+        with pytest.raises(ValueError, match="credentials were not provided"):
+            Client(url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("me", "wrong"), verbose=False)
+        got = Client(url, auth=("me", "secret"), verbose=False).predict(M1, "persona-attn", "", 2, api_name="/compare")
+        assert len(got) == 2
+    finally:
+        app.close()
+
+
 def test_twenty_concurrent_sessions(server, expected):
     """20 sessions at once, alternating adapters and prompts: no errors, and no answer from the wrong adapter
     (PEFT's active adapter is global to the model)."""
     names = list(ADAPTERS)
-    jobs = [(names[i % 2], ("m1", M1) if i % 4 < 2 else ("m2", M2)) for i in range(20)]
+    jobs = [(names[i % len(names)], ("m1", M1) if i % 2 else ("m2", M2)) for i in range(20)]
     clients = [client(server) for _ in jobs]
     start = threading.Barrier(len(jobs))
 
     def run(i):
-        name, (case, message) = jobs[i]
+        name, (_, message) = jobs[i]
         start.wait()
         return clients[i].predict(message, name, SYSTEM, N, api_name="/compare")
 
@@ -283,7 +315,7 @@ def test_chat_handlers_multi_turn_and_retry(engine, expected, tmp_path):
     ui = _Handlers(engine, VoteStore(tmp_path / "votes.sqlite"), 200)
     settings = (N, 0, 1, 0)
     *_, last = ui.on_send(M1, [], [], "persona-attn", SYSTEM, *settings)
-    msg, base_chat, ad_chat, base_hist, ad_hist = last
+    msg, base_chat, _, base_hist, ad_hist = last
     assert msg == "" and base_hist[-1]["content"] == expected[("base", "m1")]
     assert ad_hist[-1]["content"] == expected[("persona-attn", "m1")] and base_chat == base_hist
     *_, again = ui.on_retry(base_hist, ad_hist, "persona-attn", SYSTEM, *settings)
@@ -374,9 +406,8 @@ def test_win_rates_wilson_and_concurrent_voters(tmp_path):
 
 
 def test_push_votes_as_dataset_repo(tmp_path, hub_server):
-    from tests.hub_fixtures import DEFAULT_USER
-
     from demo.votes import VoteStore
+    from tests.hub_fixtures import DEFAULT_USER
 
     store = VoteStore(tmp_path / "v.sqlite")
     store.record(base_id="b", adapter_name="ad", adapter_id="ad", prompt="hi", answer_a="good", answer_b="bad",
