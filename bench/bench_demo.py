@@ -38,31 +38,10 @@ PRESETS = {"attention": 1, "all": 2}  # preset -> seed of the random lora_B
 
 
 def make_adapter(base: Path, out: Path, preset: str, seed: int) -> Path:
-    """An adapter of our trainer's kind without training: LoRA r=16 with random lora_B, plus a manifest."""
-    import torch
+    """An adapter of our trainer's kind without training (r=16, random lora_B, manifest)."""
+    from train.synthetic import make_random_adapter
 
-    from train import presets
-    from train.adapters import attach_new_adapter
-    from train.manifest import SCHEMA, now_iso, write_manifest
-    from train.model_loading import load_base_model, load_tokenizer, resolve_base
-
-    model = load_base_model(str(base), device="cpu")
-    spec = presets.resolve(model, preset)
-    peft_model, _ = attach_new_adapter(model, presets.lora_config_for(spec, r=16, alpha=32, dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    peft_model.save_pretrained(out)
-    rb = resolve_base(str(base))
-    write_manifest(out, {
-        "schema": SCHEMA, "kind": "adapter", "name": out.name, "created_at": now_iso(),
-        "base_model": {"id": rb.id, "source": "local", "revision": None, "config_sha256": rb.config_sha256},
-        "chat": {"system_prompt": SYSTEM, "chat_template": load_tokenizer(rb).chat_template, "template_source": "base"},
-        "lora": {"preset": preset, "target_modules": spec.target_modules, "target_parameters": spec.target_parameters},
-    })
-    return out
+    return make_random_adapter(base, out, preset, seed=seed, r=16, alpha=32, system_prompt=SYSTEM)
 
 
 def _rss_mb() -> float:

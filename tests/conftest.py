@@ -92,3 +92,15 @@ def trained_adapter(tiny_base, small_persona_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny-persona"
     assert main(train_args(tiny_base, small_persona_data, out)) == 0
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Toy-sized matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's waiting threads make a
+    forward pass take seconds instead of milliseconds. Subprocesses (CLI tests) keep torch's default."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

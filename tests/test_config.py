@@ -3,7 +3,6 @@ loads, and the big ones dry-run on the tiny base."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml

@@ -29,44 +29,9 @@ ADAPTERS = {"persona-attn": ("attention", 1), "persona-all": ("all", 2), "person
 
 
 def make_adapter(base: Path, out: Path, preset: str, seed: int, system_prompt: str = SYSTEM) -> Path:
-    import torch
+    from train.synthetic import make_random_adapter
 
-    from train import presets
-    from train.adapters import attach_new_adapter
-    from train.manifest import SCHEMA, now_iso, write_manifest
-    from train.model_loading import load_base_model, load_tokenizer, resolve_base
-
-    model = load_base_model(str(base), device="cpu")
-    spec = presets.resolve(model, preset)
-    peft_model, _ = attach_new_adapter(model, presets.lora_config_for(spec, r=8, alpha=16, dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    peft_model.save_pretrained(out)
-    rb = resolve_base(str(base))
-    write_manifest(out, {
-        "schema": SCHEMA, "kind": "adapter", "name": out.name, "created_at": now_iso(),
-        "base_model": {"id": rb.id, "source": rb.source, "revision": None, "config_sha256": rb.config_sha256,
-                       "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"]},
-        "chat": {"system_prompt": system_prompt, "chat_template": load_tokenizer(rb).chat_template,
-                 "template_source": "base", "train_on": "all", "overlong": "truncate", "max_length": 256},
-        "lora": {"preset": preset, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": spec.target_modules,
-                 "target_parameters": spec.target_parameters},
-    })
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: one intra-op thread is faster and steadier for a model this small."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return make_random_adapter(base, out, preset, seed=seed, r=8, alpha=16, system_prompt=system_prompt)
 
 
 @pytest.fixture(scope="module")

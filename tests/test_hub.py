@@ -17,9 +17,8 @@ import pytest
 from persona_lora.cli import main
 from persona_lora.errors import HubError, ModelLoadError, UsageError, VerificationError
 from tests.hub_fixtures import DEFAULT_MS_TOKEN, DEFAULT_MS_USER, DEFAULT_TOKEN, DEFAULT_USER
-from tests.hub_fixtures import ms_fast_retries  # noqa: F401  (fixture; not yet re-exported by conftest.py)
 
-# The fixtures hub_server, fast_retries and ms_server come from tests/hub_fixtures.py via conftest.py.
+# The fixtures hub_server, fast_retries, ms_server and ms_fast_retries come from tests/hub_fixtures.py via conftest.py.
 
 BASE_ID = "test-org/tiny-llama"
 REPO = f"{DEFAULT_USER}/tiny-persona"

@@ -31,33 +31,9 @@ def folder_hashes(folder: Path) -> dict[str, str]:
 
 
 def make_adapter(base: Path, preset: str, dest: Path, *, seed: int = 0) -> Path:
-    """An adapter as `persona-lora train` makes it (preset -> exact coverage), with random lora_B, + manifest."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from train.synthetic import make_random_adapter
 
-    from train.adapters import attach_new_adapter
-    from train.manifest import SCHEMA, now_iso, write_manifest
-    from train.model_loading import sha256_file
-    from train.presets import lora_config_for, resolve
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    spec = resolve(model, preset)
-    peft_model, note = attach_new_adapter(model, lora_config_for(spec, r=4, alpha=8, dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    peft_model.save_pretrained(dest)
-    cfg = json.loads((base / "config.json").read_text())
-    write_manifest(dest, {
-        "schema": SCHEMA, "kind": "adapter", "name": dest.name, "created_at": now_iso(), "persona_lora_version": "0.1.0",
-        "base_model": {"id": base.name, "source": "local", "revision": None, "config_sha256": sha256_file(base / "config.json"),
-                       "model_type": cfg["model_type"], "architectures": cfg["architectures"]},
-        "lora": {"preset": preset, "r": 4, "alpha": 8, "dropout": 0.0, "dropout_note": note,
-                 "target_modules": spec.target_modules, "target_parameters": spec.target_parameters},
-    })
-    return dest
+    return make_random_adapter(base, dest, preset, seed=seed, r=4, alpha=8)
 
 
 def logits(model, tokenizer):
@@ -92,17 +68,6 @@ def compare_with_peft(base: Path, adapter: Path, merged: Path) -> tuple[float, f
 def checkpoint_keys(folder: Path) -> dict[str, str]:
     index = folder / "model.safetensors.index.json"
     return json.loads(index.read_text())["weight_map"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all small ops: one torch thread is faster, and much faster on a busy 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

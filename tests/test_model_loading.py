@@ -25,15 +25,6 @@ from train.model_loading import (
 IDS = torch.tensor([[0, 11, 250, 37, 1]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Toy-sized forward passes are much faster on one thread on a busy machine (see test_presets.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dead_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,21 +19,11 @@ from transformers import AutoModelForCausalLM
 from persona_lora.errors import ConfigError, ModelLoadError
 from train import presets
 from train.adapters import attach_new_adapter, load_adapter
-from train.presets import TUTORIAL_TARGETS, check_coverage, coverage_table, lora_config_for, resolve
+from train.presets import TUTORIAL_TARGETS, check_coverage, lora_config_for, resolve
 
 ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 IDS = torch.tensor([[0, 11, 250, 37, 902, 4, 1500, 1]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Toy-sized matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's waiting threads make a
-    forward pass take seconds instead of milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fresh(path):

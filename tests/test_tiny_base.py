@@ -30,16 +30,6 @@ SMALL = TinySpec(layers=2, hidden=64, heads=2, experts=8, experts_per_token=2, m
 PROMPT_IDS = torch.tensor([[0, 5, 17, 300, 42, 999, 7, 1]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Toy-sized matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's waiting threads make a
-    forward pass take seconds instead of milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def load(path: Path):
     model = AutoModelForCausalLM.from_pretrained(path)  # no trust_remote_code: DeepSeek-V2 is native
     return model.eval()
