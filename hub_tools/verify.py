@@ -19,6 +19,7 @@ from pathlib import Path
 from persona_lora.errors import ModelLoadError, VerificationError
 
 from hub_tools.files import MANIFEST_NAME
+from train.model_loading import sha256_file  # the manifest's config_sha256 is this, of the base's config.json
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,6 @@ class RemoteFile:
     size: int | None
     sha256: str | None = None
     git_oid: str | None = None
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes (the manifest's `config_sha256` is this, of the base's config.json)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_blob_sha1(path: Path) -> str:
