@@ -71,7 +71,7 @@ class TrainingConfig:
     seed: int = _f(42, "seed for init, shuffling and the eval split")
     gradient_checkpointing: str = _f("auto", "auto (on for CUDA, off on CPU), true, false; non-reentrant, works with LoRA", choices=("auto", "true", "false"))
     group_by_length: bool = _f(True, "batch examples of similar length to cut padding")
-    packing: bool = _f(False, "pack examples padding-free (measured slower on CPU; try on GPU)")
+    packing: bool = _f(False, "pack examples padding-free; needs flash-attention 2 on CUDA (SDPA would let packed examples attend to each other)")
     logging_steps: int = _f(10, "log train loss every N steps", min=1)
     eval_steps: int = _f(50, "eval loss every N steps", min=1)
     save_steps: int = _f(50, "checkpoint every N steps", min=1)

@@ -159,6 +159,19 @@ def resolve_device(cfg: TrainConfig) -> str:
     return cfg.base.device
 
 
+def check_packing(cfg: TrainConfig, device: str) -> None:
+    """Packing puts several examples in one row; only flash-attention separates them by position_ids. With SDPA
+    (measured here on the tiny DeepSeek-V2) the second example's logits differ by ~6 from its unpacked logits:
+    the examples attend to each other. So packing is refused unless flash-attention 2 will be used."""
+    from train.model_loading import attention_implementation
+
+    if cfg.training.packing and not (device.startswith("cuda") and attention_implementation() == "flash_attention_2"):
+        raise UsageError(
+            "training.packing needs flash-attention 2 on a CUDA GPU (pip install flash-attn): with SDPA the packed "
+            "examples would attend to each other; set training.packing: false (length-grouped batches cut padding instead)"
+        )
+
+
 def build_peft_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta: bool = False):
     """Base model + LoRA with the asked coverage. `meta=True` builds on the meta device (no weights) for dry runs."""
     import torch
@@ -519,10 +532,12 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
     # PEFT's checkpoint saves load a card stub without metadata; that warning is noise for our users
     logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
     device = resolve_device(cfg)
+    check_packing(cfg, device)
     rb = resolve_base(cfg.base.model, revision=cfg.base.revision, source=cfg.base.source)
     tokenizer = load_tokenizer(rb, chat_template_file=cfg.base.chat_template)
     require_chat_template(tokenizer, f"the tokenizer of {rb.id}")
     template_source = "file" if cfg.base.chat_template else "base"
+    saved_padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"  # training batches: real tokens at positions 0..n-1, as at inference
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # under `accelerate launch`/torchrun only rank 0 checks, prints and writes the folder
         print_fn = lambda *a, **k: None  # noqa: E731
@@ -576,6 +591,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
     if trainer.is_world_process_zero():
         save_adapter(peft_model, out, rb)
         if template_source == "file":
+            tokenizer.padding_side = saved_padding_side
             tokenizer.save_pretrained(out)
         samples = []
         if cfg.training.samples and not state.interrupted:
