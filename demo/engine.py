@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from persona_lora.errors import (
+    HubError,
     ManifestError,
     ModelLoadError,
     UsageError,
@@ -219,7 +220,10 @@ class Engine:
         rev = revision or at_rev or None
         from hub_tools.pull import pull
 
-        folder = Path(pull(repo_id, hub=self.hub, revision=rev))
+        try:
+            folder = Path(pull(repo_id, hub=self.hub, revision=rev))
+        except HubError as e:
+            raise HubError(f"{e} (adapter {spec} was tried as a hub id: there is no local folder of that name)") from e
         commit = folder.name if _COMMIT.match(folder.name) else None
         return folder.resolve(), repo_id, rev, commit, self.hub
 

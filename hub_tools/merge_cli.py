@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from persona_lora.errors import UsageError
+from persona_lora.errors import HubError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,10 @@ def resolve_adapter(adapter: str, *, hub: str = "hf", revision: str | None = Non
     if _HUB_ID.match(adapter) and not adapter.startswith((".", "~")):
         from hub_tools.pull import pull
 
-        return Path(pull(adapter, hub=hub, revision=revision)), adapter
+        try:
+            return Path(pull(adapter, hub=hub, revision=revision)), adapter
+        except HubError as e:
+            raise HubError(f"{e} (ADAPTER {adapter} was tried as a hub id: there is no local folder of that name)") from e
     raise UsageError(f"ADAPTER {adapter}: no such folder, and it is not a hub id (owner/name)")
 
 

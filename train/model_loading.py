@@ -111,7 +111,7 @@ def _from_hf(repo_id: str, revision: str | None) -> ResolvedBase:
     except LocalEntryNotFoundError as e:
         raise ModelLoadError(
             f"cannot download {repo_id}: the Hub is unreachable and it is not in the local cache; "
-            "check the network or HF_ENDPOINT, or give a local folder"
+            f"check the network or HF_ENDPOINT, or give a local folder (there is no local folder {repo_id})"
         ) from e
     except (HfHubHTTPError, OSError) as e:
         raise ModelLoadError(f"cannot download {repo_id}: {e}; check the network or HF_ENDPOINT") from e
