@@ -43,8 +43,9 @@ DEFAULT_LOSS_PNG = "loss.png"
 USER_START = "<!-- persona-lora:user-start -->"
 USER_END = "<!-- persona-lora:user-end -->"
 SNIPPET_MARKER = "# persona-lora usage snippet"
-# PEFT's `save_pretrained` writes a stub README.md from its own template; it carries this filler everywhere.
-_PEFT_DEFAULT_CARD = "More Information Needed"
+# PEFT's `save_pretrained` writes a stub README.md from its own template (a page of filler); this comment of
+# that template tells the stub from a card someone wrote.
+_PEFT_DEFAULT_CARD = "<!-- Provide a quick summary of what the model is/does. -->"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATES = {"adapter": TEMPLATES_DIR / "adapter_card.md", "merged": TEMPLATES_DIR / "merged_card.md"}
 
@@ -779,6 +780,14 @@ def _loss_png_name(m: dict) -> str:
     return DEFAULT_LOSS_PNG
 
 
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """`stem.suffix`, or `stem.N.suffix` for the first N not taken (a backup never overwrites a backup)."""
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        path, n = folder / f"{stem}.{n}{suffix}", n + 1
+    return path
+
+
 def write_card(folder: Path, *, repo_id: str | None = None) -> Path:
     """(Re)write `folder/README.md` and its loss curve from the folder's manifest; returns the README path.
 
@@ -806,9 +815,11 @@ def write_card(folder: Path, *, repo_id: str | None = None) -> Path:
     if old is not None and _user_section(old) is None:
         if _PEFT_DEFAULT_CARD in old:  # the stub PEFT's save_pretrained writes: nothing of the user's in it
             log.info("%s: replacing PEFT's default card", readme.name)
-        else:
-            log.warning("%s had no persona-lora user section (%s ... %s); it is replaced by the generated card",
-                        readme, USER_START, USER_END)
+        else:  # someone's own card: never lost, kept beside the generated one
+            backup = _free_name(folder, "README.before-persona-lora", ".md")
+            backup.write_text(old, encoding="utf-8")
+            log.warning("%s had no persona-lora user section (%s ... %s); your text is kept in %s; move what should "
+                        "stay into the user section of the new card", readme, USER_START, USER_END, backup.name)
     text = keep_user_section(text, old)
     if text != old:
         with open(readme, "w", encoding="utf-8", newline="") as f:

@@ -336,20 +336,27 @@ def test_regeneration_is_byte_identical_and_keeps_the_user_section(tmp_path):
 
 def test_pefts_stub_readme_is_replaced_quietly(tmp_path, caplog):
     folder = folder_from("attention_hub", tmp_path)
-    (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card\n\nMore Information Needed\n")
+    (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n\n"
+                                      "<!-- Provide a quick summary of what the model is/does. -->\n\nMore Information Needed\n")
     with caplog.at_level("WARNING", logger="model_cards.cards"):
         text = card_text(folder)
     assert "More Information Needed" not in text and USER_START in text
     assert not caplog.records
+    assert not list(folder.glob("README.before-persona-lora*"))
 
 
-def test_a_hand_written_readme_without_markers_is_replaced_with_a_warning(tmp_path, caplog):
+def test_a_hand_written_readme_without_markers_is_kept_beside_the_card(tmp_path, caplog):
     folder = folder_from("attention_hub", tmp_path)
     (folder / "README.md").write_text("# My notes\n")
     with caplog.at_level("WARNING", logger="model_cards.cards"):
         text = card_text(folder)
     assert "# My notes" not in text
-    assert any("user section" in r.getMessage() for r in caplog.records)
+    assert (folder / "README.before-persona-lora.md").read_text() == "# My notes\n"
+    assert any("user section" in r.getMessage() and "README.before-persona-lora.md" in r.getMessage() for r in caplog.records)
+    (folder / "README.md").write_text("# Other notes\n")  # a second time: the first backup is not overwritten
+    card_text(folder)
+    assert (folder / "README.before-persona-lora.md").read_text() == "# My notes\n"
+    assert (folder / "README.before-persona-lora.1.md").read_text() == "# Other notes\n"
 
 
 def test_loss_curve_is_deterministic_and_none_without_points(tmp_path):
