@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,16 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import peak_rss_mb  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------ children
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries the parent's peak across fork+exec
-    into ru_maxrss, so a child spawned by a big parent would report the parent's memory."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_baseline(args) -> dict:
@@ -192,7 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         result = CHILDREN[args.child](args)
-        result["peak_rss_mb"] = _peak_rss_mb()
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
 

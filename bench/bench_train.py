@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import peak_rss_mb  # noqa: E402
 HUANHUAN = REPO.parent / "shared" / "data" / "huanhuan.json"
 TUTORIAL_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TUTORIAL_SYSTEM = "假设你是皇帝身边的女人--甄嬛。"
@@ -41,16 +42,6 @@ def data_file(n: int, tmp: Path) -> tuple[Path, str]:
     out = tmp / "records.json"
     out.write_text(json.dumps(records[:n], ensure_ascii=False), encoding="utf-8")
     return out, src.name
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries the parent's peak across fork+exec
-    into ru_maxrss, so a child spawned by a big parent would report the parent's memory."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_tutorial(base: Path, data: Path, n: int) -> dict:
