@@ -171,6 +171,9 @@ class Engine:
         self._tokenizers: dict[str, object] = {}
         self._active: str | None = None  # PEFT active adapter as last set by the worker
         self._row_keys: list[str] | None = None  # rows of the forward pass in progress (None: PEFT's own state)
+        self._masked: dict[int, tuple] = {}  # id(LoRA layer) -> (adapter key, its scaling, row mask) while masked
+        self._masked_modules: list = []
+        self._lora_linears: list = []  # plain linear LoRA layers of the resident model (set with the routing)
         self._routing: list = []  # hook handles and patched wrappers, to undo on the next adapter load
         self._worker = _Worker()
         self._worker.start()
@@ -323,6 +326,9 @@ class Engine:
         inner = self.model.get_base_model()
         wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
         nested = {id(w.base_layer) for w in wrappers}
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        self._lora_linears = [m for m in inner.modules() if isinstance(m, LoraLinear)]
         for m in inner.modules():
             if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper):
                 self._routing.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
@@ -335,9 +341,55 @@ class Engine:
         keys = self._row_keys
         # A layer without the active adapter (the only one in the batch) computes the base for every row on
         # PEFT's plain path, which is cheaper than its mixed-batch path.
-        if keys is not None and self._active in getattr(module, "lora_A", (self._active,)):
-            kwargs["adapter_names"] = keys
+        if keys is None or self._active not in getattr(module, "lora_A", (self._active,)):
+            return args, kwargs
+        masked = self._masked.get(id(module))
+        if masked is not None and args and self._mask_scaling(module, masked, args[0], len(keys)):
+            return args, kwargs
+        kwargs["adapter_names"] = keys
         return args, kwargs
+
+    def _mask_scaling(self, module, masked, x, n_rows: int) -> bool:
+        """Give `module.scaling` the per-row mask shaped for this input: (rows, 1, 1) for (rows, seq, in),
+        (rows*seq, 1) for flattened (rows*seq, in). False (PEFT's mixed-batch path instead) for other shapes."""
+        key, scale, rows = masked
+        if x.dim() == 3 and x.shape[0] == n_rows:
+            module.scaling[key] = rows.view(-1, 1, 1) * scale
+        elif x.dim() == 2 and x.shape[0] % n_rows == 0:
+            module.scaling[key] = rows.repeat_interleave(x.shape[0] // n_rows).view(-1, 1) * scale
+        else:
+            module.scaling[key] = scale
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _masked_rows(self, key: str, keys: list[str]):
+        """Per-row LoRA on plain linear LoRA layers without PEFT's mixed-batch path.
+
+        PEFT's vanilla LoRA adds `lora_B(lora_A(x)) * scaling`; with `scaling` a per-row tensor holding the
+        adapter's scale on its rows and 0 on base rows (set by `_inject_rows` for each input's shape), one batch
+        serves both sides at the cost of a multiply. Measured on the tiny base: a batch of two through
+        `adapter_names` costs 1.68x one answer, the same batch without it 1.1x. Layers with a LoRA variant
+        (DoRA…) keep PEFT's mixed-batch path."""
+        import torch
+
+        rows_by = {}
+        for m in self._lora_linears:
+            if key in m.lora_A and key not in m.lora_variant:
+                weight = m.lora_B[key].weight
+                where = (weight.dtype, weight.device)
+                if where not in rows_by:
+                    rows_by[where] = torch.tensor([0.0 if k == BASE else 1.0 for k in keys], dtype=weight.dtype, device=weight.device)
+                self._masked[id(m)] = (key, m.scaling[key], rows_by[where])
+                self._masked_modules.append(m)
+        try:
+            yield
+        finally:
+            for m in self._masked_modules:
+                k, scale, _ = self._masked[id(m)]
+                m.scaling[k] = scale
+            self._masked.clear()
+            self._masked_modules.clear()
 
     # ------------------------------------------------------------------ describing
 
@@ -400,7 +452,11 @@ class Engine:
         return last
 
     def close(self) -> None:
+        """Stop the inference thread and wait for it: a thread still inside torch when the interpreter exits
+        aborts the process ("terminate called without an active exception")."""
         self._worker.stop()
+        if self._worker.is_alive() and threading.current_thread() is not self._worker:
+            self._worker.join(timeout=60)
 
     def _settings(self, settings: GenerationSettings | None) -> GenerationSettings:
         return (settings or GenerationSettings()).checked(self.max_new_tokens_cap)
@@ -486,7 +542,11 @@ class Engine:
         # than toggling `disable_adapter()`, and gives the same bare-module computation)
         self._row_keys = None if BASE not in keys else list(keys)
         try:
-            yield
+            if self._row_keys is None:
+                yield
+            else:
+                with self._masked_rows(key, keys):
+                    yield
         finally:
             self._row_keys = None
 
