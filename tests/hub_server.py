@@ -337,6 +337,22 @@ class FakeHub:
         )
 
 
+def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The request body, whether sent with Content-Length or chunked (both clients use either)."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        out = bytearray()
+        while True:
+            n = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if n == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return bytes(out)
+            out += handler.rfile.read(n)
+            handler.rfile.readline()
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
 class _Handler(BaseHTTPRequestHandler):
     """One request. `fake` is the FakeHub (set on a per-server subclass)."""
 
@@ -350,19 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- plumbing
     def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = bytearray()
-            while True:
-                line = self.rfile.readline()
-                n = int(line.split(b";")[0].strip() or b"0", 16)
-                if n == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(out)
-                out += self.rfile.read(n)
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        return read_request_body(self)
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json",
               head_only: bool = False, length: int | None = None) -> None:
