@@ -39,7 +39,7 @@ PRESETS = {"attention": 1, "all": 2}  # preset -> seed of the random lora_B
 
 def make_adapter(base: Path, out: Path, preset: str, seed: int) -> Path:
     """An adapter of our trainer's kind without training (r=16, random lora_B, manifest)."""
-    from train.synthetic import make_random_adapter
+    from persona_lora.train.synthetic import make_random_adapter
 
     return make_random_adapter(base, out, preset, seed=seed, r=16, alpha=32, system_prompt=SYSTEM)
 
@@ -65,7 +65,7 @@ def _param_mb(*models) -> float:
 
 
 def time_engine(base: Path, adapters: dict[str, Path], new_tokens: int, repeats: int) -> list[dict]:
-    from demo.engine import Engine, GenerationSettings
+    from persona_lora.demo.engine import Engine, GenerationSettings
 
     engine = Engine(str(base), max_new_tokens_cap=new_tokens)
     names = {preset: engine.add_adapter(str(path)).name for preset, path in adapters.items()}
@@ -103,7 +103,7 @@ def _hf_generate_time(engine, name: str, turn, new_tokens: int, repeats: int) ->
     """`generate` on the resident PEFT model with the adapter active (run on the engine's inference thread)."""
     import torch
 
-    from train.chat_format import conversation_for, encode_prompt
+    from persona_lora.train.chat_format import conversation_for, encode_prompt
 
     info = engine.adapter(name)
 
@@ -134,12 +134,12 @@ def child(kind: str, base: Path, adapters: list[Path], threads: int) -> dict:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import demo.engine  # noqa: F401
+    import persona_lora.demo.engine  # noqa: F401
 
     if kind == "imports":
         return {"rss_mb": _rss_mb(), "weights_mb": 0.0}
     if kind == "engine":
-        from demo.engine import Engine, GenerationSettings
+        from persona_lora.demo.engine import Engine, GenerationSettings
 
         engine = Engine(str(base), max_new_tokens_cap=16)
         names = [engine.add_adapter(str(a)).name for a in adapters]
@@ -149,8 +149,8 @@ def child(kind: str, base: Path, adapters: list[Path], threads: int) -> dict:
         engine.close()
         return out
     # two copies: the base, and a second copy with the adapter merged into it (what a two-model demo holds)
-    from train.adapters import load_adapter
-    from train.model_loading import load_base_model
+    from persona_lora.train.adapters import load_adapter
+    from persona_lora.train.model_loading import load_base_model
 
     base_model = load_base_model(str(base), device="cpu")
     tuned = load_adapter(load_base_model(str(base), device="cpu"), adapters[0]).merge_and_unload()
@@ -196,7 +196,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
     base = args.base
     if base is None:
-        from train.tiny_base import TinySpec, build_tiny_base
+        from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
         base = build_tiny_base(work / "tiny-base", TinySpec())
     adapters = {preset: make_adapter(base, work / f"persona-{preset}", preset, seed) for preset, seed in PRESETS.items()}

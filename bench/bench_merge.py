@@ -41,15 +41,15 @@ def child_baseline(args) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import hub_tools.merge
-    import hub_tools.merge_math  # noqa: F401
-    import train.adapters  # noqa: F401
+    import persona_lora.hub_tools.merge
+    import persona_lora.hub_tools.merge_math  # noqa: F401
+    import persona_lora.train.adapters  # noqa: F401
 
     return {}
 
 
 def child_ours(args) -> dict:
-    from hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge import merge_adapter
 
     t = time.perf_counter()
     merge_adapter(args.adapter, args.base, args.out)
@@ -60,7 +60,7 @@ def child_peft(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.adapters import load_adapter
+    from persona_lora.train.adapters import load_adapter
 
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
@@ -89,11 +89,11 @@ def build(work: Path, layers: int) -> tuple[Path, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.adapters import attach_new_adapter
-    from train.manifest import SCHEMA, write_manifest
-    from train.model_loading import sha256_file
-    from train.presets import lora_config_for, resolve
-    from train.tiny_base import TinySpec, build_tiny_base
+    from persona_lora.train.adapters import attach_new_adapter
+    from persona_lora.train.manifest import SCHEMA, write_manifest
+    from persona_lora.train.model_loading import sha256_file
+    from persona_lora.train.presets import lora_config_for, resolve
+    from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
     base, adapter = work / "base", work / "adapter"
     if not base.exists():

@@ -64,7 +64,7 @@ def dataset_file(requested: Path, tmp: Path) -> tuple[Path, str]:
 def tiny_tokenizer(tmp: Path):
     """The tiny base's tokenizer. Its tokenizer depends only on the corpus and vocab size, so the weights are
     built small here to save time."""
-    from train.tiny_base import TinySpec, build_tiny_base
+    from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
     spec = TinySpec(layers=2, hidden=64, heads=2, experts=8, experts_per_token=2, moe_intermediate=32,
                     dense_intermediate=64, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoTokenizer
 
-    from train.chat_format import _tokenize, conversation_for, encode_examples, segments
-    from train.data import load_records
+    from persona_lora.train.chat_format import _tokenize, conversation_for, encode_examples, segments
+    from persona_lora.train.data import load_records
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

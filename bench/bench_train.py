@@ -81,8 +81,8 @@ def worker_tutorial(base: Path, data: Path, n: int) -> dict:
 
 
 def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "all") -> dict:
-    from train.config import config_from_dict
-    from train.trainer import run_training
+    from persona_lora.train.config import config_from_dict
+    from persona_lora.train.trainer import run_training
 
     out = data.parent / f"ours-out-{preset}"
     cfg = config_from_dict({
@@ -118,7 +118,7 @@ def main() -> int:
         tmp = Path(tmp)
         base = args.base
         if base is None:
-            from train.tiny_base import build_tiny_base
+            from persona_lora.train.tiny_base import build_tiny_base
 
             base = build_tiny_base(tmp / "tiny-base")
         data, source = data_file(args.examples, tmp)

@@ -37,7 +37,7 @@ def build_model(scale: str, device: str, dtype):
     import torch
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
-    from train.tiny_base import real_config
+    from persona_lora.train.tiny_base import real_config
 
     cfg = real_config()
     if scale == "tiny":
@@ -80,8 +80,8 @@ def run(recipe: str, scale: str, steps: int, warmup: int) -> dict:
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=TUTORIAL_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0))
         batch, accum, group = 1, 8, False
     else:
-        from train import presets
-        from train.adapters import attach_new_adapter
+        from persona_lora.train import presets
+        from persona_lora.train.adapters import attach_new_adapter
 
         spec = presets.resolve(model, "all")
         model, _ = attach_new_adapter(model, presets.lora_config_for(spec, r=16, alpha=32, dropout=0.0))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from demo.engine import Engine, GenerationSettings
-from demo.votes import VoteStore
+from persona_lora.demo.engine import Engine, GenerationSettings
+from persona_lora.demo.votes import VoteStore
 from persona_lora.errors import PersonaLoraError
 
 log = logging.getLogger(__name__)

@@ -86,9 +86,9 @@ def build_from_args(args: argparse.Namespace):
     """(engine, demo, auth) from parsed options, without launching: what `cmd_demo` serves."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = check_args(args)
-    from demo.app import build_demo
-    from demo.engine import Engine
-    from demo.votes import VoteStore
+    from persona_lora.demo.app import build_demo
+    from persona_lora.demo.engine import Engine
+    from persona_lora.demo.votes import VoteStore
 
     votes = VoteStore(args.votes)
     engine = Engine(args.base, revision=args.revision, source=args.source, device=args.device, dtype=args.dtype,

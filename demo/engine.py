@@ -45,10 +45,10 @@ from persona_lora.errors import (
     UsageError,
     VerificationError,
 )
-from train.adapters import load_adapter
-from train.chat_format import conversation_for, encode_prompt, require_chat_template
-from train.manifest import read_manifest
-from train.model_loading import load_base_model, load_tokenizer, resolve_base
+from persona_lora.train.adapters import load_adapter
+from persona_lora.train.chat_format import conversation_for, encode_prompt, require_chat_template
+from persona_lora.train.manifest import read_manifest
+from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class Engine:
         if not _HUB_ID.match(repo_id) or spec.startswith((".", "/", "~")):
             raise ModelLoadError(f"adapter {spec}: no such folder, and it is not a hub id (owner/name[@revision])")
         rev = revision or at_rev or None
-        from hub_tools.pull import pull
+        from persona_lora.hub_tools.pull import pull
 
         try:
             folder = Path(pull(repo_id, hub=self.hub, revision=rev))
@@ -262,7 +262,7 @@ class Engine:
 
     def _check_base(self, folder: Path, warnings: list[str]) -> None:
         """An adapter trained on another base may still load (same shapes) but means little: say so, visibly."""
-        from hub_tools.verify import check_base
+        from persona_lora.hub_tools.verify import check_base
 
         try:
             check_base(folder, str(self.base.path))

@@ -190,7 +190,7 @@ class VoteStore:
         hub_tools' endpoint, token and error handling."""
         from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
-        from hub_tools.errors import hf_endpoint, hf_errors, missing_token
+        from persona_lora.hub_tools.errors import hf_endpoint, hf_errors, missing_token
 
         endpoint = hf_endpoint()
         token = token or get_token()

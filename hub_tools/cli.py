@@ -21,9 +21,9 @@ def register(subparsers) -> None:
     _register_pull(subparsers)
     _register_list(subparsers)
     try:
-        merge_cli = importlib.import_module("hub_tools.merge_cli")
+        merge_cli = importlib.import_module("persona_lora.hub_tools.merge_cli")
     except ModuleNotFoundError as e:
-        if e.name != "hub_tools.merge_cli":
+        if e.name != "persona_lora.hub_tools.merge_cli":
             raise
         return
     if hasattr(merge_cli, "add_push_arguments"):
@@ -57,8 +57,8 @@ def _register_push(subparsers) -> argparse.ArgumentParser:
 
 def cmd_push(args) -> int:
     if getattr(args, "merged", False):  # `push --merged`, added by merge_cli
-        return importlib.import_module("hub_tools.merge_cli").cmd_push_merged(args)
-    from hub_tools.push import push_folder
+        return importlib.import_module("persona_lora.hub_tools.merge_cli").cmd_push_merged(args)
+    from persona_lora.hub_tools.push import push_folder
 
     result = push_folder(
         args.dir, args.repo_id, hub=args.hub, private=args.private, revision=args.revision,
@@ -93,7 +93,7 @@ def _register_pull(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_pull(args) -> int:
-    from hub_tools.pull import pull
+    from persona_lora.hub_tools.pull import pull
 
     path = pull(args.repo_id, hub=args.hub, revision=args.revision, base=args.base,
                 allow_pickle=args.allow_pickle, local_dir=args.local_dir)
@@ -115,7 +115,7 @@ def _register_list(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_list(args) -> int:
-    from hub_tools.pull import list_adapters
+    from persona_lora.hub_tools.pull import list_adapters
 
     ids = list_adapters(args.base, hub=args.hub)
     for repo_id in ids:

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from persona_lora.errors import ModelLoadError, VerificationError
 
 try:  # the manifest module belongs to train/; fall back to the documented name
-    from train.manifest import MANIFEST_NAME
+    from persona_lora.train.manifest import MANIFEST_NAME
 except ImportError:  # pragma: no cover
     MANIFEST_NAME = "persona_manifest.json"
 

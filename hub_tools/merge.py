@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub_tools.files import PICKLE_SUFFIXES, TOKENIZER_FILES
+from persona_lora.hub_tools.files import PICKLE_SUFFIXES, TOKENIZER_FILES
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class SourceShard:
     memory as soon as they are touched)."""
 
     def __init__(self, path: Path):
-        from hub_tools.verify import read_safetensors_header
+        from persona_lora.hub_tools.verify import read_safetensors_header
 
         self.path = path
         self.tensors = read_safetensors_header(path)  # validates offsets, sizes, and that safetensors opens it
@@ -394,9 +394,9 @@ def merge_adapter(
     import torch
     from safetensors.torch import load_file
 
-    from hub_tools.merge_math import check_adapter_keys, discover_layers, plan_deltas
-    from train.manifest import MANIFEST_NAME, now_iso, read_manifest, write_manifest
-    from train.model_loading import resolve_base, sha256_file
+    from persona_lora.hub_tools.merge_math import check_adapter_keys, discover_layers, plan_deltas
+    from persona_lora.train.manifest import MANIFEST_NAME, now_iso, read_manifest, write_manifest
+    from persona_lora.train.model_loading import resolve_base, sha256_file
 
     adapter = Path(adapter_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
@@ -488,7 +488,7 @@ def merge_adapter(
                 },
             )
             write_manifest(tmp, merged_manifest)
-            from model_cards.cards import write_card
+            from persona_lora.model_cards.cards import write_card
 
             write_card(tmp, repo_id=card_repo_id)
             (tmp / PARTIAL_MARKER).unlink()
@@ -538,7 +538,7 @@ def _write_extras(rb, adapter: Path, out: Path, out_dtype: str | None) -> None:
 
 def _verify_written(folder: Path, layout) -> None:
     """Re-read every written header: our writer's output must open with safetensors and hold what was planned."""
-    from hub_tools.verify import read_safetensors_header
+    from persona_lora.hub_tools.verify import read_safetensors_header
 
     for name, tensors in layout:
         header = read_safetensors_header(folder / name)

@@ -71,7 +71,7 @@ def add_push_arguments(push_parser) -> None:
 
 def _push_entry(args) -> int:
     """`push`, refusing merge options without --merged (they would be silently ignored otherwise)."""
-    from hub_tools import cli
+    from persona_lora.hub_tools import cli
 
     given = [n for n in _MERGE_ONLY if getattr(args, n, None)]
     if given and not args.merged:
@@ -86,7 +86,7 @@ def resolve_adapter(adapter: str, *, hub: str = "hf", revision: str | None = Non
     if local.is_dir():
         return local, None
     if _HUB_ID.match(adapter) and not adapter.startswith((".", "~")):
-        from hub_tools.pull import pull
+        from persona_lora.hub_tools.pull import pull
 
         try:
             return Path(pull(adapter, hub=hub, revision=revision)), adapter
@@ -96,7 +96,7 @@ def resolve_adapter(adapter: str, *, hub: str = "hf", revision: str | None = Non
 
 
 def cmd_merge(args) -> int:
-    from hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge import merge_adapter
 
     folder, hub_id = resolve_adapter(args.adapter, hub=args.hub, revision=args.revision)
     out = merge_adapter(
@@ -109,8 +109,8 @@ def cmd_merge(args) -> int:
 
 def cmd_push_merged(args) -> int:
     """Merge DIR (an adapter) into --base, then push the merged folder with the ordinary push."""
-    from hub_tools import cli
-    from hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools import cli
+    from persona_lora.hub_tools.merge import merge_adapter
 
     if not args.base:
         raise UsageError("push --merged needs --base BASE (the model to merge the adapter into)")

@@ -119,7 +119,7 @@ def discover_layers(base_dir: Path, adapter_dir: Path) -> list[LoraLayer]:
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train.adapters import attach_new_adapter
+    from persona_lora.train.adapters import attach_new_adapter
 
     check_adapter_config(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")),
                          adapter_dir / "adapter_config.json")

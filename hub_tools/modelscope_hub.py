@@ -18,9 +18,9 @@ from pathlib import Path
 
 from persona_lora.errors import HubError, PersonaLoraError, UsageError, VerificationError
 
-from hub_tools.errors import _transport_error, missing_token, redact
-from hub_tools.files import is_pickle, matches_pull_patterns, pull_patterns
-from hub_tools.verify import RemoteFile
+from persona_lora.hub_tools.errors import _transport_error, missing_token, redact
+from persona_lora.hub_tools.files import is_pickle, matches_pull_patterns, pull_patterns
+from persona_lora.hub_tools.verify import RemoteFile
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _api(token: str | None):
 def push(plan, repo_id: str, *, private: bool, revision: str | None, create_pr: bool, message: str,
          token: str | None):
     """Create the repo if missing and upload `plan.files` with one `upload_folder` call."""
-    from hub_tools.push import PushResult
+    from persona_lora.hub_tools.push import PushResult
 
     if create_pr:
         raise UsageError("--create-pr is a Hugging Face feature; ModelScope has no pull requests through its API")

@@ -13,9 +13,9 @@ from pathlib import Path
 from persona_lora import __version__
 from persona_lora.errors import HubError, UsageError, VerificationError
 
-from hub_tools.errors import hf_endpoint, hf_errors
-from hub_tools.files import is_pickle, matches_pull_patterns, pull_patterns
-from hub_tools.verify import RemoteFile, check_base, discard_files, hash_problems, verify_content
+from persona_lora.hub_tools.errors import hf_endpoint, hf_errors
+from persona_lora.hub_tools.files import is_pickle, matches_pull_patterns, pull_patterns
+from persona_lora.hub_tools.verify import RemoteFile, check_base, discard_files, hash_problems, verify_content
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def pull(
     if hub not in HUBS:
         raise UsageError(f"--hub must be one of {', '.join(HUBS)}; got {hub!r}")
     if hub == "modelscope":
-        from hub_tools import modelscope_hub
+        from persona_lora.hub_tools import modelscope_hub
 
         folder, remote = modelscope_hub.pull(repo_id, revision=revision, allow_pickle=allow_pickle, token=token,
                                              local_dir=local_dir)

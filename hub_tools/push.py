@@ -14,8 +14,8 @@ from pathlib import Path
 from persona_lora import __version__
 from persona_lora.errors import ModelLoadError, UsageError
 
-from hub_tools.errors import hf_endpoint, hf_errors, missing_token
-from hub_tools.files import folder_kind, select_files
+from persona_lora.hub_tools.errors import hf_endpoint, hf_errors, missing_token
+from persona_lora.hub_tools.files import folder_kind, select_files
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def push_folder(
     plan = plan_push(folder, include_extra)
     message = message or f"Upload {plan.kind} with persona-lora {__version__}"
     if hub == "modelscope":
-        from hub_tools import modelscope_hub
+        from persona_lora.hub_tools import modelscope_hub
 
         return modelscope_hub.push(plan, repo_id, private=private, revision=revision, create_pr=create_pr,
                                    message=message, token=token)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from persona_lora.errors import ModelLoadError, VerificationError
 
-from hub_tools.files import MANIFEST_NAME
-from train.model_loading import sha256_file  # the manifest's config_sha256 is this, of the base's config.json
+from persona_lora.hub_tools.files import MANIFEST_NAME
+from persona_lora.train.model_loading import sha256_file  # the manifest's config_sha256 is this, of the base's config.json
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def hub_base_shapes(
     """Tensor shapes of a Hub model from its safetensors headers (HTTP range reads, no weights downloaded)."""
     from huggingface_hub import HfApi
 
-    from hub_tools.errors import hf_endpoint, hf_errors
+    from persona_lora.hub_tools.errors import hf_endpoint, hf_errors
 
     from huggingface_hub.errors import NotASafetensorsRepoError
 

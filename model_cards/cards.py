@@ -29,9 +29,9 @@ from persona_lora.errors import ManifestError, ModelLoadError
 log = logging.getLogger(__name__)
 
 try:  # the canonical reader, when the training package provides it
-    from train.manifest import MANIFEST_NAME, read_manifest as _read_manifest
+    from persona_lora.train.manifest import MANIFEST_NAME, read_manifest as _read_manifest
 except ModuleNotFoundError as _e:  # pragma: no cover - depends on what else is installed
-    if _e.name not in ("train", "train.manifest"):
+    if _e.name not in ("persona_lora.train", "persona_lora.train.manifest"):
         raise
     MANIFEST_NAME = "persona_manifest.json"
     _read_manifest = None
@@ -794,7 +794,7 @@ def write_card(folder: Path, *, repo_id: str | None = None) -> Path:
     `repo_id` (e.g. given by a push) names the adapter in the usage snippet; without it the manifest's name is
     used, which is also the folder name a `persona-lora pull` writes.
     """
-    from model_cards.plots import has_loss_points, write_loss_curve
+    from persona_lora.model_cards.plots import has_loss_points, write_loss_curve
 
     folder = Path(folder)
     manifest = load_manifest(folder)

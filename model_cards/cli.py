@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from model_cards.cards import write_card
+    from persona_lora.model_cards.cards import write_card
 
     if args.repo_id is not None and not args.repo_id.strip():
         raise UsageError("--repo-id is empty: give the Hub repo id (owner/name) or leave the option out.")

@@ -20,12 +20,12 @@ from persona_lora.errors import PersonaLoraError
 # Modules that add subcommands, in help order. Each defines `register(subparsers) -> None`, and each
 # subparser sets `func=callable(args) -> int`.
 SUBCOMMAND_MODULES = [
-    "train.tiny_base_cli",
-    "train.data_cli",
-    "train.train_cli",
-    "model_cards.cli",
-    "hub_tools.cli",
-    "demo.cli",
+    "persona_lora.train.tiny_base_cli",
+    "persona_lora.train.data_cli",
+    "persona_lora.train.train_cli",
+    "persona_lora.model_cards.cli",
+    "persona_lora.hub_tools.cli",
+    "persona_lora.demo.cli",
 ]
 
 

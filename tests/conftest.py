@@ -35,14 +35,14 @@ def isolated_caches(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from train.tiny_base import TinySpec, build_tiny_base
+    from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("bases") / "tiny-base", TinySpec())
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from train.tiny_base import TinySpec, build_tiny_base
+    from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("bases") / "tiny-llama", TinySpec(arch="llama", layers=2, hidden=128))
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from model_cards import cards
-from model_cards.cards import USER_END, USER_START, write_card
-from model_cards.plots import write_loss_curve
+from persona_lora.model_cards import cards
+from persona_lora.model_cards.cards import USER_END, USER_START, write_card
+from persona_lora.model_cards.plots import write_loss_curve
 from persona_lora.cli import main
 from persona_lora.errors import ManifestError, ModelLoadError
 
@@ -338,7 +338,7 @@ def test_pefts_stub_readme_is_replaced_quietly(tmp_path, caplog):
     folder = folder_from("attention_hub", tmp_path)
     (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n\n"
                                       "<!-- Provide a quick summary of what the model is/does. -->\n\nMore Information Needed\n")
-    with caplog.at_level("WARNING", logger="model_cards.cards"):
+    with caplog.at_level("WARNING", logger="persona_lora.model_cards.cards"):
         text = card_text(folder)
     assert "More Information Needed" not in text and USER_START in text
     assert not caplog.records
@@ -348,7 +348,7 @@ def test_pefts_stub_readme_is_replaced_quietly(tmp_path, caplog):
 def test_a_hand_written_readme_without_markers_is_kept_beside_the_card(tmp_path, caplog):
     folder = folder_from("attention_hub", tmp_path)
     (folder / "README.md").write_text("# My notes\n")
-    with caplog.at_level("WARNING", logger="model_cards.cards"):
+    with caplog.at_level("WARNING", logger="persona_lora.model_cards.cards"):
         text = card_text(folder)
     assert "# My notes" not in text
     assert (folder / "README.before-persona-lora.md").read_text() == "# My notes\n"

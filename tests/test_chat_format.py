@@ -19,7 +19,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from persona_lora.errors import ConfigError, DataError, ModelLoadError
-from train.chat_format import (
+from persona_lora.train.chat_format import (
     IGNORE_INDEX,
     conversation_for,
     encode_example,
@@ -28,7 +28,7 @@ from train.chat_format import (
     render_marked,
     segments,
 )
-from train.data import load_records
+from persona_lora.train.data import load_records
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 U, A, S = "user", "assistant", "system"

@@ -10,7 +10,7 @@ import yaml
 from persona_lora.cli import main
 from persona_lora.errors import ConfigError
 from tests.conftest import REPO
-from train.config import config_from_dict, load_config, parse_set
+from persona_lora.train.config import config_from_dict, load_config, parse_set
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

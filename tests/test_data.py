@@ -17,7 +17,7 @@ import pytest
 
 from persona_lora.cli import main
 from persona_lora.errors import DataError
-from train.data import MAX_LISTED_PROBLEMS, dataset_stats, load_records
+from persona_lora.train.data import MAX_LISTED_PROBLEMS, dataset_stats, load_records
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 PERSONA = EXAMPLES / "persona_zh.json"
@@ -171,10 +171,10 @@ def test_problem_list_in_message_is_capped(tmp_path):
 def test_unknown_keys_warn_once(tmp_path, caplog):
     path = tmp_path / "extra.jsonl"
     path.write_text(jl({**GOOD, "id": 1}, {**GOOD, "id": 2, "tag": "x"}, GOOD))
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="persona_lora.train.data"):
         ds = load_records(str(path))
     assert len(ds.records) == 3
-    warnings = [r.getMessage() for r in caplog.records if r.name == "train.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "persona_lora.train.data"]
     assert len(warnings) == 1
     assert "extra.jsonl" in warnings[0] and "'id' (2 records)" in warnings[0] and "'tag' (1 record)" in warnings[0]
 

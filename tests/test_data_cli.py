@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from persona_lora.cli import main
-from train.data_cli import MARK_CLOSE, MARK_OPEN, mark_trained, trained_spans
+from persona_lora.train.data_cli import MARK_CLOSE, MARK_OPEN, mark_trained, trained_spans
 
 EOS = "<｜end▁of▁sentence｜>"
 BOS = "<｜begin▁of▁sentence｜>"
@@ -32,7 +32,7 @@ def base_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
+    from persona_lora.train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 
     out = tmp_path_factory.mktemp("base")
     tok = Tokenizer(models.BPE())
@@ -55,8 +55,8 @@ def chat_file(tmp_path):
 
 
 def _lengths(base_dir, system_prompt=None):
-    from train.chat_format import conversation_for, encode_example
-    from train.model_loading import load_tokenizer
+    from persona_lora.train.chat_format import conversation_for, encode_example
+    from persona_lora.train.model_loading import load_tokenizer
 
     tok = load_tokenizer(str(base_dir))
     return [len(encode_example(tok, conversation_for(r["messages"], system_prompt), max_length=10**6).input_ids)

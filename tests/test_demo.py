@@ -29,7 +29,7 @@ ADAPTERS = {"persona-attn": ("attention", 1), "persona-all": ("all", 2), "person
 
 
 def make_adapter(base: Path, out: Path, preset: str, seed: int, system_prompt: str = SYSTEM) -> Path:
-    from train.synthetic import make_random_adapter
+    from persona_lora.train.synthetic import make_random_adapter
 
     return make_random_adapter(base, out, preset, seed=seed, r=8, alpha=16, system_prompt=system_prompt)
 
@@ -56,10 +56,10 @@ ADAPTER_HISTORY = [user("Hello"), assistant("Greetings to you, I am the consort 
 @pytest.fixture(scope="module")
 def expected(tiny_base, adapters) -> dict:
     """Standalone greedy answers: {(side, case): text}, side "base" or an adapter name."""
-    from train.adapters import load_adapter
-    from train.chat_format import conversation_for
-    from train.model_loading import load_base_model, load_tokenizer
-    from train.trainer import generate_greedy
+    from persona_lora.train.adapters import load_adapter
+    from persona_lora.train.chat_format import conversation_for
+    from persona_lora.train.model_loading import load_base_model, load_tokenizer
+    from persona_lora.train.trainer import generate_greedy
 
     tok = load_tokenizer(str(tiny_base))
     cases = {"m1": [user(M1)], "m2": [user(M2)]}
@@ -81,7 +81,7 @@ def expected(tiny_base, adapters) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(tiny_base, adapters):
-    from demo.engine import Engine
+    from persona_lora.demo.engine import Engine
 
     eng = Engine(str(tiny_base), max_new_tokens_cap=16, max_prompt_tokens=512)
     for path in adapters.values():
@@ -98,8 +98,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
-    from demo.app import build_demo
-    from demo.votes import VoteStore
+    from persona_lora.demo.app import build_demo
+    from persona_lora.demo.votes import VoteStore
 
     votes = VoteStore(tmp_path_factory.mktemp("votes") / "votes.sqlite")
     app = build_demo(engine, votes=votes, max_message_chars=200, concurrency_limit=8, queue_size=64)
@@ -138,7 +138,7 @@ def test_one_resident_model_holds_every_adapter(engine, adapters, tiny_base):
 
 def test_stream_multi_turn_equals_standalone(engine, expected):
     """Different histories per side (left padding), both adapter kinds, streamed: every side equals its model alone."""
-    from demo.engine import GenerationSettings
+    from persona_lora.demo.engine import GenerationSettings
 
     for name in ADAPTERS:
         updates = list(engine.stream_compare(name, BASE_HISTORY, ADAPTER_HISTORY, SYSTEM, GenerationSettings(max_new_tokens=N)))
@@ -151,7 +151,7 @@ def test_stream_multi_turn_equals_standalone(engine, expected):
 
 def test_separate_mode_and_sampling(tiny_base, adapters, expected):
     """The fallback (sides decoded one after the other) gives the same greedy answers; seeded sampling repeats."""
-    from demo.engine import Engine, GenerationSettings
+    from persona_lora.demo.engine import Engine, GenerationSettings
 
     eng = Engine(str(tiny_base), max_new_tokens_cap=16, mixed_batch=False)
     try:
@@ -174,7 +174,7 @@ def test_closing_a_stream_cancels_it(engine, expected):
 
 
 def test_engine_refuses_bad_input(engine, tmp_path):
-    from demo.engine import GenerationSettings
+    from persona_lora.demo.engine import GenerationSettings
 
     with pytest.raises(ModelLoadError, match="no such folder"):
         engine.add_adapter(str(tmp_path / "missing"))
@@ -218,7 +218,7 @@ def test_auth(engine):
     """--auth: the page and the API need the login."""
     from gradio_client import Client
 
-    from demo.app import build_demo
+    from persona_lora.demo.app import build_demo
 
     app = build_demo(engine)
     _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
@@ -255,7 +255,7 @@ def test_twenty_concurrent_sessions(server, expected):
 
 def test_add_adapter_from_hub_at_run_time(engine, adapters, expected, hub_server):
     """An adapter added by hub id (here the attention one, pushed to the local hub) joins the same model."""
-    from hub_tools.push import push_folder
+    from persona_lora.hub_tools.push import push_folder
 
     ptr = engine.model.get_base_model().model.embed_tokens.weight.data_ptr()
     push_folder(adapters["persona-attn"], "tester/persona-attn-hub")
@@ -267,15 +267,15 @@ def test_add_adapter_from_hub_at_run_time(engine, adapters, expected, hub_server
 
 
 def _greedy():
-    from demo.engine import GenerationSettings
+    from persona_lora.demo.engine import GenerationSettings
 
     return GenerationSettings(max_new_tokens=N)
 
 
 def test_chat_handlers_multi_turn_and_retry(engine, expected, tmp_path):
     """The Chat tab's handlers keep one history per side and retry the last turn."""
-    from demo.app import _Handlers
-    from demo.votes import VoteStore
+    from persona_lora.demo.app import _Handlers
+    from persona_lora.demo.votes import VoteStore
 
     ui = _Handlers(engine, VoteStore(tmp_path / "votes.sqlite"), 200)
     settings = (N, 0, 1, 0)
@@ -296,8 +296,8 @@ def test_chat_handlers_multi_turn_and_retry(engine, expected, tmp_path):
 def test_blind_vote_round_trip_and_preference_export(engine, expected, tmp_path):
     from datasets import load_dataset
 
-    from demo.app import _Handlers
-    from demo.votes import VoteStore
+    from persona_lora.demo.app import _Handlers
+    from persona_lora.demo.votes import VoteStore
 
     store = VoteStore(tmp_path / "votes.sqlite")
     ui = _Handlers(engine, store, 200)
@@ -340,7 +340,7 @@ def _check_trl_format(example, tokenizer):
 
 
 def test_win_rates_wilson_and_concurrent_voters(tmp_path):
-    from demo.votes import VoteStore, wilson
+    from persona_lora.demo.votes import VoteStore, wilson
 
     lo, hi = wilson(8, 10)
     assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)
@@ -371,7 +371,7 @@ def test_win_rates_wilson_and_concurrent_voters(tmp_path):
 
 
 def test_push_votes_as_dataset_repo(tmp_path, hub_server):
-    from demo.votes import VoteStore
+    from persona_lora.demo.votes import VoteStore
     from tests.hub_fixtures import DEFAULT_USER
 
     store = VoteStore(tmp_path / "v.sqlite")
@@ -394,8 +394,8 @@ def test_export_trains_one_dpo_step(tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from demo.votes import VoteStore
-    from train.model_loading import load_tokenizer
+    from persona_lora.demo.votes import VoteStore
+    from persona_lora.train.model_loading import load_tokenizer
 
     store = VoteStore(tmp_path / "v.sqlite")
     for i in range(2):
@@ -419,7 +419,7 @@ def test_cli_registers_demo_and_checks_options(tiny_base, tmp_path, capsys):
     args = build_parser().parse_args(["demo", "--base", str(tiny_base), "--adapter", "a", "--adapter", "o/n@v1",
                                       "--votes", str(tmp_path / "v.sqlite"), "--auth", "me:pw"])
     assert args.adapter == ["a", "o/n@v1"] and args.port == 7860 and args.host == "127.0.0.1" and not args.share
-    from demo.cli import check_args
+    from persona_lora.demo.cli import check_args
 
     assert check_args(args) == ("me", "pw")
     # user mistakes stop before any model is loaded, with exit code 2 and one line naming the option

@@ -44,9 +44,9 @@ class HtmlAnswers:
 def app_url(tiny_base, tmp_path_factory):
     import torch
 
-    from demo.app import build_demo
-    from demo.engine import Engine
-    from demo.votes import VoteStore
+    from persona_lora.demo.app import build_demo
+    from persona_lora.demo.engine import Engine
+    from persona_lora.demo.votes import VoteStore
     from tests.test_demo import free_port, make_adapter
 
     threads = torch.get_num_threads()

@@ -104,13 +104,13 @@ def run_dir(tiny_models, tmp_path):
 
 
 def push(folder, repo=REPO, **kw):
-    from hub_tools.push import push_folder
+    from persona_lora.hub_tools.push import push_folder
 
     return push_folder(folder, repo, **kw)
 
 
 def pull(repo=REPO, **kw):
-    from hub_tools.pull import pull as _pull
+    from persona_lora.hub_tools.pull import pull as _pull
 
     return _pull(repo, **kw)
 
@@ -372,7 +372,7 @@ def test_push_and_pull_a_merged_model_folder(hub_server, tiny_models, tmp_path):
 
 
 def test_truncated_safetensors_is_refused(tmp_path, tiny_models):
-    from hub_tools.verify import read_safetensors_header, verify_content
+    from persona_lora.hub_tools.verify import read_safetensors_header, verify_content
 
     folder = tmp_path / "a"
     shutil.copytree(tiny_models["adapter"], folder)
@@ -475,7 +475,7 @@ def test_base_given_as_hub_id_is_checked_against_remote_headers(hub_server, run_
 
 
 def test_shape_check_understands_fused_and_per_expert_moe_layouts():
-    from hub_tools.verify import shape_problems
+    from persona_lora.hub_tools.verify import shape_problems
 
     adapter = {
         "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight": [8, 32],
@@ -497,7 +497,7 @@ def test_shape_check_understands_fused_and_per_expert_moe_layouts():
 
 # ------------------------------------------------------------------------------------------------ listing
 def test_list_adapters_by_base(hub_server, run_dir, tiny_models):
-    from hub_tools.pull import list_adapters
+    from persona_lora.hub_tools.pull import list_adapters
 
     push(run_dir)
     other = run_dir.parent / "other"
@@ -603,7 +603,7 @@ def test_modelscope_push_needs_token_and_has_no_prs(modelscope_env, run_dir):
 
 
 def test_modelscope_list_is_refused(modelscope_env):
-    from hub_tools.pull import list_adapters
+    from persona_lora.hub_tools.pull import list_adapters
 
     with pytest.raises(HubError, match="Hugging Face Hub only"):
         list_adapters(BASE_ID, hub="modelscope")
@@ -611,7 +611,7 @@ def test_modelscope_list_is_refused(modelscope_env):
 
 
 def test_modelscope_network_down_is_reported(modelscope_env, run_dir, monkeypatch):
-    from hub_tools.modelscope_hub import ms_endpoint
+    from persona_lora.hub_tools.modelscope_hub import ms_endpoint
 
     assert ms_endpoint() == modelscope_env
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-test-token-abcdefgh")

@@ -31,7 +31,7 @@ def folder_hashes(folder: Path) -> dict[str, str]:
 
 
 def make_adapter(base: Path, preset: str, dest: Path, *, seed: int = 0) -> Path:
-    from train.synthetic import make_random_adapter
+    from persona_lora.train.synthetic import make_random_adapter
 
     return make_random_adapter(base, dest, preset, seed=seed, r=4, alpha=8)
 
@@ -52,7 +52,7 @@ def compare_with_peft(base: Path, adapter: Path, merged: Path) -> tuple[float, f
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.adapters import load_adapter
+    from persona_lora.train.adapters import load_adapter
 
     tok = AutoTokenizer.from_pretrained(base)
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -88,8 +88,8 @@ def attention_adapter(tiny_base, work):
 # ---------------------------------------------------------------------------------------------- correctness
 @pytest.mark.parametrize("preset", ["attention", "attention+mlp", "all"])
 def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path, preset, request):
-    from hub_tools.merge import merge_adapter
-    from train.manifest import read_manifest
+    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.train.manifest import read_manifest
 
     adapter = request.getfixturevalue("all_adapter") if preset == "all" else make_adapter(tiny_base, preset, tmp_path / "adapter", seed=3)
     before = folder_hashes(tiny_base)
@@ -116,8 +116,8 @@ def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path,
 
 
 def test_merge_dense_llama(tiny_llama, tmp_path):
-    from hub_tools.merge import merge_adapter
-    from train.manifest import read_manifest
+    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.train.manifest import read_manifest
 
     adapter = make_adapter(tiny_llama, "attention+mlp", tmp_path / "adapter", seed=4)
     out = merge_adapter(adapter, tiny_llama, tmp_path / "merged")
@@ -135,9 +135,9 @@ def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from hub_tools.merge import merge_adapter
-    from train.manifest import read_manifest
-    from train.tiny_base import save_sharded
+    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.train.manifest import read_manifest
+    from persona_lora.train.tiny_base import save_sharded
 
     state = {}
     for shard in sorted(tiny_base.glob("*.safetensors")):
@@ -170,7 +170,7 @@ def test_reshard_and_bfloat16(tiny_base, all_adapter, tmp_path):
     import torch
     from safetensors import safe_open
 
-    from hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge import merge_adapter
 
     ref = merge_adapter(all_adapter, tiny_base, tmp_path / "ref")
     out = merge_adapter(all_adapter, tiny_base, tmp_path / "bf16", dtype="bfloat16", max_shard_size="4MB")
@@ -190,7 +190,7 @@ def test_reshard_and_bfloat16(tiny_base, all_adapter, tmp_path):
 def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapter, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge import merge_adapter
 
     tampered = tmp_path / "tampered"
     shutil.copytree(attention_adapter, tampered)
@@ -210,8 +210,8 @@ def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapte
 
 
 def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_path):
-    from hub_tools.merge import merge_adapter
-    from train.manifest import read_manifest
+    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.train.manifest import read_manifest
 
     other = tmp_path / "other-base"
     shutil.copytree(tiny_base, other)
@@ -225,7 +225,7 @@ def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_p
 
 
 def test_out_folder_rules(tiny_base, attention_adapter, tmp_path):
-    from hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge import merge_adapter
 
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -245,7 +245,7 @@ def test_out_folder_rules(tiny_base, attention_adapter, tmp_path):
 
 
 def test_pickled_base_and_full_disk_are_refused(tiny_base, attention_adapter, tmp_path, monkeypatch):
-    from hub_tools import merge
+    from persona_lora.hub_tools import merge
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -261,7 +261,7 @@ def test_pickled_base_and_full_disk_are_refused(tiny_base, attention_adapter, tm
 
 
 def test_adapter_folder_is_required(tiny_base, tmp_path):
-    from hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge import merge_adapter
 
     with pytest.raises(ModelLoadError, match="adapter_config.json is missing"):
         merge_adapter(tmp_path, tiny_base, tmp_path / "out")
@@ -280,10 +280,10 @@ def test_cli_merge(tiny_base, attention_adapter, tmp_path, capsys):
 
 
 def test_cli_merge_from_hub_and_push_merged(hub_server, tiny_base, attention_adapter, tmp_path, capsys):
-    from hub_tools.push import push_folder
+    from persona_lora.hub_tools.push import push_folder
     from persona_lora.cli import main
     from tests.hub_fixtures import DEFAULT_USER
-    from train.manifest import read_manifest
+    from persona_lora.train.manifest import read_manifest
 
     push_folder(attention_adapter, f"{DEFAULT_USER}/persona")
     out = tmp_path / "from-hub"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from persona_lora.errors import ModelLoadError, UsageError
-from train.chat_templates import DEEPSEEK_V2
-from train.model_loading import (
+from persona_lora.train.chat_templates import DEEPSEEK_V2
+from persona_lora.train.model_loading import (
     BASE_PATTERNS,
     default_dtype,
     load_base_model,

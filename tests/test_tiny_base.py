@@ -20,8 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from persona_lora.cli import main
 from persona_lora.errors import UsageError
-from train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
-from train.tiny_base import TinySpec, build_tiny_base, validate_spec
+from persona_lora.train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
+from persona_lora.train.tiny_base import TinySpec, build_tiny_base, validate_spec
 
 # Small enough to build in well under a second; big enough to keep the real structure (dense layer 0, MoE after).
 SMALL = TinySpec(layers=2, hidden=64, heads=2, experts=8, experts_per_token=2, moe_intermediate=32,

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from persona_lora.cli import main
 from tests.conftest import REPO, train_args
-from train.manifest import MANIFEST_NAME
+from persona_lora.train.manifest import MANIFEST_NAME
 
 
 def sha256_files(folder: Path) -> dict[str, str]:
@@ -25,7 +25,7 @@ def sha256_files(folder: Path) -> dict[str, str]:
 
 
 def greedy(model, tokenizer, messages, n=40):
-    from train.chat_format import encode_prompt
+    from persona_lora.train.chat_format import encode_prompt
 
     ids = torch.tensor([encode_prompt(tokenizer, messages)])
     with torch.no_grad():
@@ -72,9 +72,9 @@ def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data
 def test_base_unchanged_adapter_changed_and_reloads_in_persona(trained_adapter, tiny_base, small_persona_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.adapters import load_adapter
-    from train.chat_format import conversation_for
-    from train.data import load_records
+    from persona_lora.train.adapters import load_adapter
+    from persona_lora.train.chat_format import conversation_for
+    from persona_lora.train.data import load_records
 
     weights = load_file(str(trained_adapter / "adapter_model.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]

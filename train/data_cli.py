@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from persona_lora.errors import UsageError
-from train.data import LoadedDataset, dataset_stats, load_records
+from persona_lora.train.data import LoadedDataset, dataset_stats, load_records
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def format_stats(ds: LoadedDataset, stats: dict[str, int]) -> str:
 
 def token_lengths(tokenizer: Any, records: list[dict], *, system_prompt: str | None) -> list[tuple[int, int]]:
     """(total tokens, trained tokens) per record, untruncated, through the exact training formatting path."""
-    from train.chat_format import conversation_for, encode_example
+    from persona_lora.train.chat_format import conversation_for, encode_example
 
     out = []
     for rec in records:
@@ -166,7 +166,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
         problems.append(f"--max-length must be a positive number of tokens, got {args.max_length}")
     if problems:
         raise UsageError("data preview: " + "; ".join(problems))
-    from train.chat_format import conversation_for, encode_example
+    from persona_lora.train.chat_format import conversation_for, encode_example
 
     ds = load_records(args.path, revision=args.revision, split=args.split)
     tokenizer = _tokenizer(args)
@@ -227,6 +227,6 @@ def mark_trained(tokenizer: Any, input_ids: list[int], labels: list[int], *, col
 
 def _tokenizer(args: argparse.Namespace) -> Any:
     """The base's tokenizer, loaded the way training loads it (lazily: check without --base needs no torch)."""
-    from train.model_loading import load_tokenizer
+    from persona_lora.train.model_loading import load_tokenizer
 
     return load_tokenizer(args.base, revision=args.base_revision, chat_template_file=args.chat_template)

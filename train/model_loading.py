@@ -74,7 +74,7 @@ def resolve_base(base: str, *, revision: str | None = None, source: str = "auto"
 
 def _recorded_hub_id(folder: Path) -> str | None:
     """A folder pulled or merged by us remembers the hub id it came from (`persona_manifest.json`)."""
-    from train.manifest import MANIFEST_NAME
+    from persona_lora.train.manifest import MANIFEST_NAME
 
     f = folder / MANIFEST_NAME
     if f.is_file():

@@ -24,10 +24,10 @@ def make_random_adapter(
     """Write an adapter folder (PEFT files + manifest) for `base` with the given coverage preset."""
     import torch
 
-    from train import presets
-    from train.adapters import attach_new_adapter
-    from train.manifest import SCHEMA, now_iso, write_manifest
-    from train.model_loading import load_base_model, load_tokenizer, resolve_base
+    from persona_lora.train import presets
+    from persona_lora.train.adapters import attach_new_adapter
+    from persona_lora.train.manifest import SCHEMA, now_iso, write_manifest
+    from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
 
     out = Path(out)
     rb = resolve_base(str(base))

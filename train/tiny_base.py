@@ -17,6 +17,7 @@ build, deterministically and in seconds, a model folder that looks like the real
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -24,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persona_lora.errors import UsageError
-from train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
+from persona_lora.train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS_DIR = REPO_ROOT / "examples" / "data"
+# The sample persona data ships inside the package, so a pip-installed persona-lora builds the same base.
+DEFAULT_CORPUS_DIR = Path(importlib.import_module("persona_lora.sample_data").__file__).parent
 
 # Text that every tokenizer we train must know well: the chat template's fixed strings and some plain prose,
 # so that code and English prompts also tokenize sensibly.

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from train.tiny_base import TinySpec, build_tiny_base
+from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
 
 def register(sub: argparse._SubParsersAction) -> None:

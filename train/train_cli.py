@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from train.config import field_help, load_config, parse_set
+from persona_lora.train.config import field_help, load_config, parse_set
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{key:<40} {text}")
         return 0
     cfg = load_config(args.config, overrides_from_args(args))
-    from train.trainer import run_training
+    from persona_lora.train.trainer import run_training
 
     run_training(cfg, dry_run=args.dry_run)
     return 0

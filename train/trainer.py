@@ -22,12 +22,12 @@ from pathlib import Path
 
 from persona_lora import __version__
 from persona_lora.errors import ConfigError, DataError, UsageError
-from train import presets
-from train.adapters import attach_new_adapter, native_targets
-from train.chat_format import IGNORE_INDEX, conversation_for, encode_examples, encode_prompt, require_chat_template
-from train.config import TrainConfig
-from train.manifest import MANIFEST_NAME, SCHEMA, environment, now_iso, write_manifest
-from train.model_loading import ResolvedBase, load_base_model, load_tokenizer, parse_dtype, resolve_base
+from persona_lora.train import presets
+from persona_lora.train.adapters import attach_new_adapter, native_targets
+from persona_lora.train.chat_format import IGNORE_INDEX, conversation_for, encode_examples, encode_prompt, require_chat_template
+from persona_lora.train.config import TrainConfig
+from persona_lora.train.manifest import MANIFEST_NAME, SCHEMA, environment, now_iso, write_manifest
+from persona_lora.train.model_loading import ResolvedBase, load_base_model, load_tokenizer, parse_dtype, resolve_base
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -93,7 +93,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     """Load, validate, split (seeded) and encode; drops and truncations are counted, never silent."""
-    from train.data import load_records
+    from persona_lora.train.data import load_records
 
     loaded = load_records(cfg.data.path, revision=cfg.data.revision)
     convs = [conversation_for(r["messages"], cfg.data.system_prompt) for r in loaded.records]
@@ -163,7 +163,7 @@ def check_packing(cfg: TrainConfig, device: str) -> None:
     """Packing puts several examples in one row; only flash-attention separates them by position_ids. With SDPA
     (measured here on the tiny DeepSeek-V2) the second example's logits differ by ~6 from its unpacked logits:
     the examples attend to each other. So packing is refused unless flash-attention 2 will be used."""
-    from train.model_loading import attention_implementation
+    from persona_lora.train.model_loading import attention_implementation
 
     if cfg.training.packing and not (device.startswith("cuda") and attention_implementation() == "flash_attention_2"):
         raise UsageError(
@@ -612,7 +612,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
 def _write_card(out: Path) -> None:
     """The card (README.md + loss.png) from the manifest; the card module owns the format."""
     try:
-        from model_cards.cards import write_card
+        from persona_lora.model_cards.cards import write_card
     except ImportError:  # pragma: no cover - the package ships model_cards
         log.warning("model_cards is not installed; no card written")
         return
