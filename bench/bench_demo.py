@@ -149,7 +149,7 @@ def child(kind: str, base: Path, adapters: list[Path], threads: int) -> dict:
         engine.close()
         return out
     # two copies: the base, and a second copy with the adapter merged into it (what a two-model demo holds)
-    from persona_lora.train.adapters import load_adapter
+    from persona_lora.peft_compat import load_adapter
     from persona_lora.train.model_loading import load_base_model
 
     base_model = load_base_model(str(base), device="cpu")

@@ -43,7 +43,7 @@ def child_baseline(args) -> dict:
 
     import persona_lora.hub_tools.merge
     import persona_lora.hub_tools.merge_math  # noqa: F401
-    import persona_lora.train.adapters  # noqa: F401
+    import persona_lora.peft_compat  # noqa: F401
 
     return {}
 
@@ -60,7 +60,7 @@ def child_peft(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from persona_lora.train.adapters import load_adapter
+    from persona_lora.peft_compat import load_adapter
 
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
@@ -86,13 +86,7 @@ def run_child(kind: str, **paths) -> dict:
 
 # ------------------------------------------------------------------------------------------ setup
 def build(work: Path, layers: int) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from persona_lora.train.adapters import attach_new_adapter
-    from persona_lora.train.manifest import SCHEMA, write_manifest
-    from persona_lora.train.model_loading import sha256_file
-    from persona_lora.train.presets import lora_config_for, resolve
+    from persona_lora.train.synthetic import make_random_adapter
     from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
     base, adapter = work / "base", work / "adapter"
@@ -104,19 +98,7 @@ def build(work: Path, layers: int) -> tuple[Path, Path]:
         build_tiny_base(base, spec)
         print(f"built base in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     if not adapter.exists():
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        spec = resolve(model, "all")
-        peft_model, _ = attach_new_adapter(model, lora_config_for(spec, r=16, alpha=32, dropout=0.0))
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        peft_model.save_pretrained(adapter)
-        write_manifest(adapter, {"schema": SCHEMA, "kind": "adapter", "name": "bench-adapter",
-                                 "base_model": {"id": "bench-base", "source": "local", "config_sha256": sha256_file(base / "config.json")},
-                                 "lora": {"preset": "all", "r": 16, "alpha": 32}})
-        del model, peft_model
+        make_random_adapter(base, adapter, "all", seed=0, r=16, alpha=32, std=0.02)
     return base, adapter
 
 

@@ -45,14 +45,14 @@ from persona_lora.errors import (
     UsageError,
     VerificationError,
 )
-from persona_lora.train.adapters import load_adapter
+from persona_lora.artifact import MANIFEST_NAME, ChatInfo, read_adapter_config, read_manifest, require_adapter_files
+from persona_lora.peft_compat import BASE_ROW, RowRouting, load_adapter
 from persona_lora.train.chat_format import conversation_for, encode_prompt, require_chat_template
-from persona_lora.train.manifest import read_manifest
 from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
+BASE = BASE_ROW  # a row without adapter
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -170,11 +170,7 @@ class Engine:
         self._keys = itertools.count()
         self._tokenizers: dict[str, object] = {}
         self._active: str | None = None  # PEFT active adapter as last set by the worker
-        self._row_keys: list[str] | None = None  # rows of the forward pass in progress (None: PEFT's own state)
-        self._masked: dict[int, tuple] = {}  # id(LoRA layer) -> (adapter key, its scaling, row mask) while masked
-        self._masked_modules: list = []
-        self._lora_linears: list = []  # plain linear LoRA layers of the resident model (set with the routing)
-        self._routing: list = []  # hook handles and patched wrappers, to undo on the next adapter load
+        self._routing = RowRouting()  # per-row adapters in one batch (reinstalled on every adapter load)
         self._worker = _Worker()
         self._worker.start()
 
@@ -231,33 +227,24 @@ class Engine:
         return folder.resolve(), repo_id, rev, commit, self.hub
 
     def _describe(self, folder: Path, repo_id, rev, commit, source, name) -> AdapterInfo:
-        cfg_path = folder / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise ModelLoadError(f"{folder} is not an adapter folder: adapter_config.json is missing")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ModelLoadError(f"{cfg_path} is not valid JSON ({e})") from e
+        cfg = read_adapter_config(require_adapter_files(folder))
         warnings: list[str] = []
-        try:
+        if (folder / MANIFEST_NAME).is_file():
             manifest = read_manifest(folder)
-        except ManifestError as e:
-            if (folder / "persona_manifest.json").exists():
-                raise
-            manifest = {}
-            warnings.append("no persona_manifest.json: no system prompt, the base's chat template is assumed")
-            log.warning("%s", e)
-        if manifest.get("kind") == "merged":
-            raise ModelLoadError(f"{folder} is a merged model, not an adapter; run the demo with --base {folder}")
+            if manifest.kind == "merged":
+                raise ModelLoadError(f"{folder} is a merged model, not an adapter; run the demo with --base {folder}")
+            chat, preset = manifest.chat or ChatInfo(), (manifest.lora.preset if manifest.lora else None)
+        else:
+            warnings.append(f"no {MANIFEST_NAME}: no system prompt, the base's chat template is assumed")
+            log.warning("%s has no %s: it was not written by persona-lora", folder, MANIFEST_NAME)
+            chat, preset = ChatInfo(), None
         self._check_base(folder, warnings)
-        chat = manifest.get("chat") or {}
         template, origin = self._template_for(folder, chat)
         shown = name or (f"{repo_id}@{rev}" if repo_id and rev else repo_id) or folder.name
         return AdapterInfo(
             name=shown, key="", path=folder, source=source, repo_id=repo_id, revision=rev, commit=commit,
-            system_prompt=chat.get("system_prompt") or "", chat_template=template, template_origin=origin,
-            experts=bool(cfg.get("target_parameters")), preset=(manifest.get("lora") or {}).get("preset"),
-            warnings=warnings,
+            system_prompt=chat.system_prompt or "", chat_template=template, template_origin=origin,
+            experts=bool(cfg.get("target_parameters")), preset=preset, warnings=warnings,
         )
 
     def _check_base(self, folder: Path, warnings: list[str]) -> None:
@@ -270,11 +257,11 @@ class Engine:
             warnings.append(f"trained on a different base: {e}")
             log.warning("%s: %s", folder, e)
 
-    def _template_for(self, folder: Path, chat: dict) -> tuple[str, str]:
+    def _template_for(self, folder: Path, chat: ChatInfo) -> tuple[str, str]:
         """The chat template the adapter was trained with: its manifest's, else its own tokenizer files', else the
         base's. A template that differs from the base's is used for both sides (and said so)."""
         base_template = getattr(self.tokenizer, "chat_template", None) or ""
-        template = chat.get("chat_template")
+        template = chat.chat_template
         origin = "adapter manifest"
         if not template and (folder / "tokenizer_config.json").is_file():
             try:
@@ -287,7 +274,7 @@ class Engine:
         elif template == base_template:
             origin = f"{self.base_template_origin} (= the adapter's training template)"
         else:
-            origin = f"{origin} ({chat.get('template_source') or 'own'} template, not the base tokenizer's)"
+            origin = f"{origin} ({chat.template_source or 'own'} template, not the base tokenizer's)"
         if not template:
             require_chat_template(self.tokenizer, f"the tokenizer of {self.base.id} (and the adapter in {folder})")
         return template, origin
@@ -299,97 +286,12 @@ class Engine:
         except (RuntimeError, ValueError, KeyError, OSError) as e:  # shapes or names that do not fit this base
             if hasattr(self.model, "peft_config") and info.key in self.model.peft_config:
                 self.model.delete_adapter(info.key)
-                self._install_row_routing()
+                self._routing.install(self.model)
             self._active = None
             raise ModelLoadError(f"cannot load adapter {info.name} from {info.path} onto {self.base.id}: {e}") from e
         self.model.eval()
         self._active = None
-        self._install_row_routing()
-
-    def _install_row_routing(self) -> None:
-        """(Re)install what gives each row of a batch its own adapter, on the LoRA modules present now.
-
-        Linear LoRA layers get a pre-hook that passes PEFT's `adapter_names` (only while `_row_keys` is set);
-        the outermost `ParamWrapper` of each fused-experts module gets a forward that routes rows itself."""
-        from peft.tuners.lora.layer import LoraLayer, ParamWrapper
-
-        try:
-            from peft.utils.other import AuxiliaryTrainingWrapper
-        except ImportError:  # pragma: no cover - older PEFT
-            AuxiliaryTrainingWrapper = ()
-        for item in self._routing:
-            if isinstance(item, ParamWrapper):
-                item.__dict__.pop("forward", None)  # back to the class's forward
-            else:
-                item.remove()
-        self._routing = []
-        inner = self.model.get_base_model()
-        wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
-        nested = {id(w.base_layer) for w in wrappers}
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        self._lora_linears = [m for m in inner.modules() if isinstance(m, LoraLinear)]
-        for m in inner.modules():
-            if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper):
-                self._routing.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
-        for w in wrappers:
-            if id(w) not in nested:
-                w.forward = _route_rows(lambda: self._row_keys, w, w.forward, w.get_base_layer())
-                self._routing.append(w)
-
-    def _inject_rows(self, module, args, kwargs):
-        keys = self._row_keys
-        # A layer without the active adapter (the only one in the batch) computes the base for every row on
-        # PEFT's plain path, which is cheaper than its mixed-batch path.
-        if keys is None or self._active not in getattr(module, "lora_A", (self._active,)):
-            return args, kwargs
-        masked = self._masked.get(id(module))
-        if masked is not None and args and self._mask_scaling(module, masked, args[0], len(keys)):
-            return args, kwargs
-        kwargs["adapter_names"] = keys
-        return args, kwargs
-
-    def _mask_scaling(self, module, masked, x, n_rows: int) -> bool:
-        """Give `module.scaling` the per-row mask shaped for this input: (rows, 1, 1) for (rows, seq, in),
-        (rows*seq, 1) for flattened (rows*seq, in). False (PEFT's mixed-batch path instead) for other shapes."""
-        key, scale, rows = masked
-        if x.dim() == 3 and x.shape[0] == n_rows:
-            module.scaling[key] = rows.view(-1, 1, 1) * scale
-        elif x.dim() == 2 and x.shape[0] % n_rows == 0:
-            module.scaling[key] = rows.repeat_interleave(x.shape[0] // n_rows).view(-1, 1) * scale
-        else:
-            module.scaling[key] = scale
-            return False
-        return True
-
-    @contextlib.contextmanager
-    def _masked_rows(self, key: str, keys: list[str]):
-        """Per-row LoRA on plain linear LoRA layers without PEFT's mixed-batch path.
-
-        PEFT's vanilla LoRA adds `lora_B(lora_A(x)) * scaling`; with `scaling` a per-row tensor holding the
-        adapter's scale on its rows and 0 on base rows (set by `_inject_rows` for each input's shape), one batch
-        serves both sides at the cost of a multiply. Measured on the tiny base: a batch of two through
-        `adapter_names` costs 1.68x one answer, the same batch without it 1.1x. Layers with a LoRA variant
-        (DoRA…) keep PEFT's mixed-batch path."""
-        import torch
-
-        rows_by = {}
-        for m in self._lora_linears:
-            if key in m.lora_A and key not in m.lora_variant:
-                weight = m.lora_B[key].weight
-                where = (weight.dtype, weight.device)
-                if where not in rows_by:
-                    rows_by[where] = torch.tensor([0.0 if k == BASE else 1.0 for k in keys], dtype=weight.dtype, device=weight.device)
-                self._masked[id(m)] = (key, m.scaling[key], rows_by[where])
-                self._masked_modules.append(m)
-        try:
-            yield
-        finally:
-            for m in self._masked_modules:
-                k, scale, _ = self._masked[id(m)]
-                m.scaling[k] = scale
-            self._masked.clear()
-            self._masked_modules.clear()
+        self._routing.install(self.model)
 
     # ------------------------------------------------------------------ describing
 
@@ -538,48 +440,9 @@ class Engine:
         if self._active != key:
             self.model.set_adapter(key, inference_mode=True)
             self._active = key
-        # only the adapter: PEFT's plain path; otherwise route rows (a base-only batch is routed too: it is cheaper
-        # than toggling `disable_adapter()`, and gives the same bare-module computation)
-        self._row_keys = None if BASE not in keys else list(keys)
-        try:
-            if self._row_keys is None:
-                yield
-            else:
-                with self._masked_rows(key, keys):
-                    yield
-        finally:
-            self._row_keys = None
-
-
-def _route_rows(current_keys, wrapper, adapted, bare):
-    """Forward of a fused-experts LoRA wrapper that serves rows with different adapters. Dim 0 of the experts'
-    inputs is rows x seq in row-major order (transformers flattens (batch, seq) before calling the experts), so
-    row i owns one contiguous slice: base rows go through the bare experts module, adapter rows through the
-    wrapper with the active adapter."""
-    import torch
-
-    def forward(x, *args, **kwargs):
-        keys = current_keys()
-        if keys is None:
-            return adapted(x, *args, **kwargs)
-        keys = [k if k in wrapper.lora_A else BASE for k in keys]  # an adapter without experts LoRA: base here
-        if all(k == BASE for k in keys):
-            return bare(x, *args, **kwargs)
-        total = x.shape[0]
-        if total % len(keys):
-            raise RuntimeError(f"cannot split {total} expert inputs into {len(keys)} rows; use --no-mixed-batch")
-        per = total // len(keys)
-        out = []
-        def cut(t, part):  # every per-token input (hidden states, routing indices and weights)
-            return t[part] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == total else t
-
-        for i, key in enumerate(keys):
-            part = slice(i * per, (i + 1) * per)
-            fn = bare if key == BASE else adapted
-            out.append(fn(x[part], *[cut(a, part) for a in args], **{k: cut(v, part) for k, v in kwargs.items()}))
-        return torch.cat(out, dim=0)
-
-    return forward
+        # a base-only batch is routed too: cheaper than toggling `disable_adapter()`, same bare computation
+        with self._routing.rows(keys, key):
+            yield
 
 
 # ---------------------------------------------------------------------- jobs and the inference thread

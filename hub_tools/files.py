@@ -12,19 +12,19 @@ from pathlib import Path, PurePosixPath
 
 from persona_lora.errors import ModelLoadError, VerificationError
 
-try:  # the manifest module belongs to train/; fall back to the documented name
-    from persona_lora.train.manifest import MANIFEST_NAME
-except ImportError:  # pragma: no cover
-    MANIFEST_NAME = "persona_manifest.json"
+from persona_lora.artifact import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CARD_NAME,
+    LOSS_CURVE,
+    MANIFEST_NAME,
+    TOKENIZER_FILES,
+)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 MODEL_PATTERNS = ("*.safetensors",)
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
-)
-COMMON_FILES = ("README.md", MANIFEST_NAME, "loss.png") + TOKENIZER_FILES
+COMMON_FILES = (CARD_NAME, MANIFEST_NAME, LOSS_CURVE) + TOKENIZER_FILES
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PICKLE_PATTERNS = tuple(f"*{s}" for s in PICKLE_SUFFIXES)
 SKIPPED_DIRS = {
@@ -50,21 +50,6 @@ def pull_patterns(allow_pickle: bool = False) -> list[str]:
 def matches_pull_patterns(path: str, allow_pickle: bool = False) -> bool:
     """Top-level files only: `*.safetensors` must not pull `checkpoints/x.safetensors`."""
     return "/" not in path and any(fnmatch.fnmatch(path, p) for p in pull_patterns(allow_pickle))
-
-
-def folder_kind(folder: Path) -> str:
-    """'adapter' (PEFT folder) or 'model' (merged transformers folder); anything else is refused."""
-    if (folder / "adapter_config.json").is_file():
-        return "adapter"
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-        return "model"
-    pickled = sorted(p.name for p in folder.iterdir() if p.is_file() and is_pickle(p.name)) if folder.is_dir() else []
-    hint = (f" It only has pickled weights ({', '.join(pickled)}): re-save with "
-            "save_pretrained(..., safe_serialization=True).") if pickled else ""
-    raise ModelLoadError(
-        f"{folder} is neither an adapter folder (no adapter_config.json) nor a model folder (config.json + "
-        f"*.safetensors); give the folder `persona-lora train` or `merge` wrote.{hint}"
-    )
 
 
 def _allowed(name: str, kind: str) -> bool:

@@ -19,6 +19,7 @@ the target folder is empty (or, with `overwrite`, a model folder), and the disk 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_lora.hub_tools.files import PICKLE_SUFFIXES, TOKENIZER_FILES
+from persona_lora.artifact import (
+    MANIFEST_NAME,
+    TOKENIZER_FILES,
+    MergeBase,
+    MergeInfo,
+    now_iso,
+    read_manifest,
+    require_adapter_files,
+    write_manifest,
+)
+from persona_lora.hub_tools.files import PICKLE_SUFFIXES
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -395,19 +406,13 @@ def merge_adapter(
     from safetensors.torch import load_file
 
     from persona_lora.hub_tools.merge_math import check_adapter_keys, discover_layers, plan_deltas
-    from persona_lora.train.manifest import MANIFEST_NAME, now_iso, read_manifest, write_manifest
     from persona_lora.train.model_loading import resolve_base, sha256_file
 
-    adapter = Path(adapter_dir).expanduser().resolve()
+    adapter = require_adapter_files(Path(adapter_dir).expanduser().resolve())
     out = Path(out_dir).expanduser().resolve()
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter / f).is_file():
-            hint = (" (pickled adapter_model.bin is not accepted: re-save it with safetensors)"
-                    if (adapter / "adapter_model.bin").exists() else "")
-            raise ModelLoadError(f"{adapter} is not an adapter folder: {f} is missing{hint}")
     manifest = read_manifest(adapter)
-    if manifest.get("kind") != "adapter":
-        raise UsageError(f"{adapter / MANIFEST_NAME} says kind {manifest.get('kind')!r}; merge takes an adapter folder")
+    if manifest.kind != "adapter":
+        raise UsageError(f"{adapter / MANIFEST_NAME} says kind {manifest.kind!r}; merge takes an adapter folder")
     out_dtype = None
     if dtype is not None:
         if dtype not in DTYPE_NAMES:
@@ -416,13 +421,13 @@ def merge_adapter(
     max_bytes = parse_max_shard_size(max_shard_size)
 
     rb = resolve_base(str(base), revision=base_revision, source=base_source)
-    recorded = manifest.get("base_model") or {}
-    want, have = recorded.get("config_sha256"), sha256_file(rb.path / "config.json")
+    recorded = manifest.base_model
+    want, have = recorded.config_sha256, sha256_file(rb.path / "config.json")
     mismatch = bool(want) and want != have
     if mismatch and not force:
         raise VerificationError(
             f"base {rb.id} does not match the adapter: its config.json has sha256 {have[:12]}…, the adapter was "
-            f"trained on {recorded.get('id') or 'a base'} whose config.json has {want[:12]}… "
+            f"trained on {recorded.id or 'a base'} whose config.json has {want[:12]}… "
             f"({adapter / MANIFEST_NAME}: base_model.config_sha256). Give --base the model it was trained on, or "
             "pass --force if you know the weights fit")
     if mismatch:
@@ -472,20 +477,20 @@ def merge_adapter(
                     json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
             _write_extras(rb, adapter, tmp, out_dtype)
             weights_dtype = out_dtype or _dominant_dtype(layout)
-            merged_manifest = dict(manifest)
-            merged_manifest.update(
+            merged_manifest = dataclasses.replace(
+                manifest,
                 kind="merged",
                 name=name or out.name,
-                merge={
-                    "adapter": adapter_id or manifest.get("name") or adapter.name,
-                    "dtype": _ST_NAMES.get(weights_dtype, weights_dtype),
-                    "layout": layout_name(ckpt_shapes),
-                    "base": {"id": rb.id, "source": rb.source, "revision": rb.revision, "config_sha256": have},
-                    "forced_base_mismatch": mismatch,
-                    "lora_layers": len(layers),
-                    "tensors_changed": len(plan),
-                    "created_at": now_iso(),
-                },
+                merge=MergeInfo(
+                    adapter=adapter_id or manifest.name or adapter.name,
+                    dtype=_ST_NAMES.get(weights_dtype, weights_dtype),
+                    layout=layout_name(ckpt_shapes),
+                    base=MergeBase(id=rb.id, source=rb.source, revision=rb.revision, config_sha256=have),
+                    forced_base_mismatch=mismatch,
+                    lora_layers=len(layers),
+                    tensors_changed=len(plan),
+                    created_at=now_iso(),
+                ),
             )
             write_manifest(tmp, merged_manifest)
             from persona_lora.model_cards.cards import write_card

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_lora.errors import ModelLoadError, VerificationError
+from persona_lora.peft_compat import expert_factors
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ class LoraLayer:
     key_b: str
     scaling: float
     fan_in_fan_out: bool = False
-    swapped: bool = True  # experts: parameter stored (E, out, in)
-    num_experts: int = 1
+    experts: object = None  # peft_compat.ExpertLora, for LoRA on fused experts
     param_shape: tuple = ()
     lora_a_shape: tuple = ()
     lora_b_shape: tuple = ()
@@ -119,7 +119,7 @@ def discover_layers(base_dir: Path, adapter_dir: Path) -> list[LoraLayer]:
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from persona_lora.train.adapters import attach_new_adapter
+    from persona_lora.peft_compat import attach_new_adapter, expert_lora_layout, is_param_wrapper, is_plain_lora_linear
 
     check_adapter_config(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")),
                          adapter_dir / "adapter_config.json")
@@ -151,17 +151,17 @@ def discover_layers(base_dir: Path, adapter_dir: Path) -> list[LoraLayer]:
         module = re.sub(r"(\.base_layer)+$", "", path.removeprefix(PEFT_PREFIX))
         a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
         scaling = float(mod.scaling["default"])
-        if type(mod).__name__ == "ParamWrapper":
-            param = mod.get_param()
+        if is_param_wrapper(mod):
+            layout = expert_lora_layout(mod)
             layers[path] = LoraLayer(
-                label=f"{module}.{mod.parameter_name}", module=module, kind="experts", parameter=mod.parameter_name,
-                key_a=f"{path}.lora_A.weight", key_b=f"{path}.lora_B.weight", scaling=scaling,
-                swapped=bool(mod._did_swap_in_out_features), num_experts=int(mod.num_experts),
-                param_shape=tuple(param.shape), lora_a_shape=tuple(a.shape), lora_b_shape=tuple(b.shape),
+                label=f"{module}.{layout.parameter}", module=module, kind="experts", parameter=layout.parameter,
+                key_a=f"{path}.lora_A.weight", key_b=f"{path}.lora_B.weight", scaling=scaling, experts=layout,
+                param_shape=layout.param_shape, lora_a_shape=tuple(a.shape), lora_b_shape=tuple(b.shape),
             )
-            if param.dim() != 3:
-                raise ModelLoadError(f"{module}.{mod.parameter_name}: LoRA on a {param.dim()}-D parameter is not supported by merge")
-        elif type(mod).__name__ == "Linear" and hasattr(mod, "get_base_layer"):
+            if len(layout.param_shape) != 3:
+                raise ModelLoadError(f"{module}.{layout.parameter}: LoRA on a {len(layout.param_shape)}-D parameter "
+                                     "is not supported by merge")
+        elif is_plain_lora_linear(mod):
             layers[path] = LoraLayer(
                 label=module, module=module, kind="linear", parameter="weight",
                 key_a=f"{path}.lora_A.weight", key_b=f"{path}.lora_B.weight", scaling=scaling,
@@ -200,14 +200,6 @@ def _some(keys: list[str]) -> str:
     return ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "")
 
 
-def _expert_factors(layer: LoraLayer, a, b, e: int):
-    """(left, right) with `left @ right` = expert e's delta (without scaling), oriented like the fused parameter[e]."""
-    E = layer.num_experts
-    a_e = a.reshape(E, -1, a.shape[-1])[e]  # (r, in)
-    b_e = b.reshape(b.shape[0], -1, E)[:, :, e]  # (out, r)
-    return (b_e, a_e) if layer.swapped else (a_e.t(), b_e.t())
-
-
 def plan_deltas(layers: list[LoraLayer], tensors: dict, ckpt_shapes: dict[str, tuple]) -> tuple[dict[str, TensorDelta], Counter]:
     """Map every LoRA layer onto the checkpoint tensors it changes.
 
@@ -236,7 +228,7 @@ def plan_deltas(layers: list[LoraLayer], tensors: dict, ckpt_shapes: dict[str, t
             add(f"{lay.module}.weight", lay.label, shape, [Piece(lay.label, shape[0], left, right, lay.scaling)])
             continue
         E, rows, cols = lay.param_shape
-        factors = [_expert_factors(lay, a, b, e) for e in range(E)]
+        factors = [expert_factors(lay.experts, a, b, e) for e in range(E)]
         fused_key = f"{lay.module}.{lay.parameter}"
         if fused_key in ckpt_shapes:  # a checkpoint already saved in transformers 5's fused layout
             add(fused_key, lay.label, lay.param_shape, [Piece(lay.label, rows, l, r, lay.scaling) for l, r in factors])

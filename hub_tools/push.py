@@ -15,7 +15,8 @@ from persona_lora import __version__
 from persona_lora.errors import ModelLoadError, UsageError
 
 from persona_lora.hub_tools.errors import hf_endpoint, hf_errors, missing_token
-from persona_lora.hub_tools.files import folder_kind, select_files
+from persona_lora.artifact import folder_kind
+from persona_lora.hub_tools.files import select_files
 
 log = logging.getLogger(__name__)
 

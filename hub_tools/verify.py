@@ -16,9 +16,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_lora.errors import ModelLoadError, VerificationError
+from persona_lora.errors import ManifestError, ModelLoadError, VerificationError
 
-from persona_lora.hub_tools.files import MANIFEST_NAME
+from persona_lora.artifact import (
+    ADAPTER_CONFIG,
+    MANIFEST_NAME,
+    BaseModelInfo,
+    read_adapter_config,
+    read_manifest,
+)
 from persona_lora.train.model_loading import sha256_file  # the manifest's config_sha256 is this, of the base's config.json
 
 log = logging.getLogger(__name__)
@@ -162,15 +168,12 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------ folder content
 def verify_content(folder: Path, *, allow_pickle: bool = False) -> str:
     """'adapter' or 'model' after checking the files parse; raises VerificationError otherwise."""
-    cfg_path = folder / "adapter_config.json"
-    manifest = folder / MANIFEST_NAME
-    if manifest.is_file():
+    cfg_path = folder / ADAPTER_CONFIG
+    if (folder / MANIFEST_NAME).is_file():
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise VerificationError(f"{MANIFEST_NAME} is not valid JSON ({e})") from None
+            read_manifest(folder)
+        except ManifestError as e:
+            raise VerificationError(str(e)) from None
     if cfg_path.is_file():
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -335,17 +338,16 @@ def check_base(
     shapes are checked against the remote safetensors headers (ModelScope: ids only).
     """
     folder = Path(folder)
-    manifest = _read_json(folder / MANIFEST_NAME)
-    recorded = manifest.get("base_model") if isinstance(manifest.get("base_model"), dict) else {}
-    cfg = _read_json(folder / "adapter_config.json")
-    recorded_id = recorded.get("id") or cfg.get("base_model_name_or_path")
+    recorded = read_manifest(folder).base_model if (folder / MANIFEST_NAME).is_file() else BaseModelInfo(id="")
+    cfg = read_adapter_config(folder) or {}
+    recorded_id = recorded.id or cfg.get("base_model_name_or_path")
     problems: list[str] = []
     base_shapes = None
     local = Path(base).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"base folder {base} has no config.json; give the base model's folder")
-        want = recorded.get("config_sha256")
+        want = recorded.config_sha256
         have = sha256_file(local / "config.json")
         if want and want != have:
             problems.append(

@@ -3,6 +3,6 @@
 `write_card(folder)` renders `README.md` (Hub metadata + body) and the loss curve; see `model_cards.cards`.
 """
 
-from persona_lora.model_cards.cards import MANIFEST_NAME, USER_END, USER_START, write_card
+from persona_lora.model_cards.cards import USER_END, USER_START, write_card
 
-__all__ = ["MANIFEST_NAME", "USER_START", "USER_END", "write_card"]
+__all__ = ["USER_START", "USER_END", "write_card"]

@@ -24,22 +24,12 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from persona_lora.errors import ManifestError, ModelLoadError
+from persona_lora import peft_compat
+from persona_lora.artifact import CARD_NAME, LOSS_CURVE, read_adapter_config, read_manifest
 
 log = logging.getLogger(__name__)
 
-try:  # the canonical reader, when the training package provides it
-    from persona_lora.train.manifest import MANIFEST_NAME, read_manifest as _read_manifest
-except ModuleNotFoundError as _e:  # pragma: no cover - depends on what else is installed
-    if _e.name not in ("persona_lora.train", "persona_lora.train.manifest"):
-        raise
-    MANIFEST_NAME = "persona_manifest.json"
-    _read_manifest = None
-
-SCHEMA_PREFIX = "persona-lora/manifest@"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-CARD_NAME = "README.md"
-DEFAULT_LOSS_PNG = "loss.png"
+DEFAULT_LOSS_PNG = LOSS_CURVE
 USER_START = "<!-- persona-lora:user-start -->"
 USER_END = "<!-- persona-lora:user-end -->"
 SNIPPET_MARKER = "# persona-lora usage snippet"
@@ -51,20 +41,6 @@ TEMPLATES = {"adapter": TEMPLATES_DIR / "adapter_card.md", "merged": TEMPLATES_D
 
 # Generation length in the usage snippet: a usage choice, not a claim about training.
 SNIPPET_MAX_NEW_TOKENS = 256
-
-# MoE model types whose expert projections PEFT 0.21 re-maps onto transformers 5's fused experts when it loads
-# an adapter (transformers 5.24 `_MODEL_TO_CONVERSION_PATTERN`, PEFT `_MOE_TARGET_MODULE_MAPPING`). Hard-coded so
-# that a card does not change with the library versions of the machine that happens to render it.
-_QWEN2_MOE_LIKE = (
-    "Dots3NoteTextModel afmoe deepseek_v2 deepseek_v3 deepseek_v32 dots1 ernie4_5_moe glm4_moe glm4_moe_lite "
-    "glm_moe_dsa glm4v_moe longcat_flash solar_open mellum qwen3_moe beam qwen3_omni_moe qwen3_omni_moe_thinker "
-    "qwen3_omni_moe_text qwen3_next hunyuan_v1_moe flex_olmo olmoe sarvam_mla exaone_moe cohere2_moe"
-).split()
-_MOE_REWRITTEN_LEAVES: dict[str, tuple[str, ...]] = {
-    **{t: ("gate_proj", "up_proj", "down_proj", "gate") for t in _QWEN2_MOE_LIKE},
-    "minimax": ("w1", "w2", "w3", "gate"),
-    "minimax_m2": ("w1", "w2", "w3", "gate"),
-}
 
 # License ids the Hub knows; anything else is published as `other` with a `license_name`.
 _HUB_LICENSES = set(
@@ -89,83 +65,6 @@ _URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------- reading the folder
-
-
-def load_manifest(folder: Path) -> dict:
-    """The folder's manifest, checked for what a card needs; `ManifestError` naming the file and the fix otherwise."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ManifestError(f"{folder}: no such folder. Pass the adapter (or merged model) folder that "
-                            f"`persona-lora train` or `persona-lora merge` wrote.")
-    manifest = _read_manifest(folder) if _read_manifest is not None else _read_manifest_file(folder)
-    _check_manifest(manifest, folder / MANIFEST_NAME)
-    return manifest
-
-
-def _read_manifest_file(folder: Path) -> dict:
-    """Stand-in for `train.manifest.read_manifest` while that module is absent: same file, same error type."""
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(
-            f"{path}: not found. A card is written from the run's manifest; this folder was not written by "
-            f"`persona-lora train`/`merge`/`pull`. Re-run training (or pull the adapter again) to get one."
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text ({e.reason}); restore it from the run folder or re-run training.")
-    except json.JSONDecodeError as e:
-        raise ManifestError(
-            f"{path}: corrupt JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore it from the run folder "
-            f"or re-run training to write it again."
-        )
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a JSON object, found {type(data).__name__}; restore it or re-run training.")
-    return data
-
-
-def _check_manifest(m: Any, path: Path) -> None:
-    """The manifest fields a card relies on must have the schema's types; list every problem at once."""
-    if not isinstance(m, dict):
-        raise ManifestError(f"{path}: expected a JSON object; restore it or re-run training.")
-    problems = []
-    schema = m.get("schema")
-    if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
-        problems.append(f'"schema" is {schema!r}, expected "{SCHEMA_PREFIX}1"')
-    if m.get("kind") not in TEMPLATES:
-        problems.append(f'"kind" is {m.get("kind")!r}, expected "adapter" or "merged"')
-    base = m.get("base_model")
-    if not isinstance(base, dict) or not isinstance(base.get("id"), str) or not base.get("id"):
-        problems.append('"base_model.id" is missing: the card cannot say what this was trained on')
-    for key in ("dataset", "chat", "lora", "training", "metrics", "environment", "run", "files", "merge"):
-        if m.get(key) is not None and not isinstance(m[key], dict):
-            problems.append(f'"{key}" must be an object, found {type(m[key]).__name__}')
-    samples = m.get("samples")
-    if samples is not None and (not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples)):
-        problems.append('"samples" must be a list of {"prompt", "base", "adapter"} objects')
-    history = (m.get("metrics") or {}).get("history") if isinstance(m.get("metrics"), dict) else None
-    if history is not None and not isinstance(history, list):
-        problems.append('"metrics.history" must be a list')
-    if problems:
-        raise ManifestError(
-            f"{path}: invalid persona-lora manifest:" + "".join(f"\n  - {p}" for p in problems)
-            + "\nRestore the file from the run folder or re-run training to write it again."
-        )
-
-
-def load_adapter_config(folder: Path) -> dict | None:
-    """PEFT's `adapter_config.json` when the folder has one (merged folders do not)."""
-    path = Path(folder) / ADAPTER_CONFIG_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: corrupt ({e}); PEFT cannot load this adapter either. Restore the file "
-                             f"from the run folder or pull the adapter again.")
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object; restore it from the run folder.")
-    return data
 
 
 # ----------------------------------------------------------------------------------------------------- scrubbing
@@ -352,23 +251,12 @@ def _leaf_names(targets: Any) -> list[str]:
 
 
 def needs_moe_rewrite_off(m: dict, adapter_config: dict | None) -> bool:
-    """Whether PEFT 0.21 would re-map this adapter's MLP targets onto fused experts when loading it.
-
-    Our adapters are written against transformers 5 modules, where `gate_proj`/`up_proj`/`down_proj` name the
-    dense MLP and the shared experts; PEFT's v4->v5 rewrite would move them to the routed experts instead, so
-    the snippet must switch it off exactly when such a target exists on such a model.
-    """
-    leaves = _MOE_REWRITTEN_LEAVES.get((m.get("base_model") or {}).get("model_type") or "")
-    if not leaves:
-        return False
-    targets = _leaf_names((m.get("lora") or {}).get("target_modules"))
-    if adapter_config:
-        config_targets = adapter_config.get("target_modules")
-        if isinstance(config_targets, str):  # "all-linear" or a regex: PEFT resolves it against the model
-            if config_targets.lower() == "all-linear" or any(leaf in config_targets for leaf in leaves):
-                return True
-        targets += _leaf_names(config_targets)
-    return any(t == leaf or t.endswith("." + leaf) for t in targets for leaf in leaves)
+    """Whether PEFT would re-map this adapter's MLP targets onto fused experts when loading it: our adapters name
+    transformers 5 modules, where `gate_proj`/`up_proj`/`down_proj` are the dense MLP and the shared experts, so
+    the snippet must switch the rewrite off exactly when such a target exists on such a model."""
+    return peft_compat.needs_moe_rewrite_off((m.get("base_model") or {}).get("model_type"),
+                                             (m.get("lora") or {}).get("target_modules"),
+                                             (adapter_config or {}).get("target_modules"))
 
 
 def _py(s: str) -> str:
@@ -511,7 +399,7 @@ def _hyper_section(m: dict) -> dict | None:
     batch = training.get("per_device_batch_size")
     accum = training.get("gradient_accumulation_steps") or 1
     world = training.get("world_size") or 1
-    if "effective_batch_size" not in training and all(_is_num(x) for x in (batch, accum, world)):
+    if training.get("effective_batch_size") is None and all(_is_num(x) for x in (batch, accum, world)):
         pairs.append(("Effective batch size", num(batch * accum * world)))
     pairs += [
         ("LoRA preset", code(lora["preset"]) if isinstance(lora.get("preset"), str) and lora["preset"] else None),
@@ -797,8 +685,8 @@ def write_card(folder: Path, *, repo_id: str | None = None) -> Path:
     from persona_lora.model_cards.plots import has_loss_points, write_loss_curve
 
     folder = Path(folder)
-    manifest = load_manifest(folder)
-    adapter_config = load_adapter_config(folder)
+    manifest = read_manifest(folder).to_dict()
+    adapter_config = read_adapter_config(folder)
     m = scrub(manifest)
 
     history = (manifest.get("metrics") or {}).get("history") or []

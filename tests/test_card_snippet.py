@@ -11,7 +11,7 @@ import sys
 import torch
 from huggingface_hub import ModelCard
 
-from persona_lora.train.manifest import MANIFEST_NAME
+from persona_lora.artifact import MANIFEST_NAME
 
 
 def extract_snippet(card_text: str) -> str:
@@ -24,8 +24,8 @@ def extract_snippet(card_text: str) -> str:
 def test_card_metadata_and_snippet_match_training(trained_adapter, tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from persona_lora.train.adapters import load_adapter
-    from persona_lora.train.trainer import generate_greedy
+    from persona_lora.peft_compat import load_adapter
+    from persona_lora.train.samples import generate_greedy
 
     card_text = (trained_adapter / "README.md").read_text(encoding="utf-8")
     card = ModelCard.load(trained_adapter / "README.md")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+from persona_lora.artifact import MANIFEST_NAME
 from persona_lora.model_cards import cards
 from persona_lora.model_cards.cards import USER_END, USER_START, write_card
 from persona_lora.model_cards.plots import write_loss_curve
@@ -29,7 +30,7 @@ def folder_from(name: str, tmp_path: Path, edit=None) -> Path:
     dst = tmp_path / name
     shutil.copytree(FIXTURES / name, dst)
     if edit is not None:
-        path = dst / cards.MANIFEST_NAME
+        path = dst / MANIFEST_NAME
         manifest = json.loads(path.read_text(encoding="utf-8"))
         edit(manifest)
         path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")

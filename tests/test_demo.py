@@ -56,10 +56,10 @@ ADAPTER_HISTORY = [user("Hello"), assistant("Greetings to you, I am the consort 
 @pytest.fixture(scope="module")
 def expected(tiny_base, adapters) -> dict:
     """Standalone greedy answers: {(side, case): text}, side "base" or an adapter name."""
-    from persona_lora.train.adapters import load_adapter
+    from persona_lora.peft_compat import load_adapter
     from persona_lora.train.chat_format import conversation_for
     from persona_lora.train.model_loading import load_base_model, load_tokenizer
-    from persona_lora.train.trainer import generate_greedy
+    from persona_lora.train.samples import generate_greedy
 
     tok = load_tokenizer(str(tiny_base))
     cases = {"m1": [user(M1)], "m2": [user(M2)]}

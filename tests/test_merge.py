@@ -52,7 +52,7 @@ def compare_with_peft(base: Path, adapter: Path, merged: Path) -> tuple[float, f
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from persona_lora.train.adapters import load_adapter
+    from persona_lora.peft_compat import load_adapter
 
     tok = AutoTokenizer.from_pretrained(base)
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -89,7 +89,7 @@ def attention_adapter(tiny_base, work):
 @pytest.mark.parametrize("preset", ["attention", "attention+mlp", "all"])
 def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path, preset, request):
     from persona_lora.hub_tools.merge import merge_adapter
-    from persona_lora.train.manifest import read_manifest
+    from persona_lora.artifact import read_manifest
 
     adapter = request.getfixturevalue("all_adapter") if preset == "all" else make_adapter(tiny_base, preset, tmp_path / "adapter", seed=3)
     before = folder_hashes(tiny_base)
@@ -109,15 +109,15 @@ def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path,
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"):
         assert (out / name).is_file(), name
     m = read_manifest(out)
-    assert m["kind"] == "merged" and m["name"] == "merged"
-    assert m["merge"]["layout"] == "original per-expert" and m["merge"]["dtype"] == "float32"
-    assert m["merge"]["adapter"] == adapter.name and m["merge"]["forced_base_mismatch"] is False
+    assert m.kind == "merged" and m.name == "merged"
+    assert m.merge.layout == "original per-expert" and m.merge.dtype == "float32"
+    assert m.merge.adapter == adapter.name and m.merge.forced_base_mismatch is False
     assert "original layout" in (out / "README.md").read_text()
 
 
 def test_merge_dense_llama(tiny_llama, tmp_path):
     from persona_lora.hub_tools.merge import merge_adapter
-    from persona_lora.train.manifest import read_manifest
+    from persona_lora.artifact import read_manifest
 
     adapter = make_adapter(tiny_llama, "attention+mlp", tmp_path / "adapter", seed=4)
     out = merge_adapter(adapter, tiny_llama, tmp_path / "merged")
@@ -125,7 +125,7 @@ def test_merge_dense_llama(tiny_llama, tmp_path):
     print(f"llama attention+mlp: max |merged - PEFT| logit diff {diff:.2e} (adapter effect {effect:.2f})")
     assert effect > 0.05 and diff <= LOGIT_TOLERANCE
     assert checkpoint_keys(out) == checkpoint_keys(tiny_llama)
-    assert read_manifest(out)["merge"]["layout"] == "original"
+    assert read_manifest(out).merge.layout == "original"
 
 
 def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
@@ -136,7 +136,7 @@ def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
     from safetensors.torch import load_file
 
     from persona_lora.hub_tools.merge import merge_adapter
-    from persona_lora.train.manifest import read_manifest
+    from persona_lora.artifact import read_manifest
     from persona_lora.train.tiny_base import save_sharded
 
     state = {}
@@ -160,7 +160,7 @@ def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
 
     out = merge_adapter(all_adapter, base, tmp_path / "merged")
     assert checkpoint_keys(out) == checkpoint_keys(base)
-    assert read_manifest(out)["merge"]["layout"] == "fused (transformers 5)"
+    assert read_manifest(out).merge.layout == "fused (transformers 5)"
     diff, effect = compare_with_peft(base, all_adapter, out)
     assert effect > 0.05 and diff <= LOGIT_TOLERANCE
 
@@ -211,7 +211,7 @@ def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapte
 
 def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_path):
     from persona_lora.hub_tools.merge import merge_adapter
-    from persona_lora.train.manifest import read_manifest
+    from persona_lora.artifact import read_manifest
 
     other = tmp_path / "other-base"
     shutil.copytree(tiny_base, other)
@@ -221,7 +221,7 @@ def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_p
     with pytest.raises(VerificationError, match=r"config_sha256.*--force"):
         merge_adapter(attention_adapter, other, tmp_path / "out")
     out = merge_adapter(attention_adapter, other, tmp_path / "out", force=True)
-    assert read_manifest(out)["merge"]["forced_base_mismatch"] is True
+    assert read_manifest(out).merge.forced_base_mismatch is True
 
 
 def test_out_folder_rules(tiny_base, attention_adapter, tmp_path):
@@ -283,12 +283,12 @@ def test_cli_merge_from_hub_and_push_merged(hub_server, tiny_base, attention_ada
     from persona_lora.hub_tools.push import push_folder
     from persona_lora.cli import main
     from tests.hub_fixtures import DEFAULT_USER
-    from persona_lora.train.manifest import read_manifest
+    from persona_lora.artifact import read_manifest
 
     push_folder(attention_adapter, f"{DEFAULT_USER}/persona")
     out = tmp_path / "from-hub"
     assert main(["merge", f"{DEFAULT_USER}/persona", "--base", str(tiny_base), "--out", str(out)]) == 0
-    assert read_manifest(out)["merge"]["adapter"] == f"{DEFAULT_USER}/persona"
+    assert read_manifest(out).merge.adapter == f"{DEFAULT_USER}/persona"
 
     assert main(["push", str(attention_adapter), f"{DEFAULT_USER}/persona-merged", "--merged", "--base", str(tiny_base)]) == 0
     files = set(hub_server.list_files(f"{DEFAULT_USER}/persona-merged"))

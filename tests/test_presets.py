@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from persona_lora.errors import ConfigError, ModelLoadError
 from persona_lora.train import presets
-from persona_lora.train.adapters import attach_new_adapter, load_adapter
+from persona_lora.peft_compat import attach_new_adapter, load_adapter
 from persona_lora.train.presets import TUTORIAL_TARGETS, check_coverage, lora_config_for, resolve
 
 ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from persona_lora.cli import main
 from tests.conftest import REPO, train_args
-from persona_lora.train.manifest import MANIFEST_NAME
+from persona_lora.artifact import MANIFEST_NAME
 
 
 def sha256_files(folder: Path) -> dict[str, str]:
@@ -72,7 +72,7 @@ def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data
 def test_base_unchanged_adapter_changed_and_reloads_in_persona(trained_adapter, tiny_base, small_persona_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from persona_lora.train.adapters import load_adapter
+    from persona_lora.peft_compat import load_adapter
     from persona_lora.train.chat_format import conversation_for
     from persona_lora.train.data import load_records
 

@@ -73,19 +73,17 @@ def resolve_base(base: str, *, revision: str | None = None, source: str = "auto"
 
 
 def _recorded_hub_id(folder: Path) -> str | None:
-    """A folder pulled or merged by us remembers the hub id it came from (`persona_manifest.json`)."""
-    from persona_lora.train.manifest import MANIFEST_NAME
+    """A merged folder of ours remembers the hub id of the base it was made from."""
+    from persona_lora.artifact import MANIFEST_NAME, read_manifest
+    from persona_lora.errors import ManifestError
 
-    f = folder / MANIFEST_NAME
-    if f.is_file():
-        import json
-
-        try:
-            data = json.loads(f.read_text())
-            return (data.get("base_model") or {}).get("id") if data.get("kind") == "merged" else None
-        except (OSError, ValueError):
-            return None
-    return None
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(folder)
+    except ManifestError:
+        return None
+    return manifest.base_model.id if manifest.kind == "merged" else None
 
 
 def _from_hf(repo_id: str, revision: str | None) -> ResolvedBase:

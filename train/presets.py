@@ -4,8 +4,8 @@ Coverage is described in groups (attention, dense MLP, shared experts, routed ex
 A preset names the groups it asks for; `lora_config_for` turns them into a PEFT `LoraConfig` whose
 `target_modules` is a regex over full module names and whose `target_parameters` name the fused expert
 weights. `coverage_table` then walks the adapted model module by module, and `check_coverage` fails loudly
-when what was applied differs from what was asked (PEFT 0.21 silently re-targets `*_proj` names on MoE
-models; see train/adapters.py for how we keep it from doing so).
+when what was applied differs from what was asked (PEFT silently re-targets `*_proj` names on MoE
+models; persona_lora/peft_compat.py keeps it from doing so).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from persona_lora.errors import ConfigError
+from persona_lora.peft_compat import lora_module_label
 
 ATTENTION = "attention"
 DENSE_MLP = "dense MLP"
@@ -166,12 +167,8 @@ def coverage_table(peft_model, asked_groups: list[str]) -> list[dict]:
     for name, mod in base.named_modules():
         if not hasattr(mod, "lora_A") or not len(getattr(mod, "lora_A")):
             continue
-        if type(mod).__name__ == "ParamWrapper":
-            g = ROUTED_EXPERTS
-            label = f"{name.removesuffix('.base_layer')}.{mod.parameter_name}"
-        else:
-            g = group_of(name)
-            label = name
+        experts, label = lora_module_label(name, mod)
+        g = ROUTED_EXPERTS if experts else group_of(name)
         row = rows.setdefault(g, {"group": g, "modules": 0, "params": 0, "names": []})
         row["modules"] += 1
         row["names"].append(label)

@@ -25,8 +25,10 @@ def make_random_adapter(
     import torch
 
     from persona_lora.train import presets
-    from persona_lora.train.adapters import attach_new_adapter
-    from persona_lora.train.manifest import SCHEMA, now_iso, write_manifest
+    from persona_lora import __version__
+    from persona_lora.artifact import BaseModelInfo, ChatInfo, LoraInfo, Manifest, now_iso, write_manifest
+    from persona_lora.peft_compat import attach_new_adapter
+    from persona_lora.train import presets
     from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
 
     out = Path(out)
@@ -42,13 +44,14 @@ def make_random_adapter(
     peft_model.peft_config["default"].base_model_name_or_path = rb.id
     peft_model.save_pretrained(out, save_embedding_layers=False)
     (out / "README.md").unlink(missing_ok=True)
-    write_manifest(out, {
-        "schema": SCHEMA, "kind": "adapter", "name": out.name, "created_at": now_iso(), "persona_lora_version": "0.1.0",
-        "base_model": {"id": rb.id, "source": rb.source, "revision": None, "config_sha256": rb.config_sha256,
-                       "model_type": model.config.model_type, "architectures": list(model.config.architectures or [])},
-        "chat": {"system_prompt": system_prompt, "chat_template": load_tokenizer(rb).chat_template,
-                 "template_source": "base", "train_on": "all", "overlong": "truncate", "max_length": 256},
-        "lora": {"preset": preset, "r": r, "alpha": alpha, "dropout": 0.0, "dropout_note": note,
-                 "target_modules": spec.target_modules, "target_parameters": spec.target_parameters},
-    })
+    write_manifest(out, Manifest(
+        kind="adapter", name=out.name, created_at=now_iso(), persona_lora_version=__version__,
+        base_model=BaseModelInfo(id=rb.id, source=rb.source, revision=None, config_sha256=rb.config_sha256,
+                                 model_type=model.config.model_type,
+                                 architectures=list(model.config.architectures or [])),
+        chat=ChatInfo(system_prompt=system_prompt, chat_template=load_tokenizer(rb).chat_template,
+                      template_source="base", train_on="all", overlong="truncate", max_length=256),
+        lora=LoraInfo(preset=preset, r=r, alpha=alpha, dropout=0.0, dropout_note=note,
+                      target_modules=spec.target_modules, target_parameters=spec.target_parameters),
+    ))
     return out

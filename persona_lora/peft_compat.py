@@ -1,0 +1,311 @@
+"""Everything persona-lora knows about PEFT's and transformers' private behaviour, in one place.
+
+Verified on peft 0.21.2 with transformers 5.24 (the pins in pyproject.toml). When the PEFT pin moves, audit this
+module only, then run the canary tests in tests/test_peft_compat.py; they fail when any assumption below stops
+holding. What is assumed, and where it is used:
+
+1. The MoE target rewrite. When PEFT injects LoRA into a MoE model (DeepSeek-V2 and the `MOE_REWRITTEN_LEAVES`
+   model types), it converts the adapter config "from transformers 4 to 5": every `target_modules` entry ending
+   in gate/up/down_proj becomes `target_parameters` on the fused routed experts, and the dense MLP of layer 0 and
+   the shared experts are silently left out. Our adapter configs are written against the transformers-5 model
+   already, so `native_targets()` switches the rewrite off (it replaces
+   `peft.utils.transformers_weight_conversion.convert_peft_config_for_transformers`) while one of our adapters
+   is created or loaded. Used by `attach_new_adapter`/`load_adapter` (training, demo, merge, tests).
+2. Dropout on fused experts. PEFT's `ParamWrapper` (LoRA on a 3-D expert parameter) refuses `lora_dropout != 0`,
+   so a config with experts carries 0 and `attach_new_adapter` swaps dropout back into the linear LoRA layers.
+3. `ParamWrapper` internals that merge needs (`expert_lora_layout`): which parameter it wraps, how many experts,
+   whether PEFT swapped in/out features, and that `lora_A` is (r*E, in) with experts outer and `lora_B`
+   (out, r*E) with experts inner.
+4. Per-row LoRA in one batch (`RowRouting`, used by the demo engine). Vanilla linear LoRA computes
+   `lora_B(lora_A(x)) * scaling[adapter]`, so a per-row tensor as `scaling` (the adapter's scale on adapter
+   rows, 0 on base rows) serves both sides of a batch; PEFT's `adapter_names` mixed-batch path is the fallback
+   for layers with a LoRA variant (DoRA, …). `ParamWrapper` refuses mixed batches, so its forward is replaced
+   by one that splits the flattened (rows*seq) expert inputs by row.
+5. `MOE_REWRITTEN_LEAVES`: the model types PEFT 0.21 rewrites, and which leaf names (transformers 5.24
+   `_MODEL_TO_CONVERSION_PATTERN`, PEFT `_MOE_TARGET_MODULE_MAPPING`). Hard-coded so a card renders the same
+   whatever library versions the machine has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VERIFIED_PEFT = "0.21.2"
+_lock = threading.RLock()
+
+_QWEN2_MOE_LIKE = (
+    "Dots3NoteTextModel afmoe deepseek_v2 deepseek_v3 deepseek_v32 dots1 ernie4_5_moe glm4_moe glm4_moe_lite "
+    "glm_moe_dsa glm4v_moe longcat_flash solar_open mellum qwen3_moe beam qwen3_omni_moe qwen3_omni_moe_thinker "
+    "qwen3_omni_moe_text qwen3_next hunyuan_v1_moe flex_olmo olmoe sarvam_mla exaone_moe cohere2_moe"
+).split()
+MOE_REWRITTEN_LEAVES: dict[str, tuple[str, ...]] = {
+    **{t: ("gate_proj", "up_proj", "down_proj", "gate") for t in _QWEN2_MOE_LIKE},
+    "minimax": ("w1", "w2", "w3", "gate"),
+    "minimax_m2": ("w1", "w2", "w3", "gate"),
+}
+BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+# ------------------------------------------------------------------------------------------------ 1, 2: attach/load
+
+
+@contextlib.contextmanager
+def native_targets():
+    """Disable PEFT's v4->v5 target rewrite while our (already v5-native) adapter is injected or loaded."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    with _lock:
+        original = conversion.convert_peft_config_for_transformers
+        conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            conversion.convert_peft_config_for_transformers = original
+
+
+def is_param_wrapper(module) -> bool:
+    """LoRA on a fused (3-D) expert parameter."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return isinstance(module, ParamWrapper)
+
+
+def attach_new_adapter(model, lora_config, *, dropout: float = 0.0, adapter_name: str = "default"):
+    """Wrap `model` in a PeftModel with a fresh adapter, coverage exactly as configured. When the config had to
+    carry dropout 0 because of the fused experts, put `dropout` back on the linear LoRA layers.
+    Returns (peft_model, dropout_note or None)."""
+    import torch.nn as nn
+    from peft import get_peft_model
+
+    with native_targets():
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    note = None
+    if dropout and lora_config.lora_dropout == 0 and lora_config.target_parameters:
+        n = 0
+        for _, mod in peft_model.named_modules():
+            if is_param_wrapper(mod) or not hasattr(mod, "lora_dropout"):
+                continue
+            if adapter_name in mod.lora_dropout:
+                mod.lora_dropout[adapter_name] = nn.Dropout(p=dropout)
+                n += 1
+        note = (f"dropout {dropout} on the {n} linear LoRA layers; 0 on the fused routed experts (PEFT's "
+                "ParamWrapper does not support dropout)")
+        log.info(note)
+    return peft_model, note
+
+
+def load_adapter(model, adapter_dir: str | Path, adapter_name: str = "default", *, is_trainable: bool = False):
+    """Load one of our adapters onto a base model (a PreTrainedModel, or a PeftModel that already holds others)
+    with the coverage it was trained with. Returns the PeftModel."""
+    from peft import PeftModel
+
+    from persona_lora.artifact import require_adapter_files
+
+    adapter_dir = require_adapter_files(adapter_dir)
+    with native_targets():
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+            return model
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
+                                         is_trainable=is_trainable)
+
+
+# ------------------------------------------------------------------------------------------------ 3: ParamWrapper
+
+
+@dataclass(frozen=True)
+class ExpertLora:
+    """How a `ParamWrapper` lays out LoRA on a fused (E, a, b) parameter."""
+
+    parameter: str  # the wrapped parameter's name, e.g. gate_up_proj
+    num_experts: int
+    swapped: bool  # True: the parameter is stored (E, out, in)
+    param_shape: tuple
+
+
+def expert_lora_layout(module) -> ExpertLora:
+    """Read a `ParamWrapper`'s layout (merge turns it into per-expert deltas)."""
+    param = module.get_param()
+    return ExpertLora(module.parameter_name, int(module.num_experts), bool(module._did_swap_in_out_features),
+                      tuple(param.shape))
+
+
+def expert_factors(layout: ExpertLora, a, b, e: int):
+    """(left, right) with left @ right = expert e's delta without scaling, oriented like parameter[e].
+    `a` is (r*E, in) with experts outer, `b` is (out, r*E) with experts inner."""
+    E = layout.num_experts
+    a_e = a.reshape(E, -1, a.shape[-1])[e]  # (r, in)
+    b_e = b.reshape(b.shape[0], -1, E)[:, :, e]  # (out, r)
+    return (b_e, a_e) if layout.swapped else (a_e.t(), b_e.t())
+
+
+def lora_module_label(name: str, module) -> tuple[bool, str]:
+    """(is fused experts, label) of an adapted module: expert wrappers are named by the parameter they adapt."""
+    if is_param_wrapper(module):
+        return True, f"{name.removesuffix('.base_layer')}.{module.parameter_name}"
+    return False, name
+
+
+def is_plain_lora_linear(module) -> bool:
+    """PEFT's LoRA `Linear` (a module merge can fold as scaling * B @ A)."""
+    from peft.tuners.lora.layer import Linear
+
+    return isinstance(module, Linear)
+
+
+# ------------------------------------------------------------------------------------------------ 4: per-row LoRA
+
+
+class RowRouting:
+    """Give each row of a batch its own adapter (or none) in one forward pass of a PeftModel.
+
+    `install(peft_model)` after every adapter load or delete; then `with routing.rows(keys, active):` around each
+    forward, where `keys` has one entry per batch row (`BASE_ROW` or the active adapter's name)."""
+
+    def __init__(self):
+        self._row_keys: list[str] | None = None
+        self._active: str | None = None
+        self._handles: list = []
+        self._lora_linears: list = []
+        self._masked: dict[int, tuple] = {}
+
+    def install(self, peft_model) -> None:
+        """(Re)install the hooks on the LoRA modules present now: linear LoRA layers get a pre-hook that gives
+        them the per-row scaling (or PEFT's `adapter_names`); the outermost `ParamWrapper` of each fused-experts
+        module gets a forward that routes rows itself."""
+        from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        for item in self._handles:
+            if isinstance(item, ParamWrapper):
+                item.__dict__.pop("forward", None)  # back to the class's forward
+            else:
+                item.remove()
+        self._handles = []
+        inner = peft_model.get_base_model()
+        wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
+        nested = {id(w.base_layer) for w in wrappers}
+        self._lora_linears = [m for m in inner.modules() if isinstance(m, Linear)]
+        for m in inner.modules():
+            if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper):
+                self._handles.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
+        for w in wrappers:
+            if id(w) not in nested:
+                w.forward = self._expert_forward(w, w.forward, w.get_base_layer())
+                self._handles.append(w)
+
+    @contextlib.contextmanager
+    def rows(self, keys: list[str], active: str):
+        """Route the next forward pass: row i uses `keys[i]` (`BASE_ROW` or `active`, the PeftModel's active
+        adapter). A batch with no base row runs on PEFT's plain path."""
+        import torch
+
+        self._active = active
+        self._row_keys = None if BASE_ROW not in keys else list(keys)
+        if self._row_keys is None:
+            yield
+            return
+        masked = []
+        by_device = {}
+        for m in self._lora_linears:
+            if active in m.lora_A and active not in m.lora_variant:
+                weight = m.lora_B[active].weight
+                where = (weight.dtype, weight.device)
+                if where not in by_device:
+                    by_device[where] = torch.tensor([0.0 if k == BASE_ROW else 1.0 for k in keys],
+                                                    dtype=weight.dtype, device=weight.device)
+                self._masked[id(m)] = (active, m.scaling[active], by_device[where])
+                masked.append(m)
+        try:
+            yield
+        finally:
+            for m in masked:
+                key, scale, _ = self._masked[id(m)]
+                m.scaling[key] = scale
+            self._masked.clear()
+            self._row_keys = None
+
+    def _inject_rows(self, module, args, kwargs):
+        keys = self._row_keys
+        # A layer without the active adapter computes the base for every row on PEFT's plain path.
+        if keys is None or self._active not in getattr(module, "lora_A", (self._active,)):
+            return args, kwargs
+        masked = self._masked.get(id(module))
+        if masked is not None and args and _mask_scaling(module, masked, args[0], len(keys)):
+            return args, kwargs
+        kwargs["adapter_names"] = keys
+        return args, kwargs
+
+    def _expert_forward(self, wrapper, adapted, bare):
+        """Forward of a fused-experts LoRA wrapper that serves rows with different adapters. Dim 0 of the experts'
+        inputs is rows x seq in row-major order (transformers flattens (batch, seq) before calling the experts),
+        so row i owns one contiguous slice: base rows go through the bare experts module, adapter rows through
+        the wrapper with the active adapter."""
+        import torch
+
+        def forward(x, *args, **kwargs):
+            keys = self._row_keys
+            if keys is None:
+                return adapted(x, *args, **kwargs)
+            keys = [k if k in wrapper.lora_A else BASE_ROW for k in keys]  # an adapter without experts LoRA
+            if all(k == BASE_ROW for k in keys):
+                return bare(x, *args, **kwargs)
+            total = x.shape[0]
+            if total % len(keys):
+                raise RuntimeError(f"cannot split {total} expert inputs into {len(keys)} rows; use --no-mixed-batch")
+            per = total // len(keys)
+
+            def cut(t, part):  # every per-token input (hidden states, routing indices and weights)
+                return t[part] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == total else t
+
+            out = []
+            for i, key in enumerate(keys):
+                part = slice(i * per, (i + 1) * per)
+                fn = bare if key == BASE_ROW else adapted
+                out.append(fn(x[part], *[cut(a, part) for a in args], **{k: cut(v, part) for k, v in kwargs.items()}))
+            return torch.cat(out, dim=0)
+
+        return forward
+
+
+def _mask_scaling(module, masked, x, n_rows: int) -> bool:
+    """Give `module.scaling` the per-row mask shaped for this input: (rows, 1, 1) for (rows, seq, in),
+    (rows*seq, 1) for flattened (rows*seq, in). False (PEFT's mixed-batch path instead) for other shapes."""
+    key, scale, rows = masked
+    if x.dim() == 3 and x.shape[0] == n_rows:
+        module.scaling[key] = rows.view(-1, 1, 1) * scale
+    elif x.dim() == 2 and x.shape[0] % n_rows == 0:
+        module.scaling[key] = rows.repeat_interleave(x.shape[0] // n_rows).view(-1, 1) * scale
+    else:
+        module.scaling[key] = scale
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ 5: model types
+
+
+def needs_moe_rewrite_off(model_type: str | None, *target_lists) -> bool:
+    """Whether stock PEFT would re-target an adapter of `model_type` onto the fused routed experts when loading it.
+
+    Each of `target_lists` is a list of target module names or a string (PEFT's "all-linear", or a regex that
+    PEFT resolves against the model); the answer is yes exactly when such a target names a rewritten leaf on a
+    rewritten model type."""
+    leaves = MOE_REWRITTEN_LEAVES.get(model_type or "")
+    if not leaves:
+        return False
+    names: list[str] = []
+    for targets in target_lists:
+        if isinstance(targets, str):
+            if targets.lower() == "all-linear" or any(leaf in targets for leaf in leaves):
+                return True
+            names.append(targets)
+        elif isinstance(targets, (list, tuple, set)):
+            names += [str(t) for t in targets]
+    return any(t == leaf or t.endswith("." + leaf) for t in names for leaf in leaves)

@@ -1,0 +1,133 @@
+"""The manifest of a finished (or interrupted) training run, built from the run's typed parts.
+
+Cards, hub tools, merge and the demo read only the manifest (and PEFT's own files), so everything they say
+about a run comes from here: base, data and what became of it, formatting, LoRA asked and applied, every
+hyperparameter, losses, samples, library versions, time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from persona_lora import __version__
+from persona_lora.artifact import (
+    BaseModelInfo,
+    ChatInfo,
+    CoverageRow,
+    DatasetInfo,
+    FilesInfo,
+    HistoryEntry,
+    LoraInfo,
+    Manifest,
+    Metrics,
+    RunInfo,
+    Sample,
+    TrainingInfo,
+    environment,
+    now_iso,
+)
+from persona_lora.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from persona_lora.train.model_setup import AdaptedModel
+    from persona_lora.train.prepare import PreparedData
+    from persona_lora.train.trainer import RunSetup, TrainResult
+
+HISTORY_KEYS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
+
+
+def metrics_from_history(history: list[dict]) -> Metrics:
+    """Trainer's log history -> train/eval loss points and the summary figures."""
+    rows = []
+    for h in history:
+        row = {k: h[k] for k in HISTORY_KEYS if k in h}
+        if "loss" in row or "eval_loss" in row:
+            rows.append(HistoryEntry(**row))
+    train = [r.loss for r in rows if r.loss is not None]
+    evals = [r.eval_loss for r in rows if r.eval_loss is not None]
+    return Metrics(
+        history=rows,
+        final_train_loss=train[-1] if train else None,
+        first_train_loss=train[0] if train else None,
+        final_eval_loss=evals[-1] if evals else None,
+        best_eval_loss=min(evals) if evals else None,
+        steps=max((r.step for r in rows if r.step is not None), default=0),
+    )
+
+
+def base_model_info(setup: RunSetup, num_parameters: int) -> BaseModelInfo:
+    rb = setup.base
+    model_type = architectures = license_ = None
+    try:
+        bc = json.loads((rb.path / "config.json").read_text())
+        model_type, architectures = bc.get("model_type"), bc.get("architectures")
+        license_ = _base_license(rb.path)
+    except (OSError, ValueError):
+        pass
+    return BaseModelInfo(id=rb.id, source=rb.source, revision=rb.revision, config_sha256=rb.config_sha256,
+                         model_type=model_type, architectures=architectures, num_parameters=num_parameters,
+                         license=license_)
+
+
+def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel,
+                   result: TrainResult, samples: list[Sample], out: Path) -> Manifest:
+    t = cfg.training
+    base = base_model_info(setup, model.total - model.trainable)
+    metrics = metrics_from_history(result.history)
+    loaded = data.loaded
+    return Manifest(
+        kind="adapter",
+        name=cfg.name or out.resolve().name,
+        created_at=now_iso(),
+        persona_lora_version=__version__,
+        license=cfg.license or base.license,
+        base_model=base,
+        dataset=DatasetInfo(name=loaded.name, source=loaded.source, hub_id=getattr(loaded, "hub_id", None),
+                            sha256=loaded.sha256, license=None, language=list(cfg.data.language), stats=data.stats),
+        chat=ChatInfo(system_prompt=cfg.data.system_prompt, chat_template=setup.tokenizer.chat_template,
+                      template_source=setup.template_source, train_on=cfg.data.train_on,
+                      overlong=cfg.data.overlong, max_length=cfg.data.max_length),
+        lora=LoraInfo(
+            preset=cfg.lora.preset, asked_target_modules=cfg.lora.target_modules, r=cfg.lora.r, alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout, dropout_note=model.dropout_note,
+            coverage=[CoverageRow(**{k: v for k, v in row.items() if k != "names"}) for row in model.coverage],
+            target_modules=model.spec.target_modules, target_parameters=model.spec.target_parameters,
+            trainable_params=model.trainable, total_params=model.total,
+        ),
+        training=TrainingInfo(
+            learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_ratio=t.warmup_ratio,
+            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, epochs=t.epochs, max_steps=t.max_steps,
+            per_device_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+            effective_batch_size=t.batch_size * t.gradient_accumulation_steps * result.world_size,
+            max_length=cfg.data.max_length, seed=t.seed, dtype=str(setup.dtype).replace("torch.", ""),
+            device=setup.device, load_in_4bit=cfg.base.load_in_4bit,
+            gradient_checkpointing=setup.gradient_checkpointing, eval_fraction=cfg.data.eval_fraction,
+            group_by_length=t.group_by_length, packing=t.packing, world_size=result.world_size,
+        ),
+        metrics=metrics,
+        samples=samples,
+        environment=environment(),
+        run=RunInfo(
+            wall_time_s=round(result.wall_time_s, 2),
+            trained_tokens=result.tokens,
+            tokens_per_second=round(result.tokens / result.wall_time_s, 1) if result.wall_time_s > 0 else None,
+            resumed=result.resumed,
+            interrupted=result.interrupted,
+        ),
+        files=FilesInfo(loss_curve="loss.png" if metrics.history else None),
+    )
+
+
+def _base_license(path: Path) -> str | None:
+    """The base's license from its README's YAML header, when it has one."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(readme).data.to_dict().get("license")
+    except Exception:  # a README without a YAML header is normal
+        return None
