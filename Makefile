@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
 
-.PHONY: install quickstart test test-fast browser-deps bench clean
+.PHONY: install quickstart lint test test-fast browser-deps bench schema-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,11 +42,18 @@ browser-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium not installed and not root: the browser test will be skipped"; fi
 
-test: $(STAMP) browser-deps
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) browser-deps lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+# docs/ARCHITECTURE.md's manifest schema is generated from persona_lora/artifact.py (a test compares them)
+schema-docs: $(STAMP)
+	$(BIN)/python -c "from persona_lora.artifact import write_schema_doc; write_schema_doc('docs/ARCHITECTURE.md')"
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

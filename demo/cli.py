@@ -10,29 +10,36 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from pathlib import Path
 
 from persona_lora.errors import UsageError
+from persona_lora.hub_ids import add_hub_option, add_source_option
 
 log = logging.getLogger(__name__)
 
 AUTH_ENV = "PERSONA_LORA_DEMO_AUTH"
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="chat with a base model and its adapters side by side; blind A/B votes",
-        description="Serve a Gradio app: the base's and an adapter's answers side by side (streaming, one resident "
-        "model for all adapters), blind A/B votes stored in SQLite with win rates, export of the votes as a DPO "
-        "preference dataset, and a `compare` API endpoint for scripts (gradio_client).",
-    )
+def default_votes_path() -> Path:
+    """Votes are state the user creates: they live in the user's state folder (`$XDG_STATE_HOME`, by default
+    ~/.local/state), never in the working tree."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "persona-lora" / "votes.sqlite"
+
+
+def configure_demo(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Serve a Gradio app: the base's and an adapter's answers side by side (streaming, one resident model for "
+        "all adapters), blind A/B votes stored in SQLite with win rates, export of the votes as a DPO preference "
+        "dataset, and a `compare` API endpoint for scripts (gradio_client).")
     p.add_argument("--base", required=True, metavar="BASE", help="base model: local folder or hub id")
     p.add_argument("--revision", metavar="REV", help="revision of a hub base")
-    p.add_argument("--source", default="auto", choices=("auto", "local", "hf", "modelscope"), help="where --base lives")
+    add_source_option(p)
     p.add_argument("--adapter", action="append", default=[], metavar="DIR_OR_REPO_ID",
                    help="an adapter folder or hub id (owner/name[@revision]); repeat for several. More can be added "
                         "from the page while it runs")
-    p.add_argument("--hub", default="hf", choices=("hf", "modelscope"), help="hub for adapter ids (default hf)")
+    add_hub_option(p, help_prefix="hub for adapter ids and the votes push: ")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template for a base whose tokenizer has none")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -40,12 +47,15 @@ def register(subparsers) -> None:
                    help="also open a public gradio.live link (needs the internet; use with --auth)")
     p.add_argument("--auth", metavar="USER:PASSWORD",
                    help=f"require this login (or set {AUTH_ENV}=USER:PASSWORD to keep it out of the process list)")
-    p.add_argument("--votes", metavar="PATH", default="persona-lora-votes.sqlite",
-                   help="SQLite file for A/B votes (default ./persona-lora-votes.sqlite)")
+    p.add_argument("--votes", metavar="PATH", default=None,
+                   help="SQLite file for A/B votes (default: persona-lora/votes.sqlite in $XDG_STATE_HOME, "
+                        "~/.local/state when unset)")
     p.add_argument("--push-votes-to", metavar="REPO_ID",
-                   help="add a button that pushes the votes to this Hugging Face dataset repo (server's HF_TOKEN)")
-    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="server-side cap on new tokens (default 512)")
-    p.add_argument("--max-input-chars", type=int, default=4000, metavar="N", help="longest accepted message (default 4000)")
+                   help="add a button that pushes the votes to this dataset repo on --hub (server's token)")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="server-side cap on new tokens (default 512)")
+    p.add_argument("--max-input-chars", type=int, default=4000, metavar="N",
+                   help="longest accepted message (default 4000)")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, metavar="N",
                    help="longest prompt; older turns are dropped beyond it (default 2048)")
     p.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests decoded at once (default 8)")
@@ -55,7 +65,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-mixed-batch", action="store_true",
                    help="decode the two sides one after the other instead of in one batch (slower; a fallback for "
                         "MoE layouts the batched path does not know)")
-    p.set_defaults(func=cmd_demo)
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -83,14 +92,16 @@ def check_args(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def build_from_args(args: argparse.Namespace):
-    """(engine, demo, auth) from parsed options, without launching: what `cmd_demo` serves."""
+    """(engine, demo, auth) from parsed options, without launching: what `run_demo` serves."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = check_args(args)
     from persona_lora.demo.app import build_demo
     from persona_lora.demo.engine import Engine
     from persona_lora.demo.votes import VoteStore
 
-    votes = VoteStore(args.votes)
+    votes_path = Path(args.votes) if args.votes else default_votes_path()
+    votes = VoteStore(votes_path, hub=args.hub)
+    print(f"A/B votes are stored in {votes_path}", file=sys.stderr)
     engine = Engine(args.base, revision=args.revision, source=args.source, device=args.device, dtype=args.dtype,
                     chat_template=args.chat_template, max_new_tokens_cap=args.max_new_tokens,
                     max_prompt_tokens=args.max_prompt_tokens, hub=args.hub, mixed_batch=not args.no_mixed_batch)
@@ -106,7 +117,7 @@ def build_from_args(args: argparse.Namespace):
     return engine, demo, auth
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     engine, demo, auth = build_from_args(args)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,

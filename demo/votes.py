@@ -23,7 +23,6 @@ from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
-from persona_lora import __version__
 from persona_lora.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -78,10 +77,11 @@ def winner_of(vote: str, a_side: str) -> str:
 
 
 class VoteStore:
-    """The votes database at `path` (created with its folder when missing)."""
+    """The votes database at `path` (created with its folder when missing); `hub` is where `push_to_hub` goes."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, hub: str = "hf"):
         self.path = Path(path).expanduser()
+        self.hub = hub
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as db:
@@ -183,34 +183,25 @@ class VoteStore:
 
     def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None,
                     message: str | None = None) -> str:
-        """Upload the votes as a Hugging Face *dataset* repo (one commit): `preferences.jsonl` (the default config,
-        ready for DPO), `votes.jsonl` (raw votes) and a README. Returns the repo URL.
+        """Upload the votes as a *dataset* repo on the store's hub, in one commit: `preferences.jsonl` (the
+        default config, ready for DPO), `votes.jsonl` (raw votes) and a README. Returns the repo URL."""
+        from persona_lora.hub_tools.backends import backend
 
-        hub_tools.push handles model/adapter folders only, so this speaks to the Hub through HfApi with
-        hub_tools' endpoint, token and error handling."""
-        from huggingface_hub import CommitOperationAdd, HfApi, get_token
-
-        from persona_lora.hub_tools.errors import hf_endpoint, hf_errors, missing_token
-
-        endpoint = hf_endpoint()
-        token = token or get_token()
+        be = backend(self.hub)
+        be.check_commit(repo_id)
+        token = be.token(token)
         if not token:
-            raise missing_token("push votes")
-        api = HfApi(endpoint=endpoint, token=token, library_name="persona-lora", library_version=__version__)
-        with tempfile.TemporaryDirectory() as tmp, hf_errors("push votes to", repo_id, endpoint=endpoint, token=token):
-            pairs = self.export_preferences(Path(tmp) / "preferences.jsonl")
-            n = self.export_votes(Path(tmp) / "votes.jsonl")
-            (Path(tmp) / "README.md").write_text(_dataset_card(pairs, n, self.win_rates()), encoding="utf-8")
-            if "/" not in repo_id:
-                repo_id = f"{api.whoami()['name']}/{repo_id}"
-            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(Path(tmp) / f))
-                   for f in ("README.md", "preferences.jsonl", "votes.jsonl")]
-            api.create_commit(repo_id, ops, repo_type="dataset",
-                              commit_message=message or f"Upload {n} A/B votes ({pairs} preference pairs) with persona-lora")
-        url = f"{endpoint}/datasets/{repo_id}"
-        log.info("pushed %d votes (%d pairs) to %s", n, pairs, url)
-        return url
+            raise be.missing_token("push votes")
+        with tempfile.TemporaryDirectory() as tmp, be.errors("push votes to", repo_id, token=token):
+            folder = Path(tmp)
+            pairs = self.export_preferences(folder / "preferences.jsonl")
+            n = self.export_votes(folder / "votes.jsonl")
+            (folder / "README.md").write_text(_dataset_card(pairs, n, self.win_rates()), encoding="utf-8")
+            message = message or f"Upload {n} A/B votes ({pairs} preference pairs) with persona-lora"
+            result = be.commit(repo_id, folder, ["README.md", "preferences.jsonl", "votes.jsonl"], repo_type="dataset",
+                               private=private, message=message, token=token)
+        log.info("pushed %d votes (%d pairs) to %s", n, pairs, result.url)
+        return result.url
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -15,21 +15,16 @@ from persona_lora.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "card",
-        help="regenerate the model card (README.md) of an adapter or merged-model folder",
-        description="Write README.md (Hub metadata + card) and the loss curve PNG from the folder's "
-        "persona_manifest.json and adapter_config.json. Text between the persona-lora user-section markers "
-        "of an existing README.md is kept.",
-    )
+def configure_card(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write README.md (Hub metadata + card) and the loss curve PNG from the folder's "
+                     "persona_manifest.json and adapter_config.json. Text between the persona-lora user-section "
+                     "markers of an existing README.md is kept.")
     p.add_argument("adapter_dir", type=Path, metavar="ADAPTER_DIR", help="adapter (or merged model) folder")
     p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
                    help="Hub repo id to show in the usage snippet (default: the folder's manifest name)")
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_card(args: argparse.Namespace) -> int:
     from persona_lora.model_cards.cards import write_card
 
     if args.repo_id is not None and not args.repo_id.strip():

@@ -1,64 +1,84 @@
-"""The one `persona-lora` command.
+"""The one `persona-lora` command: a table of subcommands, each mapped to the module that implements it.
 
-Each package registers its own subcommands through a `register(subparsers)` function listed in
-`SUBCOMMAND_MODULES`; a module that is not written yet is simply absent. `main(argv) -> int` is what tests
-call; `run()` is the console entry point. User mistakes (`PersonaLoraError`) become one message on stderr
-and an exit code; anything else is a bug and keeps its traceback.
+`COMMANDS` is the whole command line: every subcommand is found by reading that one list. Each CLI module follows
+one convention: `configure_<command>(parser)` adds the options, `run_<command>(args) -> int` runs it. The CLI
+modules import only argparse-level code, so building the parser stays fast; the work is imported by the
+handlers. `main(argv) -> int` is what tests call; `run()` is the console entry point. User mistakes
+(`PersonaLoraError`) become one message on stderr and an exit code; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from persona_lora import __version__
+from persona_lora.demo import cli as demo_cli
 from persona_lora.errors import PersonaLoraError
+from persona_lora.hub_tools import cli as hub_cli
+from persona_lora.hub_tools import merge_cli
+from persona_lora.model_cards import cli as card_cli
+from persona_lora.train import data_cli, tiny_base_cli, train_cli
 
-# Modules that add subcommands, in help order. Each defines `register(subparsers) -> None`, and each
-# subparser sets `func=callable(args) -> int`.
-SUBCOMMAND_MODULES = [
-    "persona_lora.train.tiny_base_cli",
-    "persona_lora.train.data_cli",
-    "persona_lora.train.train_cli",
-    "persona_lora.model_cards.cli",
-    "persona_lora.hub_tools.cli",
-    "persona_lora.demo.cli",
-]
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = (
+    Command("tiny-base", "build a toy base model with the real DeepSeek-V2 architecture and checkpoint layout",
+            tiny_base_cli.configure_tiny_base, tiny_base_cli.run_tiny_base),
+    Command("data", "validate and preview datasets", data_cli.configure_data, data_cli.run_data),
+    Command("train", "train a LoRA adapter from a YAML config", train_cli.configure_train, train_cli.run_train),
+    Command("card", "regenerate the model card (README.md) of an adapter or merged-model folder",
+            card_cli.configure_card, card_cli.run_card),
+    Command("push", "upload an adapter (or merged model) folder to a hub as one commit",
+            hub_cli.configure_push, hub_cli.run_push),
+    Command("pull", "download an adapter from a hub and verify it", hub_cli.configure_pull, hub_cli.run_pull),
+    Command("list", "list the adapters published for a base model", hub_cli.configure_list, hub_cli.run_list),
+    Command("merge", "merge an adapter into its base model's weights (shard by shard)",
+            merge_cli.configure_merge, merge_cli.run_merge),
+    Command("demo", "chat with a base model and its adapters side by side; blind A/B votes",
+            demo_cli.configure_demo, demo_cli.run_demo),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persona-lora",
-        description="LoRA-fine-tune chat LLMs into personas, write their cards, move them to and from hubs, demo them.",
+        description="LoRA-fine-tune chat LLMs into personas, write their cards, move them to and from hubs, "
+        "demo them.",
     )
     parser.add_argument("--version", action="version", version=f"persona-lora {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # not written yet
-                continue
-            raise
-        module.register(sub)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help[:1].upper() + command.help[1:])
+        command.configure(p)
+        p.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    if not getattr(args, "run", None):
         parser.print_help()
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return int(args.func(args) or 0)
+        return int(args.run(args) or 0)
     except PersonaLoraError as e:
         print(f"persona-lora {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

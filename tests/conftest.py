@@ -1,7 +1,8 @@
 """Shared test fixtures.
 
-- Every test runs with HF_HOME, HF_TOKEN_PATH, MODELSCOPE_CACHE (and the XDG cache) in a temp dir, so no test
-  touches the user's cache or token, and hub access is offline unless a test starts the local hub server.
+- Every test runs with HF_HOME, HF_TOKEN_PATH, MODELSCOPE_CACHE (and the XDG cache and state folders) in a temp
+  dir, so no test touches the user's cache, token or votes, and hub access is offline unless a test starts the
+  local hub server.
 - `tiny_base` is the embedded DeepSeek-V2 toy base, built once per session (a few seconds); `tiny_llama` the
   dense variant. Tests must not modify them (copy first).
 """
@@ -28,6 +29,7 @@ def isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_TOKEN_PATH", str(home / "hf" / "token"))
     monkeypatch.setenv("MODELSCOPE_CACHE", str(home / "modelscope"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)
     yield

@@ -611,7 +611,7 @@ def test_modelscope_list_is_refused(modelscope_env):
 
 
 def test_modelscope_network_down_is_reported(modelscope_env, run_dir, monkeypatch):
-    from persona_lora.hub_tools.modelscope_hub import ms_endpoint
+    from persona_lora.hub_tools.ms_backend import ms_endpoint
 
     assert ms_endpoint() == modelscope_env
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-test-token-abcdefgh")

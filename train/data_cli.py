@@ -31,11 +31,9 @@ MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 ANSI_TRAINED, ANSI_RESET = "\033[1;32m", "\033[0m"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `persona-lora data` with its `check` and `preview` subcommands."""
-    data = subparsers.add_parser("data", help="validate and preview datasets",
-                                 description="Validate a dataset and see exactly what training will see.")
-    data.set_defaults(func=lambda args: _print_help(data))
+def configure_data(data: argparse.ArgumentParser) -> None:
+    """`persona-lora data` with its `check` and `preview` subcommands."""
+    data.description = "Validate a dataset and see exactly what training will see."
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
     check = sub.add_parser("check", help="validate a dataset and print statistics",
@@ -46,7 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--max-length", type=int, default=None,
                        help=f"count records longer than this many tokens (needs --base; default {DEFAULT_MAX_LENGTH})")
     _add_format_args(check)
-    check.set_defaults(func=cmd_check)
 
     preview = sub.add_parser("preview", help="show the exact training text with the trained spans marked",
                              description="Print the exact text each record becomes, with the tokens the model is "
@@ -61,7 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     preview.add_argument("--train-on", choices=["all", "last"], default="all",
                          help="train on every assistant turn or only the last (default all)")
     _add_format_args(preview)
-    preview.set_defaults(func=cmd_preview)
+    data.set_defaults(data_parser=data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """`data check` or `data preview`; `data` alone prints its help (usage error)."""
+    if args.data_command == "check":
+        return cmd_check(args)
+    if args.data_command == "preview":
+        return cmd_preview(args)
+    args.data_parser.print_help()
+    return 2
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -76,11 +83,6 @@ def _add_format_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-revision", default=None, help="revision of --base on its hub")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja chat template file, for a base whose tokenizer has none")
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 # ----------------------------------------------------------------------------------------------- check

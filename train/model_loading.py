@@ -7,17 +7,16 @@ provenance (id, source, revision) for the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from persona_lora.errors import ModelLoadError, UsageError
+from persona_lora.hashing import sha256_file
+from persona_lora.hub_ids import SOURCES, is_repo_id
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("auto", "local", "hf", "modelscope")
 # Only what a model needs, never pickled weights.
 BASE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "README.md", "LICENSE*"]
 
@@ -36,20 +35,9 @@ class ResolvedBase:
         return sha256_file(self.path / "config.json")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def _looks_like_path(base: str) -> bool:
     """Hub ids are `owner/name`; anything else that does not exist is a missing local folder."""
-    return not _HUB_ID.match(base) or base.startswith((".", "~"))
+    return not is_repo_id(base) or base.startswith((".", "~"))
 
 
 def resolve_base(base: str, *, revision: str | None = None, source: str = "auto") -> ResolvedBase:
@@ -67,9 +55,7 @@ def resolve_base(base: str, *, revision: str | None = None, source: str = "auto"
             raise ModelLoadError(f"{base} is not a model folder: it has no config.json")
         manifest_id = _recorded_hub_id(local)
         return ResolvedBase(local.resolve(), manifest_id or local.resolve().name, "local", revision)
-    if source == "modelscope":
-        return _from_modelscope(base, revision)
-    return _from_hf(base, revision)
+    return _from_hub("modelscope" if source == "modelscope" else "hf", base, revision)
 
 
 def _recorded_hub_id(folder: Path) -> str | None:
@@ -86,48 +72,15 @@ def _recorded_hub_id(folder: Path) -> str | None:
     return manifest.base_model.id if manifest.kind == "merged" else None
 
 
-def _from_hf(repo_id: str, revision: str | None) -> ResolvedBase:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+def _from_hub(hub: str, repo_id: str, revision: str | None) -> ResolvedBase:
+    """Download (or find in the hub client's cache, offline too) the files a model needs, never pickles."""
+    from persona_lora.hub_tools.backends import backend
 
-    try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=BASE_PATTERNS)
-    except GatedRepoError as e:
-        raise ModelLoadError(f"{repo_id} is gated: request access on its Hub page, then set HF_TOKEN") from e
-    except RevisionNotFoundError as e:
-        raise ModelLoadError(f"revision {revision!r} of {repo_id} was not found; check --revision") from e
-    except RepositoryNotFoundError as e:
-        raise ModelLoadError(
-            f"{repo_id} was not found on the Hub (or is private: set HF_TOKEN); if it is a local folder, check the path"
-        ) from e
-    except LocalEntryNotFoundError as e:
-        raise ModelLoadError(
-            f"cannot download {repo_id}: the Hub is unreachable and it is not in the local cache; "
-            f"check the network or HF_ENDPOINT, or give a local folder (there is no local folder {repo_id})"
-        ) from e
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelLoadError(f"cannot download {repo_id}: {e}; check the network or HF_ENDPOINT") from e
-    return ResolvedBase(Path(path), repo_id, "hf", revision)
-
-
-def _from_modelscope(model_id: str, revision: str | None) -> ResolvedBase:
-    try:
-        from modelscope import snapshot_download
-    except ImportError as e:  # pragma: no cover - modelscope is a dependency
-        raise ModelLoadError("source: modelscope needs the modelscope package: pip install modelscope") from e
-    try:
-        path = snapshot_download(model_id, revision=revision or "master", allow_patterns=BASE_PATTERNS)
-    except Exception as e:  # modelscope raises plain exceptions / requests errors
-        raise ModelLoadError(
-            f"cannot download {model_id} from ModelScope ({type(e).__name__}: {e}); check the id, the network or MODELSCOPE_DOMAIN"
-        ) from e
-    return ResolvedBase(Path(path), model_id, "modelscope", revision)
+    be = backend(hub)
+    hint = f" (there is no local folder {repo_id}; if you meant one, check the path)"
+    with be.errors("download base", repo_id, revision=revision, error_type=ModelLoadError, hint=hint):
+        path = be.snapshot(repo_id, revision=revision, commit=None, allow_patterns=BASE_PATTERNS)
+    return ResolvedBase(path, repo_id, hub, revision)
 
 
 def load_tokenizer(base: str | ResolvedBase, *, revision: str | None = None, source: str = "auto", chat_template_file: str | Path | None = None):

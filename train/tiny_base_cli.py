@@ -9,25 +9,23 @@ from pathlib import Path
 from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tiny-base",
-        help="build a toy base model with the real DeepSeek-V2 architecture and checkpoint layout",
-        description="Write a deterministic toy model folder (config, sharded safetensors in the original "
-        "per-expert layout, byte-level BPE tokenizer with the DeepSeek-V2 chat template).",
-    )
+def configure_tiny_base(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write a deterministic toy model folder (config, sharded safetensors in the original "
+                     "per-expert layout, byte-level BPE tokenizer with the DeepSeek-V2 chat template).")
     p.add_argument("out_dir", type=Path, help="folder to create (must not exist or be empty)")
     defaults = TinySpec()
-    p.add_argument("--arch", choices=["deepseek_v2", "llama"], default=defaults.arch, help="deepseek_v2 (MoE, default) or llama (dense)")
+    p.add_argument("--arch", choices=["deepseek_v2", "llama"], default=defaults.arch,
+                   help="deepseek_v2 (MoE, default) or llama (dense)")
     for f in fields(TinySpec):
         if f.name == "arch":
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(defaults, f.name), help=f"default {getattr(defaults, f.name)}")
-    p.add_argument("--corpus", type=Path, nargs="+", default=None, help="text/JSON files to train the tokenizer on (default: examples/data)")
-    p.set_defaults(func=_run)
+        default = getattr(defaults, f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=default, help=f"default {default}")
+    p.add_argument("--corpus", type=Path, nargs="+", default=None,
+                   help="text/JSON files to train the tokenizer on (default: the sample persona data)")
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_tiny_base(args: argparse.Namespace) -> int:
     spec = TinySpec(**{f.name: getattr(args, f.name) for f in fields(TinySpec)})
     out = build_tiny_base(args.out_dir, spec, args.corpus)
     print(out)

@@ -7,13 +7,9 @@ import argparse
 from persona_lora.train.config import field_help, load_config, parse_set
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a LoRA adapter from a YAML config",
-        description="Train a LoRA adapter. The YAML config has sections base, data, lora, training "
-        "(see configs/*.yaml and `persona-lora train --help-config`); flags override it.",
-    )
+def configure_train(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train a LoRA adapter. The YAML config has sections base, data, lora, training "
+                     "(see configs/*.yaml and `persona-lora train --help-config`); flags override it.")
     p.add_argument("config", nargs="?", help="YAML config file (optional: defaults + flags also work)")
     p.add_argument("--base", help="override base.model (local folder, HF id or ModelScope id)")
     p.add_argument("--data", help="override data.path")
@@ -26,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key, e.g. --set training.learning_rate=1e-4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, data statistics, LoRA coverage and estimates; do not train")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help text")
-    p.set_defaults(func=_run)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -49,7 +44,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return o
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     if args.help_config:
         for key, text in field_help().items():
             print(f"{key:<40} {text}")
