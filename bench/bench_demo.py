@@ -109,7 +109,7 @@ def _hf_generate_time(engine, name: str, turn, new_tokens: int, repeats: int) ->
 
     def go():
         engine.model.set_adapter(info.key)
-        engine._active = info.key
+        engine.resident.active = info.key
         ids = torch.tensor([encode_prompt(engine.tokenizer, conversation_for(turn, SYSTEM))], device=engine.device)
         times = []
         for _ in range(repeats + 1):

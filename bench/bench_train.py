@@ -5,7 +5,7 @@
 Same tiny DeepSeek-V2 base, same records (../shared/data/huanhuan.json when present, else our sample data),
 same number of training examples. Each recipe runs in its own process (so peak RSS is its own):
 
-- tutorial (DESIGN.md): fp32; LoRA r=8, alpha 32 (dropout 0: 0.1 no longer runs) on its target list, given to
+- tutorial (the widely copied recipe this project replaces): fp32; LoRA r=8, alpha 32 (dropout 0: 0.1 no longer runs) on its target list, given to
   plain PEFT (which on transformers 5 rewrites it to attention + routed experts); batch 1 x accumulation 8;
   gradient checkpointing; max length 384; DataCollatorForSeq2Seq; its hand-written prompt, EOS twice.
 - ours: `persona-lora train` as configured for a CPU (fp32, length-grouped batches of 16, no checkpointing on
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import peak_rss_mb  # noqa: E402
 HUANHUAN = REPO.parent / "shared" / "data" / "huanhuan.json"
-TUTORIAL_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LEAF_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TUTORIAL_SYSTEM = "假设你是皇帝身边的女人--甄嬛。"
 
 
@@ -66,7 +66,7 @@ def worker_tutorial(base: Path, data: Path, n: int) -> dict:
     tokens = sum(len(x) for x in ds["input_ids"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=TUTORIAL_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LEAF_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0))
     args = TrainingArguments(
         output_dir=str(data.parent / "tutorial-out"), per_device_train_batch_size=1, gradient_accumulation_steps=8,
         max_steps=n // 8, learning_rate=1e-5, gradient_checkpointing=True, save_strategy="no", report_to="none",

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TUTORIAL_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LEAF_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_model(scale: str, device: str, dtype):
@@ -77,7 +77,7 @@ def run(recipe: str, scale: str, steps: int, warmup: int) -> dict:
     if recipe == "tutorial":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=TUTORIAL_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0))
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LEAF_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0))
         batch, accum, group = 1, 8, False
     else:
         from persona_lora.train import presets

@@ -10,17 +10,15 @@ which base an adapter fits. `pull` refuses pickles unless asked, compares every 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from persona_lora.errors import HubError, ModelLoadError, VerificationError
-from persona_lora.hub_ids import HubRef, parse_hub_ref
+from persona_lora.hub_ids import HubRef, is_commit, parse_hub_ref
 from persona_lora.hub_tools.backends import RemoteFile, backend
 from persona_lora.hub_tools.files import is_pickle, matches_pull_patterns, pull_patterns
 from persona_lora.hub_tools.verify import check_base, discard_files, hash_problems, verify_content
 
 log = logging.getLogger(__name__)
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def pull(
@@ -101,7 +99,7 @@ def local_or_pulled(spec: str, *, hub: str = "hf", revision: str | None = None,
         folder = pull(ref.repo_id, hub=hub, revision=ref.revision)
     except HubError as e:
         raise HubError(f"{e} ({what} {spec} was tried as a hub id: there is no local folder of that name)") from e
-    return folder.resolve(), ref, folder.name if _COMMIT.match(folder.name) else None
+    return folder.resolve(), ref, folder.name if is_commit(folder.name) else None
 
 
 def list_adapters(base_id: str, *, hub: str = "hf", token: str | None = None) -> list[str]:

@@ -21,6 +21,7 @@ SOURCE_HELP = "where it lives: auto (a local folder if it exists, else Hugging F
 _PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _REPO_ID = re.compile(rf"^{_PART}/{_PART}$")
 _NAME = re.compile(rf"^{_PART}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class HubRef:
 def is_repo_id(text: str) -> bool:
     """`owner/name`, each part starting with a letter or digit (no path syntax, no `..`)."""
     return bool(_REPO_ID.match(text)) and ".." not in text
+
+
+def is_commit(text: str) -> bool:
+    """A full git commit id (what a hub snapshot folder is named after)."""
+    return bool(_COMMIT.match(text))
 
 
 def parse_hub_ref(text: str) -> HubRef | None:

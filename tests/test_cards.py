@@ -15,11 +15,12 @@ import pytest
 from huggingface_hub import ModelCard
 
 from persona_lora.artifact import MANIFEST_NAME
-from persona_lora.model_cards import cards
-from persona_lora.model_cards.cards import USER_END, USER_START, write_card
-from persona_lora.model_cards.plots import write_loss_curve
 from persona_lora.cli import main
 from persona_lora.errors import ManifestError, ModelLoadError
+from persona_lora.model_cards import privacy, sections
+from persona_lora.model_cards.cards import USER_END, USER_START, write_card
+from persona_lora.model_cards.plots import write_loss_curve
+from persona_lora.model_cards.snippet import needs_moe_rewrite_off
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cards"
 FILLERS = ["More Information Needed", "TODO", "N/A", "TBD", "| None |", "| null |", "| nan |", "| unknown |"]
@@ -257,14 +258,14 @@ def test_snippet_switches_off_peft_moe_rewrite_when_mlp_is_targeted(tmp_path):
 )
 def test_moe_rewrite_rule(model_type, targets, expected):
     m = {"base_model": {"model_type": model_type}, "lora": {"target_modules": targets}}
-    assert cards.needs_moe_rewrite_off(m, None) is expected
+    assert needs_moe_rewrite_off(m, None) is expected
 
 
 def test_moe_rewrite_rule_reads_adapter_config_too():
     m = {"base_model": {"model_type": "deepseek_v2"}, "lora": {"target_modules": ["q_proj"]}}
-    assert cards.needs_moe_rewrite_off(m, {"target_modules": ["q_proj", "mlp.down_proj"]})
-    assert cards.needs_moe_rewrite_off(m, {"target_modules": "all-linear"})
-    assert not cards.needs_moe_rewrite_off(m, {"target_modules": ["q_proj"]})
+    assert needs_moe_rewrite_off(m, {"target_modules": ["q_proj", "mlp.down_proj"]})
+    assert needs_moe_rewrite_off(m, {"target_modules": "all-linear"})
+    assert not needs_moe_rewrite_off(m, {"target_modules": ["q_proj"]})
 
 
 # ------------------------------------------------------------------------------------------------ privacy
@@ -292,24 +293,24 @@ def test_absolute_local_paths_and_home_never_leak(tmp_path, monkeypatch):
      ("C:\\Users\\x\\base", "base"), ("file:///srv/models/b", "b"), ("/", "local")],
 )
 def test_path_tail(value, expected):
-    assert cards.looks_like_local_path(value)
-    assert cards.path_tail(value) == expected
+    assert privacy.looks_like_local_path(value)
+    assert privacy.path_tail(value) == expected
 
 
 def test_layer_indices_are_folded():
     names = [f"model.layers.{i}.self_attn.q_proj" for i in range(27)] + ["model.layers.0.mlp.gate_proj"]
     names += [f"model.layers.{i}.mlp.shared_experts.up_proj" for i in (1, 2, 3, 5)]
-    assert cards.compress_layer_names(names) == [
+    assert sections.compress_layer_names(names) == [
         "model.layers.0.mlp.gate_proj", "model.layers.{0-26}.self_attn.q_proj",
         "model.layers.{1-3,5}.mlp.shared_experts.up_proj",
     ]
-    assert cards.compress_layer_names(["q_proj", "o_proj"]) == ["q_proj", "o_proj"]
+    assert sections.compress_layer_names(["q_proj", "o_proj"]) == ["q_proj", "o_proj"]
 
 
 def test_hub_ids_are_not_paths():
     for value in ("deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct", "persona_zh.json", "org/ds"):
-        assert not cards.looks_like_local_path(value)
-    assert cards.scrub({"base_model": {"id": "org/name"}}) == {"base_model": {"id": "org/name"}}
+        assert not privacy.looks_like_local_path(value)
+    assert privacy.scrub({"base_model": {"id": "org/name"}}) == {"base_model": {"id": "org/name"}}
 
 
 # ------------------------------------------------------------------------------------------------ regeneration
@@ -323,7 +324,8 @@ def test_regeneration_is_byte_identical_and_keeps_the_user_section(tmp_path):
     assert readme.read_bytes() == first
     assert (folder / "loss.png").read_bytes() == first_png
 
-    note = "\n## Notes from the author\n\nThis persona speaks in court language. | pipes | and <b>html</b> stay as written.\n"
+    note = ("\n## Notes from the author\n\n"
+            "This persona speaks in court language. | pipes | and <b>html</b> stay as written.\n")
     text = first.decode("utf-8")
     edited = text.replace(f"{USER_START}\n{USER_END}", f"{USER_START}{note}{USER_END}")
     assert edited != text
@@ -338,7 +340,8 @@ def test_regeneration_is_byte_identical_and_keeps_the_user_section(tmp_path):
 def test_pefts_stub_readme_is_replaced_quietly(tmp_path, caplog):
     folder = folder_from("attention_hub", tmp_path)
     (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n\n"
-                                      "<!-- Provide a quick summary of what the model is/does. -->\n\nMore Information Needed\n")
+                                      "<!-- Provide a quick summary of what the model is/does. -->\n\n"
+                                      "More Information Needed\n")
     with caplog.at_level("WARNING", logger="persona_lora.model_cards.cards"):
         text = card_text(folder)
     assert "More Information Needed" not in text and USER_START in text
@@ -353,7 +356,8 @@ def test_a_hand_written_readme_without_markers_is_kept_beside_the_card(tmp_path,
         text = card_text(folder)
     assert "# My notes" not in text
     assert (folder / "README.before-persona-lora.md").read_text() == "# My notes\n"
-    assert any("user section" in r.getMessage() and "README.before-persona-lora.md" in r.getMessage() for r in caplog.records)
+    assert any("user section" in r.getMessage() and "README.before-persona-lora.md" in r.getMessage()
+               for r in caplog.records)
     (folder / "README.md").write_text("# Other notes\n")  # a second time: the first backup is not overwritten
     card_text(folder)
     assert (folder / "README.before-persona-lora.md").read_text() == "# My notes\n"

@@ -93,8 +93,8 @@ def test_cli_config_errors_exit_2_without_traceback(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
 
 
-def test_tutorial_target_list_means_every_linear_layer(tiny_base, small_persona_data, tmp_path, capsys):
-    """The tutorial's list (with its lora_dropout 0.1) trains what its author meant, experts included."""
+def test_leaf_target_list_means_every_linear_layer(tiny_base, small_persona_data, tmp_path, capsys):
+    """The usual leaf-name list (with lora_dropout 0.1) trains what it means, experts included."""
     args = [
         "train", "--base", str(tiny_base), "--data", str(small_persona_data), "--output-dir", str(tmp_path / "o"), "--dry-run",
         "--set", "lora.preset=null",

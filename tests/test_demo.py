@@ -50,7 +50,8 @@ def assistant(text):
 
 # Multi-turn: the two sides have different histories (so different prompt lengths: left padding is exercised).
 BASE_HISTORY = [user("Hello"), assistant("Hi."), user("Tell me more.")]
-ADAPTER_HISTORY = [user("Hello"), assistant("Greetings to you, I am the consort of the palace, and I serve."), user("Tell me more.")]
+ADAPTER_HISTORY = [user("Hello"), assistant("Greetings to you, I am the consort of the palace, and I serve."),
+                   user("Tell me more.")]
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +142,14 @@ def test_stream_multi_turn_equals_standalone(engine, expected):
     from persona_lora.demo.engine import GenerationSettings
 
     for name in ADAPTERS:
-        updates = list(engine.stream_compare(name, BASE_HISTORY, ADAPTER_HISTORY, SYSTEM, GenerationSettings(max_new_tokens=N)))
+        updates = list(engine.stream_compare(name, BASE_HISTORY, ADAPTER_HISTORY, SYSTEM,
+                                             GenerationSettings(max_new_tokens=N)))
         assert len(updates) > 2  # streamed token by token, not in one piece
         assert updates[-1] == (expected[("base", "multi")], expected[(name, "multi")])
         assert all(isinstance(b, str) and isinstance(a, str) for b, a in updates)
     assert engine.answer(None, M1, SYSTEM, GenerationSettings(max_new_tokens=N)) == expected[("base", "m1")]
-    assert engine.answer("persona-all", M1, SYSTEM, GenerationSettings(max_new_tokens=N)) == expected[("persona-all", "m1")]
+    assert (engine.answer("persona-all", M1, SYSTEM, GenerationSettings(max_new_tokens=N))
+            == expected[("persona-all", "m1")])
 
 
 def test_separate_mode_and_sampling(tiny_base, adapters, expected):
@@ -170,7 +173,8 @@ def test_closing_a_stream_cancels_it(engine, expected):
     first = next(it)
     assert isinstance(first, tuple) and len(first) == 2
     it.close()
-    assert engine.compare("persona-all", M1, SYSTEM, _greedy()) == (expected[("base", "m1")], expected[("persona-all", "m1")])
+    assert engine.compare("persona-all", M1, SYSTEM, _greedy()) == (expected[("base", "m1")],
+                                                                     expected[("persona-all", "m1")])
 
 
 def test_engine_refuses_bad_input(engine, tmp_path):
@@ -262,7 +266,8 @@ def test_add_adapter_from_hub_at_run_time(engine, adapters, expected, hub_server
     info = engine.add_adapter("tester/persona-attn-hub")
     assert info.name == "tester/persona-attn-hub" and info.source == "hf" and info.commit
     assert engine.model.get_base_model().model.embed_tokens.weight.data_ptr() == ptr  # the base was not reloaded
-    assert engine.compare(info.name, M1, SYSTEM, _greedy()) == (expected[("base", "m1")], expected[("persona-attn", "m1")])
+    assert engine.compare(info.name, M1, SYSTEM, _greedy()) == (expected[("base", "m1")],
+                                                                 expected[("persona-attn", "m1")])
     assert engine.add_adapter("tester/persona-attn-hub") is info  # loading twice is a no-op
 
 

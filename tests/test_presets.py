@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from persona_lora.errors import ConfigError, ModelLoadError
 from persona_lora.train import presets
 from persona_lora.peft_compat import attach_new_adapter, load_adapter
-from persona_lora.train.presets import TUTORIAL_TARGETS, check_coverage, lora_config_for, resolve
+from persona_lora.train.presets import LEAF_TARGETS, check_coverage, lora_config_for, resolve
 
 ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -122,8 +122,8 @@ def test_preset_coverage_module_by_module(tiny_base, preset):
                                     for p in getattr(found[n], k).parameters())
 
 
-def test_tutorial_targets_cover_what_all_covers(tiny_base):
-    spec, peft_model, _ = attach(fresh(tiny_base), None, TUTORIAL_TARGETS)
+def test_leaf_targets_cover_what_all_covers(tiny_base):
+    spec, peft_model, _ = attach(fresh(tiny_base), None, LEAF_TARGETS)
     assert spec.groups == presets.PRESETS["moe"]["all"]
     _, all_model, _ = attach(fresh(tiny_base), "all")
     assert set(adapted(peft_model)) == set(adapted(all_model)) == expected(peft_model.config, PRESET_GROUPS["all"])

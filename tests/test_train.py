@@ -234,8 +234,8 @@ def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, sm
 
 
 def test_packing_without_flash_attention_is_refused(tiny_base, small_persona_data, tmp_path, capsys):
-    """Packed examples attend to each other under SDPA (measured: logits of the 2nd example off by ~6), so
-    packing is only allowed where flash-attention separates them."""
+    """Packed examples attend to each other under SDPA (the second example's logits change), so packing is only
+    allowed where flash-attention separates them."""
     assert main(train_args(tiny_base, small_persona_data, tmp_path / "o", "--max-steps", "1", "--set", "training.packing=true")) == 2
     err = capsys.readouterr().err
     assert "training.packing needs flash-attention 2" in err and not (tmp_path / "o").exists()

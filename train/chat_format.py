@@ -1,7 +1,6 @@
 """The one chat-formatting path: training, inference, cards and the demo all go through here.
 
-The tutorial trained on one hand-written prompt format and chatted with another; we use the tokenizer's own
-chat template for both. Training text is cut into segments at the points where inference would stop and let
+Training and chatting must see the same tokens, so both use the tokenizer's own chat template, through here. Training text is cut into segments at the points where inference would stop and let
 the model speak: for every assistant turn k, the prompt segment is what `apply_chat_template(messages[:k],
 add_generation_prompt=True)` renders beyond the previous turn, and the answer segment is the rest of that
 turn (content + the template's end-of-turn, which must be one EOS). Each segment is tokenized on its own with

@@ -1,6 +1,6 @@
 """Chat templates we ship, as text.
 
-`DEEPSEEK_V2` is the DeepSeek-V2 / Coder-V2 instruct template (see DESIGN.md): bos, system text + blank line,
+`DEEPSEEK_V2` is the DeepSeek-V2 / Coder-V2 instruct template: bos, system text + blank line,
 "User: …\\n\\n", "Assistant: …" + eos; the generation prompt is "Assistant:" (no trailing space, so the
 answer's leading space is part of what the model learns to write).
 """

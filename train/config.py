@@ -50,7 +50,8 @@ class DataConfig:
 @dataclass
 class LoraConfigSection:
     preset: str | None = _f("attention+mlp", "coverage preset: attention | attention+mlp | all (MoE: all adds the routed experts)")
-    target_modules: list[str] | None = _f(None, "explicit leaf names instead of a preset (e.g. the tutorial's list); gate/up/down mean every MLP incl. experts")
+    target_modules: list[str] | None = _f(None, "explicit leaf names instead of a preset (e.g. [q_proj, o_proj, gate_proj, up_proj, down_proj]); "
+                                                  "gate/up/down mean every MLP incl. experts")
     r: int = _f(16, "LoRA rank (higher: more capacity and memory)", min=1)
     alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)", min=1)
     dropout: float = _f(0.05, "LoRA dropout on linear layers (fused experts get 0: PEFT refuses dropout there)", min=0.0, max=0.9)
@@ -63,7 +64,7 @@ class TrainingConfig:
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
     batch_size: int = _f(8, "examples per device per step", min=1)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
-    learning_rate: float = _f(2e-4, "peak learning rate (LoRA wants ~1e-4..2e-3, not the tutorial's 1e-5)", min=0.0)
+    learning_rate: float = _f(2e-4, "peak learning rate (LoRA wants ~1e-4..2e-3; 1e-5 barely moves it)", min=0.0)
     lr_scheduler: str = _f("cosine", "learning-rate schedule (transformers name): cosine, linear, constant, constant_with_warmup")
     warmup_ratio: float = _f(0.03, "fraction of steps for linear warmup", min=0.0, max=0.5)
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)

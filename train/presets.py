@@ -26,8 +26,9 @@ OTHER = "other linear"
 MOE_TYPES = {"deepseek_v2", "deepseek_v3"}
 ATTN_LEAVES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "k_proj", "v_proj")
 MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
-# The tutorial's target list; it meant "every linear layer", which on transformers 5 includes the fused experts.
-TUTORIAL_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The leaf-name target list commonly given for DeepSeek-V2. It means "every linear layer", which on transformers 5
+# includes the fused routed experts: as `lora.target_modules` it gets the same coverage as the preset `all`.
+LEAF_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 PRESETS = {
     "moe": {
@@ -65,7 +66,7 @@ def group_of(module_name: str) -> str:
 
 
 def groups_for(preset: str | None, model_type: str, target_modules: list[str] | None = None) -> list[str]:
-    """The groups a preset (or an explicit list of leaf names, like the tutorial's) asks for."""
+    """The groups a preset (or an explicit list of leaf names, such as `LEAF_TARGETS`) asks for."""
     fam = family(model_type)
     if target_modules:
         leaves = set(target_modules)
