@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import peak_rss_mb  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------------ children
 
 
@@ -75,7 +74,8 @@ CHILDREN = {"baseline": child_baseline, "ours": child_ours, "peft": child_peft}
 def run_child(kind: str, **paths) -> dict:
     cmd = [sys.executable, __file__, "--child", kind] + [f"--{k}={v}" for k, v in paths.items()]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-4000:]}")
@@ -152,7 +152,9 @@ def cross_check(ours: Path, peft_out: Path, base: Path) -> tuple[float, float]:
 def layout_of(keys: set[str]) -> str:
     fused = any(k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) for k in keys)
     per_expert = any(re.search(r"mlp\.experts\.\d+\.gate_proj\.weight$", k) for k in keys)
-    return "fused (experts.gate_up_proj)" if fused and not per_expert else "original per-expert" if per_expert and not fused else "mixed"
+    if fused and not per_expert:
+        return "fused (experts.gate_up_proj)"
+    return "original per-expert" if per_expert and not fused else "mixed"
 
 
 def main() -> None:
@@ -161,7 +163,8 @@ def main() -> None:
     ap.add_argument("--base")
     ap.add_argument("--adapter")
     ap.add_argument("--out")
-    ap.add_argument("--layers", type=int, default=18, help="18 layers: ~530M parameters, ~2 GB in float32 (10: ~1.15 GB)")
+    ap.add_argument("--layers", type=int, default=18,
+                    help="18 layers: ~530M parameters, ~2 GB in float32 (10: ~1.15 GB)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
@@ -189,23 +192,28 @@ def main() -> None:
 
         print(f"\nbase: {len(shards)} shards, {total:.0f} MiB in all, largest shard {largest:.0f} MiB; "
               f"adapter (all preset, r=16) {adapter_mb:.0f} MiB; float32; {os.cpu_count()} CPU cores")
-        print(f"libraries-only process (python + torch + transformers + peft imported): {baseline['peak_rss_mb']:.0f} MiB peak RSS, "
+        print(f"libraries-only process (python + torch + transformers + peft imported): "
+              f"{baseline['peak_rss_mb']:.0f} MiB peak RSS, "
               f"{baseline['wall_s']:.1f} s\n")
-        hdr = f"| {'method':<42} | {'wall s':>6} | {'work s':>6} | {'peak RSS MiB':>12} | {'RSS / largest shard':>19} | {'(RSS - libraries) / shard':>25} | {'goal <= 1.5x shard':<30} |"
+        hdr = (f"| {'method':<42} | {'wall s':>6} | {'work s':>6} | {'peak RSS MiB':>12} | {'RSS / largest shard':>19} "
+               f"| {'(RSS - libraries) / shard':>25} | {'goal <= 1.5x shard':<30} |")
         print(hdr)
         print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-        for name, r in (("persona-lora merge (shard by shard)", ours), ("PEFT merge_and_unload + save_pretrained", peft)):
+        for name, r in (("persona-lora merge (shard by shard)", ours),
+                        ("PEFT merge_and_unload + save_pretrained", peft)):
             ratio = r["peak_rss_mb"] / largest
             net = (r["peak_rss_mb"] - baseline["peak_rss_mb"]) / largest
             verdict = ("meets it" if ratio <= 1.5 else "meets it net of libraries" if net <= 1.5 else "misses it")
-            print(f"| {name:<42} | {r['wall_s']:>6.1f} | {r['work_s']:>6.1f} | {r['peak_rss_mb']:>12.0f} | {ratio:>18.2f}x | {net:>24.2f}x | {verdict:<30} |")
+            print(f"| {name:<42} | {r['wall_s']:>6.1f} | {r['work_s']:>6.1f} | {r['peak_rss_mb']:>12.0f} "
+                  f"| {ratio:>18.2f}x | {net:>24.2f}x | {verdict:<30} |")
         print()
         for name, keys, folder in (("ours", our_keys, work / "ours"), ("PEFT", peft_keys, work / "peft")):
             files = sorted(p.name for p in folder.glob("*.safetensors"))
             same_files = files == [p.name for p in shards]
             print(f"output of {name}: layout {layout_of(keys)}; {len(keys)} keys, identical to the base's: "
                   f"{keys == base_keys}; {len(files)} shard file(s), same names as the base's: {same_files}")
-        print(f"max |ours - PEFT| on sampled adapted tensors (attention, dense MLP, shared and routed experts): {diff:.2e} "
+        print("max |ours - PEFT| on sampled adapted tensors (attention, dense MLP, shared and routed experts): "
+              f"{diff:.2e} "
               f"(each of them differs from the base by at least {changed:.2e})")
         print("wall s: the whole process, start-up and imports included; work s: the merge call alone")
     finally:

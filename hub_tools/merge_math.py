@@ -5,8 +5,8 @@ Why PEFT is asked rather than re-implemented: which module a LoRA key belongs to
 `ParamWrapper`s holds `gate_up_proj` and which `down_proj` (the outer `mlp.experts` wrapper holds `down_proj`, the
 inner `mlp.experts.base_layer` one `gate_up_proj`, and with hidden == 2·intermediate their shapes are equal, so the
 shapes cannot tell them apart) are all decided by PEFT when it injects the adapter. So `discover_layers` injects the
-adapter's config into the base architecture built on the `meta` device (no weights, no memory, ~2 s for the real
-DeepSeek-Coder-V2-Lite) and reads the answers off the wrapped modules.
+adapter's config into the base architecture built on the `meta` device (no weights, so no memory, even for the
+real DeepSeek-Coder-V2-Lite) and reads the answers off the wrapped modules.
 
 The deltas themselves follow PEFT's `get_delta_weight` exactly:
 - `Linear`: `scaling · B @ A` (transposed with `fan_in_fan_out`), shape (out, in).
@@ -104,7 +104,8 @@ class TensorDelta:
 def check_adapter_config(adapter_config: dict, path: Path) -> None:
     """Refuse adapters whose effect is not `W + scaling·B@A` on existing weights, naming the field."""
     if adapter_config.get("peft_type") != "LORA":
-        raise ModelLoadError(f"{path}: peft_type is {adapter_config.get('peft_type')!r}; merge handles LoRA adapters only")
+        raise ModelLoadError(
+            f"{path}: peft_type is {adapter_config.get('peft_type')!r}; merge handles LoRA adapters only")
     used = [label for key, label in _UNSUPPORTED.items() if adapter_config.get(key)]
     if used:
         raise ModelLoadError(
@@ -182,7 +183,8 @@ def check_adapter_keys(layers: list[LoraLayer], tensors: dict, weights_path: Pat
     missing = sorted(set(expected) - set(tensors))
     problems = []
     if leftover:
-        problems.append(f"{len(leftover)} key(s) that adapter_config.json does not target (leftover): {_some(leftover)}")
+        problems.append(
+            f"{len(leftover)} key(s) that adapter_config.json does not target (leftover): {_some(leftover)}")
     if missing:
         problems.append(f"{len(missing)} key(s) that adapter_config.json targets are missing: {_some(missing)}")
     for key in sorted(set(expected) & set(tensors)):
@@ -200,7 +202,8 @@ def _some(keys: list[str]) -> str:
     return ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "")
 
 
-def plan_deltas(layers: list[LoraLayer], tensors: dict, ckpt_shapes: dict[str, tuple]) -> tuple[dict[str, TensorDelta], Counter]:
+def plan_deltas(layers: list[LoraLayer], tensors: dict,
+                ckpt_shapes: dict[str, tuple]) -> tuple[dict[str, TensorDelta], Counter]:
     """Map every LoRA layer onto the checkpoint tensors it changes.
 
     Returns ({checkpoint key: TensorDelta}, {layer label: number of pieces}) — the second is what `merge` must
@@ -213,9 +216,11 @@ def plan_deltas(layers: list[LoraLayer], tensors: dict, ckpt_shapes: dict[str, t
         if key not in ckpt_shapes:
             problems.append(f"{label}: the base checkpoint has no tensor {key}")
         elif tuple(ckpt_shapes[key]) != tuple(shape):
-            problems.append(f"{label}: {key} is {tuple(ckpt_shapes[key])} in the base checkpoint, the adapter's delta is {tuple(shape)}")
+            problems.append(f"{label}: {key} is {tuple(ckpt_shapes[key])} in the base checkpoint, the adapter's delta "
+                            f"is {tuple(shape)}")
         elif key in plan:
-            problems.append(f"{label}: {key} is also changed by {plan[key].pieces[0].layer}; one tensor, one LoRA layer")
+            problems.append(
+                f"{label}: {key} is also changed by {plan[key].pieces[0].layer}; one tensor, one LoRA layer")
         else:
             plan[key] = TensorDelta(key, tuple(shape), pieces)
             expected[label] += len(pieces)
@@ -231,15 +236,19 @@ def plan_deltas(layers: list[LoraLayer], tensors: dict, ckpt_shapes: dict[str, t
         factors = [expert_factors(lay.experts, a, b, e) for e in range(E)]
         fused_key = f"{lay.module}.{lay.parameter}"
         if fused_key in ckpt_shapes:  # a checkpoint already saved in transformers 5's fused layout
-            add(fused_key, lay.label, lay.param_shape, [Piece(lay.label, rows, l, r, lay.scaling) for l, r in factors])
+            add(fused_key, lay.label, lay.param_shape,
+                [Piece(lay.label, rows, left, right, lay.scaling) for left, right in factors])
         elif lay.parameter == "gate_up_proj":  # hub layout: gate rows first, then up rows (transformers' Concatenate)
             half = rows // 2
             for e, (left, right) in enumerate(factors):
-                add(f"{lay.module}.{e}.gate_proj.weight", lay.label, (half, cols), [Piece(lay.label, half, left[:half], right, lay.scaling)])
-                add(f"{lay.module}.{e}.up_proj.weight", lay.label, (rows - half, cols), [Piece(lay.label, rows - half, left[half:], right, lay.scaling)])
+                add(f"{lay.module}.{e}.gate_proj.weight", lay.label, (half, cols),
+                    [Piece(lay.label, half, left[:half], right, lay.scaling)])
+                add(f"{lay.module}.{e}.up_proj.weight", lay.label, (rows - half, cols),
+                    [Piece(lay.label, rows - half, left[half:], right, lay.scaling)])
         elif lay.parameter == "down_proj":
             for e, (left, right) in enumerate(factors):
-                add(f"{lay.module}.{e}.down_proj.weight", lay.label, (rows, cols), [Piece(lay.label, rows, left, right, lay.scaling)])
+                add(f"{lay.module}.{e}.down_proj.weight", lay.label, (rows, cols),
+                    [Piece(lay.label, rows, left, right, lay.scaling)])
         else:
             problems.append(
                 f"{lay.label}: the base checkpoint has neither the fused tensor {fused_key} nor a per-expert layout "

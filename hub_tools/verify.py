@@ -8,15 +8,10 @@ arbitrary code execution. Nothing here loads weights: safetensors headers are re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-import struct
-from dataclasses import dataclass
 from pathlib import Path
-
-from persona_lora.errors import ManifestError, ModelLoadError, VerificationError
 
 from persona_lora.artifact import (
     ADAPTER_CONFIG,
@@ -25,39 +20,18 @@ from persona_lora.artifact import (
     read_adapter_config,
     read_manifest,
 )
-from persona_lora.train.model_loading import sha256_file  # the manifest's config_sha256 is this, of the base's config.json
+from persona_lora.errors import ManifestError, ModelLoadError, VerificationError
+from persona_lora.hashing import git_blob_sha1, sha256_file
+from persona_lora.hub_ids import is_repo_id
+from persona_lora.hub_tools.backends import RemoteFile
+from persona_lora.safetensors_io import read_safetensors_header
 
 log = logging.getLogger(__name__)
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8, "F4": 0.5, "F6_E2M3": 0.75,
-    "F6_E3M2": 0.75,
-}
-MAX_HEADER = 100_000_000
 MAX_LISTED = 6
 # PEFT keys: base_model.model.<module>.lora_A[.adapter].weight, …lora_embedding_A[.adapter]
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(.*?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?(?:\.weight)?$")
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """What the hub says about one file: size and a hash (sha256 for LFS files, else the git blob sha1)."""
-
-    path: str
-    size: int | None
-    sha256: str | None = None
-    git_oid: str | None = None
-
-
-def git_blob_sha1(path: Path) -> str:
-    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ hashes
@@ -101,68 +75,6 @@ def discard_files(folder: Path, rels: list[str]) -> None:
                     meta.unlink()
         except OSError as e:  # pragma: no cover - best effort
             log.warning("could not remove corrupted %s: %s", p, e)
-
-
-# ------------------------------------------------------------------------------------------ safetensors
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """{tensor name: {"dtype", "shape", "data_offsets"}} after checking the header is self-consistent."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise VerificationError(f"{path.name} is not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER, size - 8):
-            raise VerificationError(
-                f"{path.name} is not a valid safetensors file (header length {n} > file size {size})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VerificationError(f"{path.name} has a corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise VerificationError(f"{path.name} has a corrupt safetensors header (not a JSON object)")
-    data_len = size - 8 - n
-    spans = []
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            numel = 1
-            for d in shape:
-                if not isinstance(d, int) or d < 0:
-                    raise ValueError(f"bad dimension {d!r}")
-                numel *= d
-            expected = numel * _DTYPE_SIZES[dtype]
-        except (KeyError, TypeError, ValueError) as e:
-            raise VerificationError(f"{path.name}: tensor {name} has an invalid header entry ({e})") from None
-        if not (0 <= start <= end <= data_len) or end - start != expected:
-            raise VerificationError(
-                f"{path.name}: tensor {name} points outside the file or has the wrong byte size "
-                f"(offsets {start}-{end}, data {data_len} bytes); the file is truncated or corrupt"
-            )
-        spans.append((start, end))
-        tensors[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
-    spans.sort()
-    pos = 0
-    for start, end in spans:
-        if start != pos:
-            raise VerificationError(f"{path.name}: tensor data overlaps or has holes; the file is corrupt")
-        pos = end
-    if pos != data_len:
-        raise VerificationError(f"{path.name}: {data_len - pos} trailing bytes after the tensors; the file is corrupt")
-    try:  # and the reference implementation agrees
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            list(f.keys())
-    except ImportError:  # pragma: no cover
-        pass
-    except Exception as e:
-        raise VerificationError(f"{path.name} does not open with safetensors ({e})") from None
-    return tensors
 
 
 # ------------------------------------------------------------------------------------------ folder content
@@ -231,26 +143,18 @@ def local_base_shapes(base: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def hub_base_shapes(
-    base_id: str, *, token: str | None = None, endpoint: str | None = None
-) -> dict[str, list[int]] | None:
-    """Tensor shapes of a Hub model from its safetensors headers (HTTP range reads, no weights downloaded)."""
-    from huggingface_hub import HfApi
+def hub_base_shapes(base_id: str, *, hub: str = "hf", token: str | None = None) -> dict[str, list[int]] | None:
+    """Tensor shapes of a hub model from its safetensors headers (no weights downloaded); None where the hub
+    cannot say (no safetensors, or a hub without a header API)."""
+    from persona_lora.hub_tools.backends import backend
 
-    from persona_lora.hub_tools.errors import hf_endpoint, hf_errors
-
-    from huggingface_hub.errors import NotASafetensorsRepoError
-
-    endpoint = endpoint or hf_endpoint()
-    api = HfApi(endpoint=endpoint, token=token)
-    with hf_errors("read base", base_id, endpoint=endpoint, token=token):
-        api.model_info(base_id)  # a clear "not found" / "private" error before the header reads
-        try:
-            meta = api.get_safetensors_metadata(base_id)
-        except NotASafetensorsRepoError:
-            log.warning("base %s has no safetensors weights on the Hub; tensor shapes not checked", base_id)
-            return None
-    return {name: list(t.shape) for fm in meta.files_metadata.values() for name, t in fm.tensors.items()}
+    be = backend(hub)
+    token = be.token(token)
+    with be.errors("read base", base_id, token=token):
+        shapes = be.safetensors_shapes(base_id, token)
+    if shapes is None:
+        log.warning("base %s: no safetensors headers readable on %s; tensor shapes not checked", base_id, be.label)
+    return shapes
 
 
 def _expert_shapes(module: str, base: dict[str, list[int]]) -> list[tuple[int, int, int]]:
@@ -327,9 +231,7 @@ def _listed(problems: list[str]) -> str:
     return "".join(f"\n  - {p}" for p in shown) + more
 
 
-def check_base(
-    folder: Path, base: str, *, token: str | None = None, hub: str = "hf", endpoint: str | None = None
-) -> None:
+def check_base(folder: Path, base: str, *, token: str | None = None, hub: str = "hf") -> None:
     """Raise VerificationError unless the adapter in `folder` was trained for `base` (folder or hub id).
 
     Local base folder: the manifest's `base_model.config_sha256` must equal sha256(base/config.json), and the
@@ -356,17 +258,13 @@ def check_base(
         elif not want:
             log.warning("%s records no base config_sha256; checking tensor shapes only", MANIFEST_NAME)
         base_shapes = local_base_shapes(local)
-    elif HUB_ID.match(base):
+    elif is_repo_id(base):
         if recorded_id and recorded_id != base:
             problems.append(f"the adapter was trained on {recorded_id}, not {base}")
         elif not recorded_id:
             log.warning("the adapter records no base model id; checking tensor shapes only")
-        if problems:
-            pass  # a different base id is decisive; its weights are not worth fetching
-        elif hub == "hf":
-            base_shapes = hub_base_shapes(base, token=token, endpoint=endpoint)
-        else:
-            log.info("shapes not checked against ModelScope base %s (no header API); ids compared only", base)
+        if not problems:  # a different base id is decisive; its weights are not worth reading
+            base_shapes = hub_base_shapes(base, hub=hub, token=token)
     else:
         raise ModelLoadError(f"--base {base}: no such folder, and it is not a hub id (owner/name)")
     if base_shapes is not None:

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_JSON_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean (true or false)"}
 
 
 def _describe(value: Any) -> str:
@@ -113,7 +113,9 @@ def to_json(obj) -> Any:
         out = {}
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
-            if v is None and (f.metadata.get("omit_none") or dataclasses.is_dataclass(_unwrap_optional(hints[f.name])[0])):
+            if v is None and (
+                f.metadata.get("omit_none") or dataclasses.is_dataclass(_unwrap_optional(hints[f.name])[0])
+            ):
                 continue
             out[f.name] = to_json(v)
         return out
@@ -141,7 +143,7 @@ def _type_name(tp) -> str:
     elif tp is typing.Any:
         name = "any JSON value"
     else:
-        name = _JSON_NAMES.get(tp, getattr(tp, "__name__", str(tp))).split(" ", 1)[-1]
+        name = _JSON_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
     return f"{name} or null" if optional else name
 
 

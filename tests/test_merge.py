@@ -88,10 +88,11 @@ def attention_adapter(tiny_base, work):
 # ---------------------------------------------------------------------------------------------- correctness
 @pytest.mark.parametrize("preset", ["attention", "attention+mlp", "all"])
 def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path, preset, request):
-    from persona_lora.hub_tools.merge import merge_adapter
     from persona_lora.artifact import read_manifest
+    from persona_lora.hub_tools.merge import merge_adapter
 
-    adapter = request.getfixturevalue("all_adapter") if preset == "all" else make_adapter(tiny_base, preset, tmp_path / "adapter", seed=3)
+    adapter = (request.getfixturevalue("all_adapter") if preset == "all"
+               else make_adapter(tiny_base, preset, tmp_path / "adapter", seed=3))
     before = folder_hashes(tiny_base)
     out = merge_adapter(adapter, tiny_base, tmp_path / "merged")
 
@@ -116,8 +117,8 @@ def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path,
 
 
 def test_merge_dense_llama(tiny_llama, tmp_path):
-    from persona_lora.hub_tools.merge import merge_adapter
     from persona_lora.artifact import read_manifest
+    from persona_lora.hub_tools.merge import merge_adapter
 
     adapter = make_adapter(tiny_llama, "attention+mlp", tmp_path / "adapter", seed=4)
     out = merge_adapter(adapter, tiny_llama, tmp_path / "merged")
@@ -135,8 +136,8 @@ def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from persona_lora.hub_tools.merge import merge_adapter
     from persona_lora.artifact import read_manifest
+    from persona_lora.hub_tools.merge import merge_adapter
     from persona_lora.train.tiny_base import save_sharded
 
     state = {}
@@ -152,7 +153,8 @@ def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
         if f"{prefix}.down_proj" not in fused:
             n = len({k for k in state if k.startswith(prefix + ".") and k.endswith(".down_proj.weight")})
             fused[f"{prefix}.gate_up_proj"] = torch.stack(
-                [torch.cat([state[f"{prefix}.{e}.gate_proj.weight"], state[f"{prefix}.{e}.up_proj.weight"]]) for e in range(n)])
+                [torch.cat([state[f"{prefix}.{e}.gate_proj.weight"], state[f"{prefix}.{e}.up_proj.weight"]])
+                 for e in range(n)])
             fused[f"{prefix}.down_proj"] = torch.stack([state[f"{prefix}.{e}.down_proj.weight"] for e in range(n)])
     base = tmp_path / "fused-base"
     shutil.copytree(tiny_base, base, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
@@ -177,10 +179,12 @@ def test_reshard_and_bfloat16(tiny_base, all_adapter, tmp_path):
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) >= 4 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert set(checkpoint_keys(out)) == set(checkpoint_keys(tiny_base))
-    assert sum((out / s).stat().st_size for s in shards) < 0.55 * sum(p.stat().st_size for p in ref.glob("*.safetensors"))
+    assert (sum((out / s).stat().st_size for s in shards)
+            < 0.55 * sum(p.stat().st_size for p in ref.glob("*.safetensors")))
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     weight_map = checkpoint_keys(out)
-    for key in ("model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+    for key in ("model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+                "model.norm.weight"):
         with safe_open(out / weight_map[key], "pt") as f, safe_open(ref / checkpoint_keys(ref)[key], "pt") as g:
             got, want = f.get_tensor(key), g.get_tensor(key)
         assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16)), key
@@ -210,8 +214,8 @@ def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapte
 
 
 def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_path):
-    from persona_lora.hub_tools.merge import merge_adapter
     from persona_lora.artifact import read_manifest
+    from persona_lora.hub_tools.merge import merge_adapter
 
     other = tmp_path / "other-base"
     shutil.copytree(tiny_base, other)
@@ -280,17 +284,18 @@ def test_cli_merge(tiny_base, attention_adapter, tmp_path, capsys):
 
 
 def test_cli_merge_from_hub_and_push_merged(hub_server, tiny_base, attention_adapter, tmp_path, capsys):
-    from persona_lora.hub_tools.push import push_folder
-    from persona_lora.cli import main
-    from tests.hub_fixtures import DEFAULT_USER
     from persona_lora.artifact import read_manifest
+    from persona_lora.cli import main
+    from persona_lora.hub_tools.push import push_folder
+    from tests.hub_fixtures import DEFAULT_USER
 
     push_folder(attention_adapter, f"{DEFAULT_USER}/persona")
     out = tmp_path / "from-hub"
     assert main(["merge", f"{DEFAULT_USER}/persona", "--base", str(tiny_base), "--out", str(out)]) == 0
     assert read_manifest(out).merge.adapter == f"{DEFAULT_USER}/persona"
 
-    assert main(["push", str(attention_adapter), f"{DEFAULT_USER}/persona-merged", "--merged", "--base", str(tiny_base)]) == 0
+    assert main(["push", str(attention_adapter), f"{DEFAULT_USER}/persona-merged", "--merged",
+                 "--base", str(tiny_base)]) == 0
     files = set(hub_server.list_files(f"{DEFAULT_USER}/persona-merged"))
     assert {"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "README.md",
             "persona_manifest.json", "tokenizer.json"} <= files
