@@ -8,7 +8,8 @@ weights once however many adapters are loaded (goal: 1x resident weights). Measu
 PEFT's ParamWrapper, which refuses mixed batches: the engine splits the rows itself).
 
 Timing: greedy, the same prompt, exactly --new-tokens tokens (EOS ignored), best of --repeats runs after one
-warm-up (the minimum: other jobs on a shared machine only ever add time), all in one process. "one alone" is the engine decoding one side only (the same decode loop, so the
+warm-up (the minimum: other jobs on a shared machine only ever add time), all in one process. \
+"one alone" is the engine decoding one side only (the same decode loop, so the
 ratio isolates the cost of the second side); "HF generate" is `model.generate` on the PEFT model for the
 adapter side, for reference. Memory: each setup runs in its own process and reports its RSS after one
 generation; a process that only imports the libraries gives the fixed cost to subtract. "weights" counts the
@@ -178,7 +179,9 @@ def main() -> int:
     ap.add_argument("--base", type=Path, help="base model folder (default: build the toy DeepSeek-V2 in a temp dir)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier on shared 2-core machines)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier on shared 2-core machines)"
+    )
     ap.add_argument("--child", choices=["imports", "engine", "two-copies"], help=argparse.SUPPRESS)
     ap.add_argument("--adapter", type=Path, action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,7 +202,9 @@ def main() -> int:
         from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
         base = build_tiny_base(work / "tiny-base", TinySpec())
-    adapters = {preset: make_adapter(base, work / f"persona-{preset}", preset, seed) for preset, seed in PRESETS.items()}
+    adapters = {
+        preset: make_adapter(base, work / f"persona-{preset}", preset, seed) for preset, seed in PRESETS.items()
+    }
 
     rows = time_engine(base, adapters, args.new_tokens, args.repeats)
     mem = {kind: run_child(kind, base, list(adapters.values()) if kind == "engine" else [adapters["all"]], args.threads)
@@ -214,14 +219,19 @@ def main() -> int:
               f"{r['both'] / r['adapter']:>13.2f}x{r['both'] / r['base']:>10.2f}x{r['hf_generate']:>12.2f}s")
     fixed = mem["imports"]["rss_mb"]
     print(f"\n{'memory':<44}{'weights':>10}{'RSS':>10}{'RSS - imports':>15}")
-    labels = {"engine": "demo engine: base + 2 adapters, one model", "two-copies": "two copies: base + merged `all` model"}
+    labels = {
+        "engine": "demo engine: base + 2 adapters, one model",
+        "two-copies": "two copies: base + merged `all` model",
+    }
     for kind, label in labels.items():
         m = mem[kind]
         print(f"{label:<44}{m['weights_mb']:>8.1f}MB{m['rss_mb']:>8.1f}MB{m['rss_mb'] - fixed:>13.1f}MB")
     e, t = mem["engine"], mem["two-copies"]
-    print(f"{'ratio engine / two copies':<44}{e['weights_mb'] / t['weights_mb']:>9.2f}x{e['rss_mb'] / t['rss_mb']:>9.2f}x"
+    print(f"{'ratio engine / two copies':<44}{e['weights_mb'] / t['weights_mb']:>9.2f}x"
+          f"{e['rss_mb'] / t['rss_mb']:>9.2f}x"
           f"{(e['rss_mb'] - fixed) / (t['rss_mb'] - fixed):>14.2f}x")
-    print(f"(imports alone: {fixed:.1f} MB RSS; engine weights = {e['weights_mb'] / (t['weights_mb'] / 2):.3f}x one base copy)")
+    print(f"(imports alone: {fixed:.1f} MB RSS; "
+          f"engine weights = {e['weights_mb'] / (t['weights_mb'] / 2):.3f}x one base copy)")
     return 0
 
 

@@ -39,8 +39,13 @@ TUTORIAL_SYSTEM = "假设你是皇帝身边的女人--甄嬛。"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset file (default: ../shared/data/huanhuan.json)")
-    p.add_argument("--base", type=Path, default=None, help="base model folder whose tokenizer to use (default: build the tiny base)")
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="dataset file (default: ../shared/data/huanhuan.json)"
+    )
+    p.add_argument(
+        "--base", type=Path, default=None,
+        help="base model folder whose tokenizer to use (default: build the tiny base)",
+    )
     p.add_argument("--max-length", type=int, default=384, help="max_length (the tutorial's 384)")
     p.add_argument("--system-prompt", default=TUTORIAL_SYSTEM, help="configured system prompt")
     p.add_argument("--train-on", default="all", choices=["all", "last"])

@@ -5,7 +5,8 @@
 Same tiny DeepSeek-V2 base, same records (../shared/data/huanhuan.json when present, else our sample data),
 same number of training examples. Each recipe runs in its own process (so peak RSS is its own):
 
-- tutorial (the widely copied recipe this project replaces): fp32; LoRA r=8, alpha 32 (dropout 0: 0.1 no longer runs) on its target list, given to
+- tutorial (the widely copied recipe this project replaces): fp32; LoRA r=8, alpha 32 (dropout 0: 0.1 no longer runs) \
+on its target list, given to
   plain PEFT (which on transformers 5 rewrites it to attention + routed experts); batch 1 x accumulation 8;
   gradient checkpointing; max length 384; DataCollatorForSeq2Seq; its hand-written prompt, EOS twice.
 - ours: `persona-lora train` as configured for a CPU (fp32, length-grouped batches of 16, no checkpointing on
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import peak_rss_mb  # noqa: E402
+
 HUANHUAN = REPO.parent / "shared" / "data" / "huanhuan.json"
 LEAF_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TUTORIAL_SYSTEM = "假设你是皇帝身边的女人--甄嬛。"
@@ -66,7 +68,8 @@ def worker_tutorial(base: Path, data: Path, n: int) -> dict:
     tokens = sum(len(x) for x in ds["input_ids"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LEAF_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0))
+    lora_config = LoraConfig(task_type="CAUSAL_LM", target_modules=LEAF_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0)
+    model = get_peft_model(model, lora_config)
     args = TrainingArguments(
         output_dir=str(data.parent / "tutorial-out"), per_device_train_batch_size=1, gradient_accumulation_steps=8,
         max_steps=n // 8, learning_rate=1e-5, gradient_checkpointing=True, save_strategy="no", report_to="none",
@@ -94,8 +97,9 @@ def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "
     })
     run_training(cfg, print_fn=lambda *a, **k: None)
     m = json.loads((out / "persona_manifest.json").read_text())
-    return {"wall_s": m["run"]["wall_time_s"], "tokens": m["run"]["trained_tokens"], "tokens_per_s": m["run"]["tokens_per_second"],
-            "peak_rss_mb": peak_rss_mb(), "trainable": m["lora"]["trainable_params"]}
+    return {"wall_s": m["run"]["wall_time_s"], "tokens": m["run"]["trained_tokens"],
+            "tokens_per_s": m["run"]["tokens_per_second"], "peak_rss_mb": peak_rss_mb(),
+            "trainable": m["lora"]["trainable_params"]}
 
 
 def main() -> int:
@@ -108,7 +112,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         if args.worker.startswith("ours-"):
-            result = worker_ours(args.base, args.data, args.examples, args.batch_size, args.worker.removeprefix("ours-"))
+            preset = args.worker.removeprefix("ours-")
+            result = worker_ours(args.base, args.data, args.examples, args.batch_size, preset)
         else:
             result = worker_tutorial(args.base, args.data, args.examples)
         print("RESULT " + json.dumps(result))
@@ -125,23 +130,27 @@ def main() -> int:
         results = {}
         for name in ("tutorial", "ours-all", "ours-attention+mlp"):
             proc = subprocess.run(
-                [sys.executable, __file__, "--worker", name, "--base", str(base), "--data", str(data), "--examples", str(args.examples),
-                 "--batch-size", str(args.batch_size)],
+                [sys.executable, __file__, "--worker", name, "--base", str(base), "--data", str(data),
+                 "--examples", str(args.examples), "--batch-size", str(args.batch_size)],
                 capture_output=True, text=True, cwd=REPO,
             )
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                 return 1
             results[name] = json.loads(line[0][7:])
     t = results["tutorial"]
-    print(f"\ntraining throughput, tiny DeepSeek-V2 base, {args.examples} examples of {source}, CPU, our batch {args.batch_size}")
-    print(f"{'recipe':<20}{'wall s':>9}{'tokens':>9}{'tokens/s':>10}{'vs tutorial':>13}{'peak RSS MB':>13}{'RSS ratio':>11}{'LoRA params':>13}")
+    print(f"\ntraining throughput, tiny DeepSeek-V2 base, {args.examples} examples of {source}, CPU, "
+          f"our batch {args.batch_size}")
+    print(f"{'recipe':<20}{'wall s':>9}{'tokens':>9}{'tokens/s':>10}{'vs tutorial':>13}{'peak RSS MB':>13}"
+          f"{'RSS ratio':>11}{'LoRA params':>13}")
     for name, r in results.items():
-        print(f"{name:<20}{r['wall_s']:>9.1f}{r['tokens']:>9}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / t['tokens_per_s']:>12.2f}x"
+        print(f"{name:<20}{r['wall_s']:>9.1f}{r['tokens']:>9}{r['tokens_per_s']:>10.0f}"
+              f"{r['tokens_per_s'] / t['tokens_per_s']:>12.2f}x"
               f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] / t['peak_rss_mb']:>10.2f}x{r['trainable']:>13,}")
-    print("tutorial: attention + routed experts (its list, as PEFT 0.21 rewrites it); ours-all: attention + dense MLP + "
-          "shared + routed experts; ours-attention+mlp (our default preset): attention + dense MLP + shared experts. Goal: >= 4x")
+    print("tutorial: attention + routed experts (its list, as PEFT 0.21 rewrites it); "
+          "ours-all: attention + dense MLP + shared + routed experts; "
+          "ours-attention+mlp (our default preset): attention + dense MLP + shared experts. Goal: >= 4x")
     return 0
 
 

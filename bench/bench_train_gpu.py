@@ -41,9 +41,9 @@ def build_model(scale: str, device: str, dtype):
 
     cfg = real_config()
     if scale == "tiny":
-        cfg.update(num_hidden_layers=3, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=8,
-                   num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-                   qk_rope_head_dim=8, v_head_dim=16, vocab_size=1024)
+        cfg.update(num_hidden_layers=3, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                   n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=4,
+                   kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=1024)
     cfg.pop("architectures"), cfg.pop("model_type"), cfg.pop("torch_dtype")
     config = DeepseekV2Config(**cfg)
     torch.manual_seed(0)
@@ -66,7 +66,13 @@ def records(n: int, vocab: int, seed: int = 0) -> list[dict]:
 def run(recipe: str, scale: str, steps: int, warmup: int) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -77,11 +83,14 @@ def run(recipe: str, scale: str, steps: int, warmup: int) -> dict:
     if recipe == "tutorial":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LEAF_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0))
+        lora_config = LoraConfig(
+            task_type="CAUSAL_LM", target_modules=LEAF_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0
+        )
+        model = get_peft_model(model, lora_config)
         batch, accum, group = 1, 8, False
     else:
-        from persona_lora.train import presets
         from persona_lora.peft_compat import attach_new_adapter
+        from persona_lora.train import presets
 
         spec = presets.resolve(model, "all")
         model, _ = attach_new_adapter(model, presets.lora_config_for(spec, r=16, alpha=32, dropout=0.0))
@@ -105,16 +114,20 @@ def run(recipe: str, scale: str, steps: int, warmup: int) -> dict:
                 torch.cuda.synchronize()
             timing["t1"], timing["tok1"] = time.time(), state.num_input_tokens_seen
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer(__import__("tokenizers").models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")), pad_token="<pad>")
+    tokenizers = __import__("tokenizers")
+    word_level = tokenizers.models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(word_level), pad_token="<pad>")
     args = TrainingArguments(
         output_dir="/tmp/bench-gpu-" + recipe, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
         max_steps=steps + warmup, learning_rate=2e-4, bf16=cuda, use_cpu=not cuda, save_strategy="no", report_to="none",
-        logging_steps=10**6, disable_tqdm=True, include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        logging_steps=10**6, disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if group else "random", dataloader_num_workers=2 if cuda else 0,
     )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100), callbacks=[Clock()]).train()
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[Clock()]).train()
     wall = timing["t1"] - timing["t0"]
     tokens = timing["tok1"] - timing["tok0"]
     result = {"recipe": recipe, "tokens_per_s": tokens / wall, "wall_s": wall, "tokens": tokens, "steps": steps,
@@ -135,14 +148,17 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", choices=["ours", "tutorial"])
     args = ap.parse_args()
-    results = [run(r, args.scale, args.steps, args.warmup) for r in (["tutorial", "ours"] if not args.only else [args.only])]
-    print(f"\nLoRA training, DeepSeek-Coder-V2-Lite architecture ({args.scale}), random weights, {results[0]['device']}")
+    recipes = ["tutorial", "ours"] if not args.only else [args.only]
+    results = [run(r, args.scale, args.steps, args.warmup) for r in recipes]
+    print(f"\nLoRA training, DeepSeek-Coder-V2-Lite architecture ({args.scale}), random weights, "
+          f"{results[0]['device']}")
     print(f"{'recipe':<10}{'tokens/s':>10}{'peak GPU GiB':>14}{'LoRA params':>14}{'timed tokens':>14}")
     for r in results:
         gpu = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
         print(f"{r['recipe']:<10}{r['tokens_per_s']:>10.0f}{gpu:>14}{r['trainable']:>14,}{r['tokens']:>14,}")
     if len(results) == 2:
-        print(f"ours / tutorial: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x; goal on one H100: >= 3,000 tokens/s")
+        print(f"ours / tutorial: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x; "
+              "goal on one H100: >= 3,000 tokens/s")
     print("RESULT " + json.dumps(results))
     return 0
 

@@ -37,7 +37,9 @@ from persona_lora.errors import PersonaLoraError
 log = logging.getLogger(__name__)
 
 VOTE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
-RATE_HEADERS = ["adapter", "base", "votes", "adapter wins", "base wins", "ties", "both bad", "win rate", "95% CI (Wilson)"]
+RATE_HEADERS = [
+    "adapter", "base", "votes", "adapter wins", "base wins", "ties", "both bad", "win rate", "95% CI (Wilson)"
+]
 _random = random.SystemRandom()
 
 

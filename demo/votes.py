@@ -89,11 +89,14 @@ class VoteStore:
                 db.executescript(_SCHEMA)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
-            raise UsageError(f"--votes {self.path}: cannot open it as a SQLite database ({e}); choose another file") from e
+            raise UsageError(
+                f"--votes {self.path}: cannot open it as a SQLite database ({e}); choose another file"
+            ) from e
         except OSError as e:
             raise UsageError(f"--votes {self.path}: {e}") from e
         if mode.lower() != "wal":  # e.g. a network file system
-            log.warning("%s: SQLite WAL mode unavailable (journal_mode=%s); concurrent voters will wait longer", self.path, mode)
+            log.warning("%s: SQLite WAL mode unavailable (journal_mode=%s); concurrent voters will wait longer",
+                        self.path, mode)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -111,8 +114,9 @@ class VoteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 cur = db.execute(
-                    "INSERT INTO votes (created_at, base_id, adapter_name, adapter_id, system_prompt, prompt, answer_a, "
-                    "answer_b, a_side, vote, winner, settings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "INSERT INTO votes (created_at, base_id, adapter_name, adapter_id, system_prompt, prompt, "
+                    "answer_a, answer_b, a_side, vote, winner, settings) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -139,7 +143,8 @@ class VoteStore:
         with closing(self._connect()) as db:
             rows = db.execute(
                 "SELECT adapter_id, MAX(adapter_name), base_id, "
-                "SUM(winner = 'adapter'), SUM(winner = 'base'), SUM(winner = 'tie'), SUM(winner = 'both_bad'), COUNT(*) "
+                "SUM(winner = 'adapter'), SUM(winner = 'base'), SUM(winner = 'tie'), SUM(winner = 'both_bad'), "
+                "COUNT(*) "
                 "FROM votes GROUP BY adapter_id, base_id ORDER BY adapter_id").fetchall()
         table = []
         for adapter_id, name, base_id, wins, losses, ties, bad, n in rows:
@@ -236,5 +241,6 @@ def _dataset_card(pairs: int, votes: int, rates: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rates:
-        lines.append(f"| {r['adapter_id']} | {r['votes']} | {r['adapter_wins']} | {r['base_wins']} | {r['ties']} | {r['both_bad']} |")
+        lines.append(f"| {r['adapter_id']} | {r['votes']} | {r['adapter_wins']} | {r['base_wins']} | "
+                     f"{r['ties']} | {r['both_bad']} |")
     return "\n".join(lines) + "\n"

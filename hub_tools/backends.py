@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from persona_lora.errors import HubError
+from persona_lora.errors import HubError, UsageError
 from persona_lora.hub_ids import HUBS
-from persona_lora.errors import UsageError
 
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN")
 

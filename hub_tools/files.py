@@ -10,8 +10,6 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path, PurePosixPath
 
-from persona_lora.errors import ModelLoadError, VerificationError
-
 from persona_lora.artifact import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -20,6 +18,7 @@ from persona_lora.artifact import (
     MANIFEST_NAME,
     TOKENIZER_FILES,
 )
+from persona_lora.errors import ModelLoadError, VerificationError
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")

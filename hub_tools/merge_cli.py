@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 
 from persona_lora.artifact import require_adapter_files
+from persona_lora.dtypes import WEIGHT_DTYPES
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hub_ids import SOURCES, add_hub_option
 
 log = logging.getLogger(__name__)
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 _MERGE_ONLY = ("base", "merge_dir", "dtype", "max_shard_size", "force", "base_revision")
 
 
@@ -33,7 +33,7 @@ def add_merge_options(p: argparse.ArgumentParser, *, for_push: bool) -> None:
         g.add_argument("--merge-dir", metavar="DIR",
                        help="(with --merged) keep the merged model in DIR (default: a temporary folder, deleted "
                             "after the push)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, help="dtype of the merged weights (default: the base's)")
+    g.add_argument("--dtype", choices=WEIGHT_DTYPES, help="dtype of the merged weights (default: the base's)")
     g.add_argument("--max-shard-size", metavar="SIZE",
                    help="re-shard the output, e.g. 2GB (default: keep the base's shard files and index)")
     g.add_argument("--force", action="store_true",
@@ -55,7 +55,8 @@ def configure_merge(p: argparse.ArgumentParser) -> None:
         "and index), with config, tokenizer, manifest and model card. Then `persona-lora push OUT REPO_ID` "
         "publishes it, or use `persona-lora push ADAPTER REPO_ID --merged --base BASE`.")
     p.add_argument("adapter", metavar="ADAPTER", help="adapter folder, or a hub repo id (pulled and verified first)")
-    p.add_argument("--base", metavar="BASE", required=True, help="base model folder or hub id the adapter was trained on")
+    p.add_argument("--base", metavar="BASE", required=True,
+                   help="base model folder or hub id the adapter was trained on")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write the merged model to (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a model folder already in --out")
     add_hub_option(p, help_prefix="hub of a hub-id ADAPTER: ")

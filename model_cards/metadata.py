@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from persona_lora.hub_ids import is_repo_id
 from persona_lora.model_cards.privacy import looks_like_local_path
 
 # License ids the Hub knows; anything else is published as `other` with a `license_name`.
@@ -33,7 +34,7 @@ def base_is_on_hub(base: dict) -> bool:
     source = base.get("source")
     if source not in (None, "hf") or looks_like_local_path(bid):
         return False
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", bid))
+    return is_repo_id(bid, owner_optional=True)
 
 
 def hub_license(manifest: dict) -> tuple[str | None, str | None]:

@@ -35,9 +35,11 @@ class HubRef:
         return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
 
 
-def is_repo_id(text: str) -> bool:
-    """`owner/name`, each part starting with a letter or digit (no path syntax, no `..`)."""
-    return bool(_REPO_ID.match(text)) and ".." not in text
+def is_repo_id(text: str, *, owner_optional: bool = False) -> bool:
+    """`owner/name`, each part starting with a letter or digit (no path syntax, no `..`); with `owner_optional`
+    also a bare `name` (canonical Hugging Face models such as `gpt2` have no owner)."""
+    pattern = _NAME if owner_optional and "/" not in text else _REPO_ID
+    return bool(pattern.match(text)) and ".." not in text
 
 
 def is_commit(text: str) -> bool:
@@ -55,7 +57,7 @@ def parse_hub_ref(text: str) -> HubRef | None:
 
 def check_repo_id(repo_id: str, *, owner_optional: bool = False, option: str = "REPO_ID") -> str:
     """A repo id a push may create: `owner/name` (or `name` for the token's own namespace when allowed)."""
-    if is_repo_id(repo_id) or (owner_optional and _NAME.match(repo_id) and ".." not in repo_id):
+    if is_repo_id(repo_id, owner_optional=owner_optional):
         return repo_id
     form = "owner/name (or just name for your own namespace)" if owner_optional else "owner/name"
     raise UsageError(f"{option} {repo_id!r} must look like {form}: letters, digits, '-', '_' and '.', each part "

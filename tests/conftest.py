@@ -46,7 +46,9 @@ def tiny_base(tmp_path_factory) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
-    return build_tiny_base(tmp_path_factory.mktemp("bases") / "tiny-llama", TinySpec(arch="llama", layers=2, hidden=128))
+    return build_tiny_base(
+        tmp_path_factory.mktemp("bases") / "tiny-llama", TinySpec(arch="llama", layers=2, hidden=128)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from hub_server import DEFAULT_TOKEN, DEFAULT_USER, FakeHub  # noqa: E402
 from modelscope_server import DEFAULT_MS_TOKEN, DEFAULT_MS_USER, FakeModelScope  # noqa: E402
 
-__all__ = ["hub_server", "fast_retries", "ms_server", "ms_fast_retries", "FakeHub", "FakeModelScope", "DEFAULT_TOKEN", "DEFAULT_USER",
-           "DEFAULT_MS_TOKEN", "DEFAULT_MS_USER"]
+__all__ = ["hub_server", "fast_retries", "ms_server", "ms_fast_retries", "FakeHub", "FakeModelScope", "DEFAULT_TOKEN",
+           "DEFAULT_USER", "DEFAULT_MS_TOKEN", "DEFAULT_MS_USER"]
 
 
 def _point_client_at(monkeypatch, url: str, home: str, token: str | None) -> None:
@@ -38,7 +38,8 @@ def _point_client_at(monkeypatch, url: str, home: str, token: str | None) -> Non
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    for k in ("HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_ETAG_TIMEOUT", "TRANSFORMERS_OFFLINE"):
+    for k in ("HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_ETAG_TIMEOUT",
+              "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(k, raising=False)
     if token is None:
         monkeypatch.delenv("HF_TOKEN", raising=False)

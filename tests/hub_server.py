@@ -185,7 +185,7 @@ class FakeHub:
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -205,7 +205,7 @@ class FakeHub:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -585,7 +585,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not name or not re.fullmatch(r"[\w.-]+", name) or "--" in name:
             raise HubHTTPError(400, f"Invalid repo name {name!r}")
         if not self.fake._can_write(user, namespace):
-            raise HubHTTPError(403, f"You don't have the rights to create a {repo_type} under the namespace {namespace}")
+            raise HubHTTPError(
+                403, f"You don't have the rights to create a {repo_type} under the namespace {namespace}"
+            )
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         with self.fake.lock:
             if (repo_type, repo_id) in self.fake.repos:
@@ -627,7 +629,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if blobs:
                     sib.update(size=len(f.data), blobId=f.blob_id)
                     if f.lfs:
-                        sib["lfs"] = {"sha256": f.sha256, "size": len(f.data), "pointerSize": len(lfs_pointer(f.sha256, len(f.data)))}
+                        sib["lfs"] = {"sha256": f.sha256, "size": len(f.data),
+                                      "pointerSize": len(lfs_pointer(f.sha256, len(f.data)))}
                 siblings.append(sib)
             out["siblings"] = siblings
         return out
@@ -639,7 +642,9 @@ class _Handler(BaseHTTPRequestHandler):
             tags.append(card["library_name"])
         bases = card.get("base_model")
         bases = [bases] if isinstance(bases, str) else list(bases or [])
-        relation = card.get("base_model_relation") or ("adapter" if "adapter_config.json" in commit.files else "finetune")
+        relation = card.get("base_model_relation") or (
+            "adapter" if "adapter_config.json" in commit.files else "finetune"
+        )
         for b in bases:
             tags += [f"base_model:{b}", f"base_model:{relation}:{b}"]
         if card.get("license"):
@@ -719,7 +724,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             entry = {"type": "file", "oid": f.blob_id, "size": len(f.data), "path": path}
             if f.lfs:
-                entry["lfs"] = {"oid": f.sha256, "size": len(f.data), "pointerSize": len(lfs_pointer(f.sha256, len(f.data)))}
+                entry["lfs"] = {"oid": f.sha256, "size": len(f.data),
+                                "pointerSize": len(lfs_pointer(f.sha256, len(f.data)))}
         if expand:
             entry["lastCommit"] = {"id": commit.sha, "title": commit.title, "date": commit.date}
         return entry
@@ -924,7 +930,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._maybe_fail("HEAD" if head_only else "GET", "", path)
         data = f.data
         if corrupt and not head_only and data:
-            data = bytes([data[0] ^ 0xFF]) + data[1:] if len(data) < 64 else data[:-33] + bytes([data[-33] ^ 0xFF]) + data[-32:]
+            data = (bytes([data[0] ^ 0xFF]) + data[1:] if len(data) < 64
+                    else data[:-33] + bytes([data[-33] ^ 0xFF]) + data[-32:])
         headers = {
             "X-Repo-Commit": commit.sha, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes",
             "Content-Disposition": f'inline; filename="{quote(path.rsplit("/", 1)[-1])}";',

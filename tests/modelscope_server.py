@@ -61,7 +61,7 @@ class FakeModelScope:
         self.lock = threading.RLock()
         self._httpd = None
 
-    def start(self) -> "FakeModelScope":
+    def start(self) -> FakeModelScope:
         fake = self
 
         class Handler(_Handler):

@@ -33,7 +33,8 @@ def test_no_module_over_500_lines():
 def test_peft_internals_only_in_the_compat_module():
     """PEFT's private modules and class-name comparisons live in persona_lora/peft_compat.py only, so moving the
     PEFT pin means auditing one module."""
-    pattern = re.compile(r"^\s*(from|import) peft\.(tuners|utils)\b|__name__\s*==\s*['\"](ParamWrapper|Linear|LoraLayer)",
+    pattern = re.compile(r"^\s*(from|import) peft\.(tuners|utils)\b"
+                         r"|__name__\s*==\s*['\"](ParamWrapper|Linear|LoraLayer)",
                          re.M)
     offenders = [str(p.relative_to(REPO)) for p in source_files()
                  if p.name != "peft_compat.py" and pattern.search(p.read_text())]

@@ -301,7 +301,8 @@ def test_chatml_template_with_im_end_as_eos(chatml_tokenizer):
 
 # ------------------------------------------------------------------------------------------------ (j) batched
 def test_batched_equals_one_by_one(tok):
-    records = load_records(str(EXAMPLES / "persona_zh.json")).records + load_records(str(EXAMPLES / "persona_multiturn.jsonl")).records
+    records = (load_records(str(EXAMPLES / "persona_zh.json")).records
+               + load_records(str(EXAMPLES / "persona_multiturn.jsonl")).records)
     conversations = [conversation_for(r["messages"], "你是沈知微。") for r in records]
     conversations += list(CONVERSATIONS.values())
     for kwargs in ({"max_length": BIG}, {"max_length": 40}, {"max_length": 40, "overlong": "drop"},

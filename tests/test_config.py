@@ -3,14 +3,13 @@ loads, and the big ones dry-run on the tiny base."""
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
 
 from persona_lora.cli import main
 from persona_lora.errors import ConfigError
-from tests.conftest import REPO
 from persona_lora.train.config import config_from_dict, load_config, parse_set
+from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -31,7 +30,8 @@ def test_every_config_loads_and_validates(path):
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "tiny.yaml"], ids=lambda p: p.name)
 def test_big_configs_dry_run_with_the_tiny_base_swapped_in(path, tiny_base, small_persona_data, capsys, tmp_path):
-    args = ["train", str(path), "--base", str(tiny_base), "--data", str(small_persona_data), "--output-dir", str(tmp_path / "o"), "--dry-run"]
+    args = ["train", str(path), "--base", str(tiny_base), "--data", str(small_persona_data),
+            "--output-dir", str(tmp_path / "o"), "--dry-run"]
     if yaml.safe_load(path.read_text())["base"].get("load_in_4bit"):
         args += ["--set", "base.load_in_4bit=false"]  # bitsandbytes needs CUDA; the rest of the plan is checked
     assert main(args) == 0
@@ -72,8 +72,10 @@ def test_conflicting_lora_options_name_both():
 
 
 def test_set_overrides_parse_yaml_scalars():
-    parsed = parse_set(["training.learning_rate=1e-4", "lora.target_modules=[q_proj, o_proj]", "data.system_prompt=", "lora.preset=null"])
-    assert parsed["lora"] == {"target_modules": ["q_proj", "o_proj"], "preset": None} and parsed["data"] == {"system_prompt": None}
+    parsed = parse_set(["training.learning_rate=1e-4", "lora.target_modules=[q_proj, o_proj]", "data.system_prompt=",
+                        "lora.preset=null"])
+    assert (parsed["lora"] == {"target_modules": ["q_proj", "o_proj"], "preset": None}
+            and parsed["data"] == {"system_prompt": None})
     cfg = config_from_dict(parsed)
     assert cfg.training.learning_rate == 1e-4 and cfg.lora.target_modules == ["q_proj", "o_proj"]
     with pytest.raises(ConfigError, match="expected section.key=value"):
@@ -96,7 +98,8 @@ def test_cli_config_errors_exit_2_without_traceback(tmp_path, capsys):
 def test_leaf_target_list_means_every_linear_layer(tiny_base, small_persona_data, tmp_path, capsys):
     """The usual leaf-name list (with lora_dropout 0.1) trains what it means, experts included."""
     args = [
-        "train", "--base", str(tiny_base), "--data", str(small_persona_data), "--output-dir", str(tmp_path / "o"), "--dry-run",
+        "train", "--base", str(tiny_base), "--data", str(small_persona_data),
+        "--output-dir", str(tmp_path / "o"), "--dry-run",
         "--set", "lora.preset=null",
         "--set", "lora.target_modules=[q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj]",
         "--set", "lora.dropout=0.1",

@@ -43,7 +43,8 @@ BAD_CASES = [
     ("jsonl-named-json", "bad.json", jl(GOOD, GOOD), ["bad.json, line 2", "rename it to .jsonl"]),
     ("malformed-jsonl-line", "bad.jsonl", jl(GOOD, '{"instruction": "x", "output": }', GOOD),
      ["bad.jsonl, line 2, column", "invalid JSON"]),
-    ("array-in-jsonl", "bad.jsonl", json.dumps([GOOD, GOOD], indent=1), ["bad.jsonl", "one JSON array, not JSON Lines"]),
+    ("array-in-jsonl", "bad.jsonl", json.dumps([GOOD, GOOD], indent=1),
+     ["bad.jsonl", "one JSON array, not JSON Lines"]),
     ("top-level-object", "bad.json", json.dumps({"data": [GOOD]}),
      ["bad.json", "top level is a JSON object", "under 'data'"]),
     ("top-level-string", "bad.json", '"hello"', ["bad.json", "top level is a string", "array of records"]),
@@ -56,7 +57,8 @@ BAD_CASES = [
     ("messages-not-list", "bad.jsonl", jl({"messages": "hi"}),
      ["bad.jsonl, line 1, field 'messages'", "expected a list of turns, got a string"]),
     ("messages-empty", "bad.jsonl", jl({"messages": []}), ["bad.jsonl, line 1, field 'messages'", "list is empty"]),
-    ("content-not-string", "bad.jsonl", jl({"messages": [{"role": U, "content": ["a", "b"]}, {"role": A, "content": "x"}]}),
+    ("content-not-string", "bad.jsonl",
+     jl({"messages": [{"role": U, "content": ["a", "b"]}, {"role": A, "content": "x"}]}),
      ["bad.jsonl, line 1, field 'messages[0].content'", "expected a string, got a list"]),
     ("content-empty", "bad.jsonl", jl({"messages": msgs((U, "hi"), (A, "   "))}),
      ["bad.jsonl, line 1, field 'messages[1].content'", "empty"]),
@@ -78,7 +80,8 @@ BAD_CASES = [
      ["bad.jsonl, line 1, field 'input'", "expected a string, got an object"]),
     ("unknown-role", "bad.jsonl", jl({"messages": msgs(("sysrem", "你是微嫔"), (U, "hi"), (A, "yo"))}),
      ["bad.jsonl, line 1, field 'messages[0].role'", "unknown role 'sysrem'; did you mean 'system'?"]),
-    ("unknown-sharegpt-from", "bad.jsonl", jl({"conversations": [{"from": "human", "value": "hi"}, {"from": "gtp", "value": "yo"}]}),
+    ("unknown-sharegpt-from", "bad.jsonl",
+     jl({"conversations": [{"from": "human", "value": "hi"}, {"from": "gtp", "value": "yo"}]}),
      ["bad.jsonl, line 1, field 'conversations[1].from'", "unknown role 'gtp'; did you mean 'gpt'?"]),
     ("role-missing", "bad.jsonl", jl({"messages": [{"content": "hi"}, {"role": A, "content": "yo"}]}),
      ["bad.jsonl, line 1, field 'messages[0].role'", "is missing"]),
@@ -93,7 +96,8 @@ BAD_CASES = [
     ("system-not-first", "bad.jsonl", jl({"messages": msgs((U, "a"), (S, "sys"), (A, "b"))}),
      ["bad.jsonl, line 1, field 'messages[1]'", "system message may only come first"]),
     ("mixed-formats", "bad.jsonl", jl(GOOD, GOOD, {"messages": msgs((U, "a"), (A, "b"))}),
-     ["mixed formats in one file", "1 record in chat 'messages' (role/content), first at bad.jsonl, line 3", "Alpaca", "messages"]),
+     ["mixed formats in one file", "1 record in chat 'messages' (role/content), first at bad.jsonl, line 3", "Alpaca",
+      "messages"]),
     ("record-mixes-formats", "bad.jsonl", jl({**GOOD, "messages": msgs((U, "a"), (A, "b"))}),
      ["bad.jsonl, line 1", "mixes formats"]),
     ("no-known-format", "bad.jsonl", jl({"instrucion": "a", "answer": "b"}),
@@ -185,7 +189,8 @@ ALPACA_FULL = [
     {"instruction": "你是谁？", "input": "", "output": "本宫沈知微。"},
     {"instruction": "评价这道点心。", "input": "桂花糕", "output": "甜而不腻。"},
     {"instruction": "介绍自己", "input": "  ", "output": "本宫微嫔。", "system": "你是微嫔。"},
-    {"instruction": "还记得吗？", "output": "记得。", "history": [["你好", "免礼。"], ["喝茶吗", "好。"]], "system": ""},
+    {"instruction": "还记得吗？", "output": "记得。", "history": [["你好", "免礼。"], ["喝茶吗", "好。"]],
+     "system": ""},
 ]
 ALPACA_EXPECTED = [
     msgs((U, "你是谁？"), (A, "本宫沈知微。")),
@@ -229,7 +234,8 @@ def test_sharegpt_format(tmp_path):
     data = [
         {"conversations": [{"from": "system", "value": "你是微嫔。"}, {"from": "human", "value": "你好"},
                            {"from": "gpt", "value": "免礼。"}]},
-        {"system": "宫中。", "conversations": [{"from": "user", "value": "早"}, {"from": "assistant", "value": "晨安。"}]},
+        {"system": "宫中。",
+         "conversations": [{"from": "user", "value": "早"}, {"from": "assistant", "value": "晨安。"}]},
     ]
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     ds = load_records(str(path))

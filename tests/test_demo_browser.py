@@ -15,7 +15,9 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
 ]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 EVIL_PROMPT = 'Hi <img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script>'
@@ -114,7 +116,8 @@ def test_chat_and_blind_vote_in_the_browser(app_url, page, tmp_path):
     page.wait_for_selector("#chat-message textarea", timeout=60_000)
     assert EVIL_NAME in page.locator("#adapter-chat").inner_text()  # the name is shown as text, not as a tag
     assert EVIL_NAME in page.locator("#sides-info").inner_text()
-    assert page.locator("#system-prompt textarea").input_value() == EVIL_SYSTEM  # the manifest's prompt, prefilled verbatim
+    # the manifest's prompt, prefilled verbatim
+    assert page.locator("#system-prompt textarea").input_value() == EVIL_SYSTEM
 
     page.fill("#chat-message textarea", EVIL_PROMPT)
     page.click("#chat-send")

@@ -122,7 +122,8 @@ def test_push_pull_round_trip_is_byte_identical(hub_server, run_dir):
     assert set(hub_server.list_files(REPO)) == PUSHED | {".gitattributes"}
     skipped = dict(result.skipped)
     for never in ("optimizer.pt", "scheduler.pt", "checkpoints/checkpoint-10/optimizer.pt",
-                  "checkpoints/checkpoint-10/adapter_model.safetensors", "runs/events.out.tfevents.1.host", "train.log"):
+                  "checkpoints/checkpoint-10/adapter_model.safetensors", "runs/events.out.tfevents.1.host",
+                  "train.log"):
         assert never in skipped
     assert "checkpoint" in skipped["checkpoints/checkpoint-10/optimizer.pt"]
     # one commit on top of the repo's initial commit
@@ -136,7 +137,8 @@ def test_push_pull_round_trip_is_byte_identical(hub_server, run_dir):
     assert pulled == PUSHED
     for name in PUSHED:
         assert sha256(folder / name) == sha256(run_dir / name), name
-        assert hashlib.sha256(hub_server.file_bytes(REPO, name)).digest() == hashlib.sha256((run_dir / name).read_bytes()).digest()
+        assert (hashlib.sha256(hub_server.file_bytes(REPO, name)).digest()
+                == hashlib.sha256((run_dir / name).read_bytes()).digest())
     # LFS for the weights and the png, inline for text files
     repo_files = repo.resolve("main").files
     assert repo_files["adapter_model.safetensors"].lfs and repo_files["loss.png"].lfs
@@ -249,7 +251,10 @@ def test_missing_repo_and_missing_revision_have_distinct_messages(hub_server, ru
 
 
 def test_gated_repo_says_where_to_request_access(hub_server, tiny_models):
-    files = {name: (tiny_models["adapter"] / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    files = {
+        name: (tiny_models["adapter"] / name).read_bytes()
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
     hub_server.add_repo("meta-test/gated-adapter", files, gated=True)
     with pytest.raises(HubError) as e:
         pull("meta-test/gated-adapter")
@@ -397,11 +402,12 @@ def test_fake_hub_speaks_the_rest_of_the_protocol(hub_server):
 
     api = HfApi()
     api.create_repo("data-set", repo_type="dataset")
-    api.upload_file(path_or_fileobj=b'{"messages": []}\n', path_in_repo="train.jsonl", repo_id=f"{DEFAULT_USER}/data-set",
-                    repo_type="dataset")
+    api.upload_file(path_or_fileobj=b'{"messages": []}\n', path_in_repo="train.jsonl",
+                    repo_id=f"{DEFAULT_USER}/data-set", repo_type="dataset")
     local = hf_hub_download(f"{DEFAULT_USER}/data-set", "train.jsonl", repo_type="dataset")
     assert Path(local).read_bytes() == b'{"messages": []}\n'
-    assert api.dataset_info(f"{DEFAULT_USER}/data-set").sha == hub_server.head(f"{DEFAULT_USER}/data-set", repo_type="dataset")
+    assert (api.dataset_info(f"{DEFAULT_USER}/data-set").sha
+            == hub_server.head(f"{DEFAULT_USER}/data-set", repo_type="dataset"))
     hub_server.add_repo(REPO, {"a/b.txt": "x", "w.safetensors": b"\0" * 16})
     infos = {i.path: i for i in api.get_paths_info(REPO, ["a", "w.safetensors", "missing"], expand=True)}
     assert set(infos) == {"a", "w.safetensors"} and infos["w.safetensors"].lfs.size == 16
@@ -483,7 +489,8 @@ def test_shape_check_understands_fused_and_per_expert_moe_layouts():
         "base_model.model.model.layers.1.mlp.experts.lora_A.weight": [8, 16],
         "base_model.model.model.layers.1.mlp.experts.lora_B.weight": [32, 8],
     }
-    fused = {"model.layers.1.mlp.experts.gate_up_proj": [4, 32, 32], "model.layers.1.mlp.experts.down_proj": [4, 32, 16]}
+    fused = {"model.layers.1.mlp.experts.gate_up_proj": [4, 32, 32],
+             "model.layers.1.mlp.experts.down_proj": [4, 32, 16]}
     per_expert = {}
     for e in range(4):
         per_expert[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"] = [16, 32]
@@ -622,7 +629,7 @@ def test_modelscope_network_down_is_reported(modelscope_env, run_dir, monkeypatc
         pull("someone/tiny", hub="modelscope")
 
 
-# ------------------------------------------------------------------------------------------------ ModelScope (fake server)
+# --------------------------------------------------------------------------------------------- ModelScope (fake server)
 MS_REPO = f"{DEFAULT_MS_USER}/tiny-persona"
 
 
@@ -641,8 +648,10 @@ def test_modelscope_push_pull_round_trip(ms_server, run_dir):
 def test_modelscope_private_missing_and_pickles(ms_server, run_dir, tiny_models, monkeypatch):
     push(run_dir, MS_REPO, hub="modelscope", private=True)
     assert ms_server.repos[MS_REPO].private
-    ms_server.add_repo("someone/pickled", {"adapter_config.json": (tiny_models["adapter"] / "adapter_config.json").read_bytes(),
-                                           "adapter_model.bin": b"\x80\x04pickle"})
+    ms_server.add_repo("someone/pickled", {
+        "adapter_config.json": (tiny_models["adapter"] / "adapter_config.json").read_bytes(),
+        "adapter_model.bin": b"\x80\x04pickle",
+    })
     with pytest.raises(VerificationError, match="--allow-pickle"):
         pull("someone/pickled", hub="modelscope")
     assert (pull("someone/pickled", hub="modelscope", allow_pickle=True) / "adapter_model.bin").is_file()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from persona_lora.errors import ModelLoadError, UsageError
-from persona_lora.train.chat_templates import DEEPSEEK_V2
 from persona_lora.hashing import sha256_file
+from persona_lora.train.chat_templates import DEEPSEEK_V2
 from persona_lora.train.model_loading import (
     BASE_PATTERNS,
     default_dtype,
@@ -143,7 +143,8 @@ def test_modelscope_base_resolves_and_loads(ms_server, tiny_base):
     rb = resolve_base("mstester/tiny-base", source="modelscope")
     assert rb.source == "modelscope" and rb.id == "mstester/tiny-base"
     assert sorted(p.name for p in rb.path.iterdir()) == sorted(p.name for p in tiny_base.iterdir())
-    assert (rb.path / "model-00001-of-00002.safetensors").read_bytes() == (tiny_base / "model-00001-of-00002.safetensors").read_bytes()
+    shard = "model-00001-of-00002.safetensors"
+    assert (rb.path / shard).read_bytes() == (tiny_base / shard).read_bytes()
     assert type(load_base_model(rb, device="cpu")).__name__ == "DeepseekV2ForCausalLM"
 
 

@@ -1,8 +1,6 @@
-"""LoRA coverage per preset (train/presets.py + train/adapters.py), checked module by module on the tiny
+"""LoRA coverage per preset (train/presets.py + persona_lora/peft_compat.py), checked module by module on the tiny
 DeepSeek-V2 base by walking the PEFT model ourselves (independently of `coverage_table`), then against it.
-
-Also shows the PEFT 0.21 behaviours we guard against: its v4->v5 rewrite of `*_proj` targets on MoE models
-(the dense MLP silently left out) and its refusal of dropout on fused experts.
+The PEFT behaviours the compat module guards against are in tests/test_peft_compat.py.
 """
 
 from __future__ import annotations
@@ -10,45 +8,18 @@ from __future__ import annotations
 import json
 import re
 
-import peft
 import pytest
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM
 
 from persona_lora.errors import ConfigError, ModelLoadError
+from persona_lora.peft_compat import load_adapter
 from persona_lora.train import presets
-from persona_lora.peft_compat import attach_new_adapter, load_adapter
-from persona_lora.train.presets import LEAF_TARGETS, check_coverage, lora_config_for, resolve
+from persona_lora.train.presets import LEAF_TARGETS, check_coverage, resolve
+from tests.peft_helpers import IDS, adapted, attach, fresh
 
 ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-IDS = torch.tensor([[0, 11, 250, 37, 902, 4, 1500, 1]])
-
-
-def fresh(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def attach(model, preset=None, targets=None, dropout=0.0, r=4):
-    spec = resolve(model, preset, targets)
-    peft_model, note = attach_new_adapter(model, lora_config_for(spec, r=r, alpha=2 * r, dropout=dropout), dropout=dropout)
-    return spec, peft_model, note
-
-
-def adapted(peft_model) -> dict[str, nn.Module]:
-    """{what is adapted: the LoRA module} from a walk over the PEFT model; fused experts as `...experts.<param>`."""
-    out = {}
-    for name, mod in peft_model.named_modules():
-        lora_a = getattr(mod, "lora_A", None)
-        if not isinstance(lora_a, nn.ModuleDict) or not len(lora_a):
-            continue
-        name = name.removeprefix("base_model.model.")
-        if getattr(mod, "parameter_name", None):  # LoRA on a parameter (fused experts), nested via base_layer
-            name = name.removesuffix(".base_layer") + "." + mod.parameter_name
-        assert name not in out, name
-        out[name] = mod
-    return out
 
 
 def expected(config, groups) -> set[str]:
@@ -61,7 +32,9 @@ def expected(config, groups) -> set[str]:
     if "shared" in groups:
         out |= {f"model.layers.{L}.mlp.shared_experts.{p}" for L in range(dense, layers) for p in MLP}
     if "routed" in groups:
-        out |= {f"model.layers.{L}.mlp.experts.{p}" for L in range(dense, layers) for p in ("gate_up_proj", "down_proj")}
+        out |= {
+            f"model.layers.{L}.mlp.experts.{p}" for L in range(dense, layers) for p in ("gate_up_proj", "down_proj")
+        }
     return out
 
 
@@ -143,59 +116,6 @@ def test_bad_target_lists_are_config_errors(tiny_base, targets, message):
 def test_unknown_preset_is_a_config_error(tiny_base):
     with pytest.raises(ConfigError, match="'everything'.*attention, attention\\+mlp, all"):
         resolve(fresh(tiny_base), "everything")
-
-
-# ------------------------------------------------------------------------------------------------ dropout
-def test_peft_alone_refuses_dropout_on_fused_experts(tiny_base):
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"],
-                             target_parameters=presets.EXPERT_PARAMS)
-    with pytest.raises(ValueError, match="lora_dropout"):
-        peft.get_peft_model(fresh(tiny_base), config)
-
-
-def test_dropout_with_all_goes_on_linear_layers_only(tiny_base):
-    spec, peft_model, note = attach(fresh(tiny_base), "all", dropout=0.1)
-    found = adapted(peft_model)
-    linear = {n: m for n, m in found.items() if type(m).__name__ != "ParamWrapper"}
-    experts = {n: m for n, m in found.items() if type(m).__name__ == "ParamWrapper"}
-    assert linear and experts
-    for name, mod in linear.items():
-        drop = mod.lora_dropout["default"]
-        assert isinstance(drop, nn.Dropout) and drop.p == 0.1, name
-    for name, mod in experts.items():
-        assert not isinstance(mod.lora_dropout["default"], nn.Dropout), name
-    assert note and "0.1" in note and str(len(linear)) in note
-    check_coverage(peft_model, spec)
-    peft_model.train()
-    peft_model(input_ids=IDS, labels=IDS).loss.backward()  # and it trains
-
-
-def test_dropout_without_experts_is_plain_peft_dropout(tiny_base):
-    _, peft_model, note = attach(fresh(tiny_base), "attention+mlp", dropout=0.1)
-    assert note is None
-    for mod in adapted(peft_model).values():
-        assert isinstance(mod.lora_dropout["default"], nn.Dropout) and mod.lora_dropout["default"].p == 0.1
-
-
-# ------------------------------------------------------------------------------------------------ PEFT's rewrite
-DENSE_TARGETS = [f"model.layers.0.mlp.{p}" for p in MLP]
-
-
-def test_plain_peft_rewrites_dense_mlp_targets_to_the_experts(tiny_base):
-    model = fresh(tiny_base)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
-    found = set(adapted(peft_model))
-    assert not found & set(DENSE_TARGETS)  # the dense MLP we named is NOT adapted...
-    assert found and all(".mlp.experts." in n for n in found)  # ...the routed experts are, which we did not name
-
-
-def test_attach_new_adapter_adapts_exactly_the_named_modules(tiny_base):
-    model = fresh(tiny_base)
-    peft_model, _ = attach_new_adapter(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
-    assert set(adapted(peft_model)) == set(DENSE_TARGETS)
-    # and PEFT's own conversion is switched back on afterwards
-    again = peft.get_peft_model(fresh(tiny_base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
-    assert not set(adapted(again)) & set(DENSE_TARGETS)
 
 
 # ------------------------------------------------------------------------------------------------ save + reload

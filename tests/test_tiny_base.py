@@ -69,7 +69,9 @@ def test_loads_natively_without_missing_or_unexpected_keys(tiny_base):
     # the per-expert checkpoint was fused on load (transformers 5)
     params = dict(model.named_parameters())
     spec = TinySpec()
-    assert params["model.layers.1.mlp.experts.gate_up_proj"].shape == (spec.experts, 2 * spec.moe_intermediate, spec.hidden)
+    assert params["model.layers.1.mlp.experts.gate_up_proj"].shape == (
+        spec.experts, 2 * spec.moe_intermediate, spec.hidden
+    )
     assert params["model.layers.1.mlp.experts.down_proj"].shape == (spec.experts, spec.hidden, spec.moe_intermediate)
 
 
@@ -205,7 +207,9 @@ def test_chat_template_is_deepseek_v2(tokenizer):
         tokenize=False,
     )
     assert text == f"{BOS_TOKEN}S\n\nUser: Q\n\nAssistant: A{EOS_TOKEN}"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == f"{BOS_TOKEN}User: Q\n\nAssistant:"
 
 
@@ -252,7 +256,8 @@ def test_size_options(tmp_path):
     spec = replace(TinySpec(), layers=3, hidden=128, experts=8, experts_per_token=2, vocab_size=1024)
     out = build_tiny_base(tmp_path / "sized", spec)
     cfg = config_json(out)
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["n_routed_experts"], cfg["num_experts_per_tok"]) == (3, 128, 8, 2)
+    sizes = (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["n_routed_experts"], cfg["num_experts_per_tok"])
+    assert sizes == (3, 128, 8, 2)
     assert cfg["vocab_size"] == 1024
     model = load(out)
     assert len(model.model.layers) == 3

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from persona_lora.artifact import MANIFEST_NAME
 from persona_lora.cli import main
 from tests.conftest import REPO, train_args
-from persona_lora.artifact import MANIFEST_NAME
 
 
 def sha256_files(folder: Path) -> dict[str, str]:
@@ -29,7 +29,8 @@ def greedy(model, tokenizer, messages, n=40):
 
     ids = torch.tensor([encode_prompt(tokenizer, messages)])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -38,7 +39,8 @@ def greedy(model, tokenizer, messages, n=40):
 
 def test_training_writes_a_complete_adapter_folder(trained_adapter):
     names = {p.name for p in trained_adapter.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", MANIFEST_NAME, "loss.png", "checkpoints", "logs"} <= names
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", MANIFEST_NAME, "loss.png", "checkpoints",
+            "logs"} <= names
     assert not (trained_adapter / "tokenizer.json").exists(), "tokenizer files only when training changed the tokenizer"
     assert list((trained_adapter / "logs").rglob("events.out.tfevents*")), "TensorBoard logs by default"
     cfg = json.loads((trained_adapter / "adapter_config.json").read_text())
@@ -53,14 +55,16 @@ def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data
     assert m["base_model"]["config_sha256"] == hashlib.sha256((tiny_base / "config.json").read_bytes()).hexdigest()
     assert m["dataset"]["sha256"] == hashlib.sha256(small_persona_data.read_bytes()).hexdigest()
     stats = m["dataset"]["stats"]
-    assert stats["records"] == 16 and stats["kept"] == 16 and stats["train_examples"] == 14 and stats["eval_examples"] == 2
+    assert (stats["records"] == 16 and stats["kept"] == 16 and stats["train_examples"] == 14
+            and stats["eval_examples"] == 2)
     assert m["chat"]["system_prompt"].startswith("你是沈知微") and "Assistant:" in m["chat"]["chat_template"]
     groups = {row["group"]: row for row in m["lora"]["coverage"]}
     assert set(groups) == {"attention", "dense MLP", "shared experts", "routed experts"}
     assert all(r["asked"] and r["applied"] and r["params"] > 0 for r in groups.values())
     assert m["lora"]["trainable_params"] == sum(r["params"] for r in groups.values())
     t = m["training"]
-    assert t["learning_rate"] == 2e-3 and t["per_device_batch_size"] == 8 and t["dtype"] == "float32" and t["seed"] == 42
+    assert (t["learning_rate"] == 2e-3 and t["per_device_batch_size"] == 8 and t["dtype"] == "float32"
+            and t["seed"] == 42)
     hist = m["metrics"]["history"]
     assert any("eval_loss" in h for h in hist) and any("loss" in h for h in hist)
     assert m["metrics"]["final_train_loss"] < m["metrics"]["first_train_loss"] / 4, "loss went down"
@@ -97,7 +101,9 @@ def test_base_unchanged_adapter_changed_and_reloads_in_persona(trained_adapter, 
 
 def test_base_files_bit_identical_after_training(tiny_base, small_persona_data, tmp_path):
     before = sha256_files(tiny_base)
-    assert main(train_args(tiny_base, small_persona_data, tmp_path / "out", "--max-steps", "2", "--set", "training.samples=0", "--set", "training.report_to=none")) == 0
+    args = train_args(tiny_base, small_persona_data, tmp_path / "out", "--max-steps", "2",
+                      "--set", "training.samples=0", "--set", "training.report_to=none")
+    assert main(args) == 0
     assert sha256_files(tiny_base) == before
 
 
@@ -125,7 +131,8 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_base, small_persona_dat
 
 def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "persona_lora", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "persona_lora", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(pred, proc, timeout=240):
@@ -146,7 +153,9 @@ def _steps(history, key="loss"):
 
 def test_resume_after_kill_9_continues_with_continuous_history(tiny_base, small_persona_data, tmp_path):
     out = tmp_path / "out"
-    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "24", "--set", "training.save_steps=6", "--set", "training.logging_steps=2", "--set", "training.samples=0", "--set", "training.report_to=none")
+    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "24", "--set", "training.save_steps=6",
+                      "--set", "training.logging_steps=2", "--set", "training.samples=0",
+                      "--set", "training.report_to=none")
     proc = _spawn(args)
     _wait_for(lambda: (out / "checkpoints" / "checkpoint-12" / "trainer_state.json").exists(), proc)
     proc.send_signal(signal.SIGKILL)
@@ -162,7 +171,8 @@ def test_resume_after_kill_9_continues_with_continuous_history(tiny_base, small_
 
 def test_ctrl_c_leaves_a_usable_checkpoint(tiny_base, small_persona_data, tmp_path):
     out = tmp_path / "out"
-    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "200", "--set", "training.logging_steps=1", "--set", "training.samples=0", "--set", "training.report_to=none")
+    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "200", "--set", "training.logging_steps=1",
+                      "--set", "training.samples=0", "--set", "training.report_to=none")
     proc = _spawn(args)
     _wait_for(lambda: (out / "checkpoints").exists(), proc)
     time.sleep(3)
@@ -184,7 +194,8 @@ def test_dry_run_prints_plan_without_training(tiny_base, small_persona_data, tmp
     out = tmp_path / "out"
     assert main(train_args(tiny_base, small_persona_data, out, "--dry-run")) == 0
     text = capsys.readouterr().out
-    for needle in ("resolved config:", "16 records", "LoRA coverage:", "routed experts", "trainable", "estimate:", "memory:"):
+    for needle in ("resolved config:", "16 records", "LoRA coverage:", "routed experts", "trainable", "estimate:",
+                   "memory:"):
         assert needle in text
     assert not out.exists()
 
@@ -193,12 +204,15 @@ def test_dry_run_prints_plan_without_training(tiny_base, small_persona_data, tmp
     "override, needle",
     [
         (["--base", "does/not/exist/here"], "does not exist"),
-        (["--base", "nobody-xyz/no-such-model"], "cannot download nobody-xyz/no-such-model"),
+        (["--base", "nobody-xyz/no-such-model"],
+         "cannot reach http://127.0.0.1:9; check your network or HF_ENDPOINT (ConnectError during download base "
+         "nobody-xyz/no-such-model)"),
         (["--set", "base.load_in_4bit=true"], "needs a CUDA GPU"),
         (["--set", "base.device=cuda"], "no CUDA device"),
     ],
 )
-def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_path, capsys, monkeypatch, override, needle):
+def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_path, capsys, monkeypatch, override,
+                                         needle):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: "offline"
@@ -217,10 +231,12 @@ def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_pat
 def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, small_persona_data, tmp_path):
     """`accelerate launch` runs the same command data-parallel (2 CPU processes, gloo)."""
     out = tmp_path / "ddp"
-    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "3", "--set", "training.batch_size=4", "--set", "training.samples=0", "--set", "training.report_to=none")
+    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "3", "--set", "training.batch_size=4",
+                      "--set", "training.samples=0", "--set", "training.report_to=none")
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "persona_lora", *args,
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "-m", "persona_lora", *args,
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -236,6 +252,8 @@ def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, sm
 def test_packing_without_flash_attention_is_refused(tiny_base, small_persona_data, tmp_path, capsys):
     """Packed examples attend to each other under SDPA (the second example's logits change), so packing is only
     allowed where flash-attention separates them."""
-    assert main(train_args(tiny_base, small_persona_data, tmp_path / "o", "--max-steps", "1", "--set", "training.packing=true")) == 2
+    args = train_args(tiny_base, small_persona_data, tmp_path / "o", "--max-steps", "1",
+                      "--set", "training.packing=true")
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "training.packing needs flash-attention 2" in err and not (tmp_path / "o").exists()

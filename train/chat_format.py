@@ -1,6 +1,7 @@
 """The one chat-formatting path: training, inference, cards and the demo all go through here.
 
-Training and chatting must see the same tokens, so both use the tokenizer's own chat template, through here. Training text is cut into segments at the points where inference would stop and let
+Training and chatting must see the same tokens, so both use the tokenizer's own chat template, through here. \
+Training text is cut into segments at the points where inference would stop and let
 the model speak: for every assistant turn k, the prompt segment is what `apply_chat_template(messages[:k],
 add_generation_prompt=True)` renders beyond the previous turn, and the answer segment is the rest of that
 turn (content + the template's end-of-turn, which must be one EOS). Each segment is tokenized on its own with
@@ -84,7 +85,9 @@ def segments(tokenizer, messages: list[dict], *, add_generation_prompt: bool = F
     if add_generation_prompt:
         tail = _render(tokenizer, messages, add_generation_prompt=True)
         if not tail.startswith(done):
-            raise ConfigError("the chat template is not prefix-stable; use a template where each turn only appends text")
+            raise ConfigError(
+                "the chat template is not prefix-stable; use a template where each turn only appends text"
+            )
         parts.append((tail[len(done):], False))
     elif done != _render(tokenizer, messages, add_generation_prompt=False):
         # text after the last assistant turn (a trailing user turn) would silently be ignored
@@ -185,7 +188,8 @@ def _split_answer(seg_ids: list[int], eos: set[int], tokenizer) -> tuple[list[in
         raise ModelLoadError("the tokenizer has no eos_token; set one (e.g. in tokenizer_config.json) before training")
     at = [k for k, t in enumerate(seg_ids) if t in eos]
     if len(at) > 1 or (at and any(not tokenizer.decode([t]).isspace() for t in seg_ids[at[0] + 1:])):
-        raise DataError(f"an assistant answer contains the end-of-sequence token {tokenizer.eos_token!r} in its text; remove it from the data")
+        raise DataError(f"an assistant answer contains the end-of-sequence token {tokenizer.eos_token!r} in its text; "
+                        "remove it from the data")
     if not at:
         return seg_ids, []
     return seg_ids[: at[0] + 1], seg_ids[at[0] + 1:]
@@ -202,7 +206,9 @@ def _fit(ids: list[int], labels: list[int], max_length: int, overlong: str, keep
     return Encoded(ids[:1] + ids[1 + cut:], labels[:1] + labels[1 + cut:], truncated=True)
 
 
-def encode_example(tokenizer, messages: list[dict], *, max_length: int, train_on: str = "all", overlong: str = "truncate") -> Encoded | None:
+def encode_example(
+    tokenizer, messages: list[dict], *, max_length: int, train_on: str = "all", overlong: str = "truncate"
+) -> Encoded | None:
     """Encode one conversation (see `encode_examples`)."""
     return encode_examples(tokenizer, [messages], max_length=max_length, train_on=train_on, overlong=overlong)[0]
 

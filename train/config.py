@@ -14,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from persona_lora.dtypes import WEIGHT_DTYPES
 from persona_lora.errors import ConfigError
+from persona_lora.hub_ids import SOURCES
 
 
 def _f(default, help: str, **kw):
@@ -27,34 +29,61 @@ def _f(default, help: str, **kw):
 class BaseConfig:
     model: str = _f("runs/tiny-base", "local folder, Hugging Face id or ModelScope id of the base model")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) of the base model")
-    source: str = _f("auto", "where `model` lives: auto (local folder if it exists, else Hugging Face), local, hf, modelscope", choices=("auto", "local", "hf", "modelscope"))
-    dtype: str = _f("auto", "weights dtype: auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16, float16", choices=("auto", "float32", "bfloat16", "float16"))
+    source: str = _f(
+        "auto", "where `model` lives: auto (local folder if it exists, else Hugging Face), local, hf, modelscope",
+        choices=SOURCES,
+    )
+    dtype: str = _f(
+        "auto", "weights dtype: auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16, float16",
+        choices=("auto", *WEIGHT_DTYPES),
+    )
     load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 with bitsandbytes (CUDA only)")
-    trust_remote_code: bool = _f(False, "run the model repo's own Python code; leave false unless you trust it (DeepSeek-V2 is native)")
-    chat_template: str | None = _f(None, "Jinja file with a chat template, for bases whose tokenizer has none (it is then saved with the adapter)")
+    trust_remote_code: bool = _f(
+        False, "run the model repo's own Python code; leave false unless you trust it (DeepSeek-V2 is native)"
+    )
+    chat_template: str | None = _f(
+        None, "Jinja file with a chat template, for bases whose tokenizer has none (it is then saved with the adapter)"
+    )
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
 
 
 @dataclass
 class DataConfig:
-    path: str = _f("examples/data/persona_zh.json", "dataset: .json/.jsonl file (Alpaca, messages or ShareGPT records) or a hub dataset id")
+    path: str = _f(
+        "examples/data/persona_zh.json",
+        "dataset: .json/.jsonl file (Alpaca, messages or ShareGPT records) or a hub dataset id",
+    )
     revision: str | None = _f(None, "hub dataset revision")
-    system_prompt: str | None = _f(None, "system prompt for records without their own `system`; stored in the manifest and used by the demo")
+    system_prompt: str | None = _f(
+        None, "system prompt for records without their own `system`; stored in the manifest and used by the demo"
+    )
     max_length: int = _f(512, "maximum tokens per example (prompt + answer)", min=8)
-    train_on: str = _f("all", "which assistant turns of a multi-turn record are trained: all, last", choices=("all", "last"))
-    overlong: str = _f("truncate", "over-long examples: truncate (cut the prompt from the left, keep the answer and EOS) or drop", choices=("truncate", "drop"))
+    train_on: str = _f(
+        "all", "which assistant turns of a multi-turn record are trained: all, last", choices=("all", "last")
+    )
+    overlong: str = _f(
+        "truncate", "over-long examples: truncate (cut the prompt from the left, keep the answer and EOS) or drop",
+        choices=("truncate", "drop"),
+    )
     eval_fraction: float = _f(0.05, "fraction of records held out for eval loss (0 disables eval)", min=0.0, max=0.5)
     language: list[str] = _f([], "dataset languages for the card, e.g. [zh]")
 
 
 @dataclass
 class LoraConfigSection:
-    preset: str | None = _f("attention+mlp", "coverage preset: attention | attention+mlp | all (MoE: all adds the routed experts)")
-    target_modules: list[str] | None = _f(None, "explicit leaf names instead of a preset (e.g. [q_proj, o_proj, gate_proj, up_proj, down_proj]); "
-                                                  "gate/up/down mean every MLP incl. experts")
+    preset: str | None = _f(
+        "attention+mlp", "coverage preset: attention | attention+mlp | all (MoE: all adds the routed experts)"
+    )
+    target_modules: list[str] | None = _f(
+        None,
+        "explicit leaf names instead of a preset (e.g. [q_proj, o_proj, gate_proj, up_proj, down_proj]); "
+        "gate/up/down mean every MLP incl. experts",
+    )
     r: int = _f(16, "LoRA rank (higher: more capacity and memory)", min=1)
     alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)", min=1)
-    dropout: float = _f(0.05, "LoRA dropout on linear layers (fused experts get 0: PEFT refuses dropout there)", min=0.0, max=0.9)
+    dropout: float = _f(
+        0.05, "LoRA dropout on linear layers (fused experts get 0: PEFT refuses dropout there)", min=0.0, max=0.9
+    )
 
 
 @dataclass
@@ -65,20 +94,32 @@ class TrainingConfig:
     batch_size: int = _f(8, "examples per device per step", min=1)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     learning_rate: float = _f(2e-4, "peak learning rate (LoRA wants ~1e-4..2e-3; 1e-5 barely moves it)", min=0.0)
-    lr_scheduler: str = _f("cosine", "learning-rate schedule (transformers name): cosine, linear, constant, constant_with_warmup")
+    lr_scheduler: str = _f(
+        "cosine", "learning-rate schedule (transformers name): cosine, linear, constant, constant_with_warmup"
+    )
     warmup_ratio: float = _f(0.03, "fraction of steps for linear warmup", min=0.0, max=0.5)
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", min=0.0)
     seed: int = _f(42, "seed for init, shuffling and the eval split")
-    gradient_checkpointing: str = _f("auto", "auto (on for CUDA, off on CPU), true, false; non-reentrant, works with LoRA", choices=("auto", "true", "false"))
+    gradient_checkpointing: str = _f(
+        "auto", "auto (on for CUDA, off on CPU), true, false; non-reentrant, works with LoRA",
+        choices=("auto", "true", "false"),
+    )
     group_by_length: bool = _f(True, "batch examples of similar length to cut padding")
-    packing: bool = _f(False, "pack examples padding-free; needs flash-attention 2 on CUDA (SDPA would let packed examples attend to each other)")
+    packing: bool = _f(
+        False,
+        "pack examples padding-free; needs flash-attention 2 on CUDA "
+        "(SDPA would let packed examples attend to each other)",
+    )
     logging_steps: int = _f(10, "log train loss every N steps", min=1)
     eval_steps: int = _f(50, "eval loss every N steps", min=1)
     save_steps: int = _f(50, "checkpoint every N steps", min=1)
     save_total_limit: int = _f(2, "keep the last K checkpoints", min=1)
     report_to: list[str] = _f(["tensorboard"], "logging integrations (tensorboard, wandb, none)")
-    resume: str = _f("false", "continue from the latest checkpoint: false, true (error if none), auto (if any)", choices=("false", "true", "auto"))
+    resume: str = _f(
+        "false", "continue from the latest checkpoint: false, true (error if none), auto (if any)",
+        choices=("false", "true", "auto"),
+    )
     overwrite: bool = _f(False, "replace an existing non-empty output_dir (checkpoints included)")
     samples: int = _f(4, "base-vs-adapter sample answers on held-out prompts at the end (0: none)", min=0)
     sample_max_new_tokens: int = _f(64, "max new tokens per sample answer", min=1)
@@ -160,7 +201,8 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
         full = f"{prefix}{key}"
         if key not in names:
             near = difflib.get_close_matches(key, names, n=1)
-            problems.append(f"{full}: unknown key" + (f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(names)}"))
+            suggestion = f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(names)}"
+            problems.append(f"{full}: unknown key" + suggestion)
             continue
         f = next(x for x in fields(cls) if x.name == key)
         v = _coerce(value, hints[key], full, problems)
@@ -199,7 +241,8 @@ def config_from_dict(data: dict, source: str | None = None) -> TrainConfig:
             top[key] = _coerce(value, str | None, key, problems)
         else:
             near = difflib.get_close_matches(key, [*SECTIONS, "name", "license"], n=1)
-            problems.append(f"{key}: unknown section" + (f"; did you mean {near[0]}?" if near else "; sections are base, data, lora, training"))
+            suggestion = f"; did you mean {near[0]}?" if near else "; sections are base, data, lora, training"
+            problems.append(f"{key}: unknown section" + suggestion)
     cfg = TrainConfig(**top, **sections)
     problems += cross_checks(cfg)
     if problems:
@@ -211,11 +254,14 @@ def cross_checks(cfg: TrainConfig) -> list[str]:
     """Conflicts between options, each naming both and the fix."""
     p = []
     if cfg.training.overwrite and cfg.training.resume != "false":
-        p.append("training.overwrite and training.resume are both set: overwrite deletes the checkpoints resume needs; choose one")
+        p.append("training.overwrite and training.resume are both set: "
+                 "overwrite deletes the checkpoints resume needs; choose one")
     if cfg.lora.preset and cfg.lora.target_modules:
-        p.append("lora.preset and lora.target_modules are both set; choose one (set lora.preset: null to use target_modules)")
+        p.append("lora.preset and lora.target_modules are both set; "
+                 "choose one (set lora.preset: null to use target_modules)")
     if not cfg.lora.preset and not cfg.lora.target_modules:
-        p.append("lora.preset is empty and lora.target_modules is not set; choose a preset (attention, attention+mlp, all)")
+        p.append("lora.preset is empty and lora.target_modules is not set; "
+                 "choose a preset (attention, attention+mlp, all)")
     if cfg.training.max_steps <= 0 and cfg.training.epochs <= 0:
         p.append("training.epochs is 0 and training.max_steps is not set: nothing to train")
     if cfg.base.load_in_4bit and cfg.base.dtype == "float32":

@@ -268,11 +268,8 @@ def _parse_jsonl(text: str, name: str, display: str) -> list[tuple[str, str, Any
 def _load_hub(hub_id: str, *, revision: str | None, split: str) -> LoadedDataset:
     """Load a hub dataset through `datasets`, then validate its rows exactly like a local file's records."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise data_error([f"{hub_id}: loading hub datasets needs the 'datasets' package; fix: pip install "
-                          f"datasets"], hub_id) from e
+    import datasets
+
     try:
         ds = datasets.load_dataset(hub_id, revision=revision, split=split)
         rows = [dict(row) for row in ds]

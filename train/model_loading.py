@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from persona_lora.dtypes import accepted_names, torch_dtype
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hashing import sha256_file
 from persona_lora.hub_ids import SOURCES, is_repo_id
@@ -18,7 +19,9 @@ from persona_lora.hub_ids import SOURCES, is_repo_id
 log = logging.getLogger(__name__)
 
 # Only what a model needs, never pickled weights.
-BASE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "README.md", "LICENSE*"]
+BASE_PATTERNS = [
+    "*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "README.md", "LICENSE*"
+]
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,10 @@ def _from_hub(hub: str, repo_id: str, revision: str | None) -> ResolvedBase:
     return ResolvedBase(path, repo_id, hub, revision)
 
 
-def load_tokenizer(base: str | ResolvedBase, *, revision: str | None = None, source: str = "auto", chat_template_file: str | Path | None = None):
+def load_tokenizer(
+    base: str | ResolvedBase, *, revision: str | None = None, source: str = "auto",
+    chat_template_file: str | Path | None = None,
+):
     """The base's tokenizer, with a chat template from a file when given (it then counts as changed by us)."""
     from transformers import AutoTokenizer
 
@@ -112,14 +118,11 @@ def default_dtype(device: str):
 
 
 def parse_dtype(name: str | None, device: str):
-    import torch
-
     if name in (None, "auto"):
         return default_dtype(device)
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise UsageError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
-    return table[name]
+    if name not in accepted_names():
+        raise UsageError(f"dtype must be one of auto, {', '.join(accepted_names())}; got {name!r}")
+    return torch_dtype(name)
 
 
 def attention_implementation() -> str:
@@ -154,12 +157,13 @@ def load_base_model(
         if not device.startswith("cuda") or not torch.cuda.is_available():
             raise UsageError("load_in_4bit (QLoRA) needs a CUDA GPU; on CPU set load_in_4bit: false")
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError as e:
             raise UsageError("load_in_4bit needs bitsandbytes: pip install 'persona-lora[qlora]'") from e
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_use_double_quant=True
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"],
+            bnb_4bit_use_double_quant=True,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     if device.startswith("cuda"):

@@ -87,7 +87,8 @@ def groups_for(preset: str | None, model_type: str, target_modules: list[str] | 
             groups += [DENSE_MLP, SHARED_EXPERTS, ROUTED_EXPERTS] if fam == "moe" else [DENSE_MLP]
         return groups
     if preset not in PRESETS[fam]:
-        raise ConfigError(f"lora.preset {preset!r} is not known for {model_type}; choose one of {', '.join(PRESETS[fam])}")
+        raise ConfigError(f"lora.preset {preset!r} is not known for {model_type}; "
+                          f"choose one of {', '.join(PRESETS[fam])}")
     return list(PRESETS[fam][preset])
 
 
@@ -123,7 +124,9 @@ def resolve(model, preset: str | None, target_modules: list[str] | None = None) 
     cands = candidate_modules(model, groups)
     empty = [g for g in groups if not cands.get(g)]
     if empty:
-        raise ConfigError(f"the model has no modules in group(s) {empty} asked by the LoRA preset; choose another preset")
+        raise ConfigError(
+            f"the model has no modules in group(s) {empty} asked by the LoRA preset; choose another preset"
+        )
     modules = sorted(n for g in groups if g != ROUTED_EXPERTS for n in cands[g])
     params = list(EXPERT_PARAMS) if ROUTED_EXPERTS in groups else []
     return LoraSpec(groups, modules, params)
@@ -173,11 +176,14 @@ def coverage_table(peft_model, asked_groups: list[str]) -> list[dict]:
         row = rows.setdefault(g, {"group": g, "modules": 0, "params": 0, "names": []})
         row["modules"] += 1
         row["names"].append(label)
-        row["params"] += sum(p.numel() for k in ("lora_A", "lora_B") for m in getattr(mod, k).values() for p in m.parameters())
+        row["params"] += sum(
+            p.numel() for k in ("lora_A", "lora_B") for m in getattr(mod, k).values() for p in m.parameters()
+        )
     table = []
     for g in dict.fromkeys([*asked_groups, *rows]):
         row = rows.get(g, {"group": g, "modules": 0, "params": 0, "names": []})
-        table.append({"group": g, "asked": g in asked_groups, "applied": row["modules"] > 0, "modules": row["modules"], "params": row["params"], "names": sorted(row["names"])})
+        table.append({"group": g, "asked": g in asked_groups, "applied": row["modules"] > 0, "modules": row["modules"],
+                      "params": row["params"], "names": sorted(row["names"])})
     return table
 
 
@@ -196,15 +202,20 @@ def check_coverage(peft_model, spec: LoraSpec) -> list[dict]:
         extra = sorted(applied - set(spec.target_modules))[:5]
         problems.append(f"linear LoRA differs from what was asked (missing {missing}, unexpected {extra})")
     if experts != wanted_experts:
-        problems.append(f"LoRA on routed experts differs from what was asked ({len(experts)} applied, {len(wanted_experts)} asked)")
+        problems.append(f"LoRA on routed experts differs from what was asked "
+                        f"({len(experts)} applied, {len(wanted_experts)} asked)")
     if problems:
-        raise ConfigError([f"LoRA coverage check failed: {p}; this is a bug or a PEFT behaviour change, please report it" for p in problems])
+        raise ConfigError([
+            f"LoRA coverage check failed: {p}; this is a bug or a PEFT behaviour change, please report it"
+            for p in problems
+        ])
     return table
 
 
 def format_coverage(table: list[dict], trainable: int, total: int) -> str:
     lines = [f"{'group':<16}{'asked':>7}{'applied':>9}{'modules':>9}{'LoRA params':>14}"]
     for row in table:
-        lines.append(f"{row['group']:<16}{'yes' if row['asked'] else 'no':>7}{'yes' if row['applied'] else 'no':>9}{row['modules']:>9}{row['params']:>14,}")
+        lines.append(f"{row['group']:<16}{'yes' if row['asked'] else 'no':>7}{'yes' if row['applied'] else 'no':>9}"
+                     f"{row['modules']:>9}{row['params']:>14,}")
     lines.append(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
     return "\n".join(lines)

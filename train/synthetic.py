@@ -24,7 +24,6 @@ def make_random_adapter(
     """Write an adapter folder (PEFT files + manifest) for `base` with the given coverage preset."""
     import torch
 
-    from persona_lora.train import presets
     from persona_lora import __version__
     from persona_lora.artifact import BaseModelInfo, ChatInfo, LoraInfo, Manifest, now_iso, write_manifest
     from persona_lora.peft_compat import attach_new_adapter

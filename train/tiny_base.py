@@ -17,20 +17,20 @@ build, deterministically and in seconds, a model folder that looks like the real
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from persona_lora import sample_data
 from persona_lora.errors import UsageError
 from persona_lora.train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 
 log = logging.getLogger(__name__)
 
 # The sample persona data ships inside the package, so a pip-installed persona-lora builds the same base.
-DEFAULT_CORPUS_DIR = Path(importlib.import_module("persona_lora.sample_data").__file__).parent
+DEFAULT_CORPUS_DIR = Path(sample_data.__file__).parent
 
 # Text that every tokenizer we train must know well: the chat template's fixed strings and some plain prose,
 # so that code and English prompts also tokenize sensibly.
@@ -327,7 +327,8 @@ def build_tiny_base(out_dir: Path, spec: TinySpec = TinySpec(), corpus_files: li
 
     tokenizer = train_tokenizer(corpus_texts(corpus_files), spec.vocab_size)
     if len(tokenizer) != spec.vocab_size:
-        log.info("tokenizer learned %d tokens (asked %d); the embedding keeps %d rows", len(tokenizer), spec.vocab_size, spec.vocab_size)
+        log.info("tokenizer learned %d tokens (asked %d); the embedding keeps %d rows",
+                 len(tokenizer), spec.vocab_size, spec.vocab_size)
     tokenizer.save_pretrained(out_dir)
 
     cfg = tiny_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)

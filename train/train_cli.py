@@ -17,10 +17,13 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="override training.max_steps")
     p.add_argument("--epochs", type=float, help="override training.epochs")
     p.add_argument("--lora-preset", help="override lora.preset (attention, attention+mlp, all)")
-    p.add_argument("--resume", nargs="?", const="true", choices=["true", "auto", "false"], help="continue from the latest checkpoint (auto: only if one exists)")
+    p.add_argument("--resume", nargs="?", const="true", choices=["true", "auto", "false"],
+                   help="continue from the latest checkpoint (auto: only if one exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key, e.g. --set training.learning_rate=1e-4")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, data statistics, LoRA coverage and estimates; do not train")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set training.learning_rate=1e-4")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, data statistics, LoRA coverage and estimates; do not train")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help text")
 
 
