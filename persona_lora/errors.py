@@ -56,3 +56,10 @@ class HubError(PersonaLoraError):
 
 class VerificationError(PersonaLoraError):
     """A pulled or merged artifact failed verification (pickle weights, base mismatch, corrupt file)."""
+
+
+class TrainingInterrupted(PersonaLoraError):
+    """Training stopped early on Ctrl-C: a checkpoint and the adapter of the last step reached were saved, but
+    the run is not complete, so the command must not look successful (`train && push` would publish it)."""
+
+    exit_code = 130

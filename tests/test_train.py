@@ -178,7 +178,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tiny_base, small_persona_data, tmp_pa
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, text[-2000:]
+    assert proc.returncode == 130, text[-2000:]  # interrupted: not a success
     assert "interrupted: checkpoint saved" in text
     ckpts = list((out / "checkpoints").glob("checkpoint-*"))
     assert ckpts and all((c / "adapter_model.safetensors").exists() for c in ckpts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persona_lora.artifact import write_manifest
+from persona_lora.errors import TrainingInterrupted
 from persona_lora.peft_compat import native_targets
 from persona_lora.train import presets
 from persona_lora.train.chat_format import IGNORE_INDEX, require_chat_template
@@ -267,9 +268,10 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
     if resume_from:
         print_fn(f"resuming from {resume_from}")
     trainer, result = train_loop(cfg, setup, data, model, out, resume_from)
-    if result.interrupted:
-        print_fn(f"interrupted: checkpoint saved under {out / CHECKPOINTS}; continue with --resume")
     if trainer.is_world_process_zero():
         finalise(cfg, setup, data, model, result, out, started)
         print_fn(f"adapter written to {out}")
+    if result.interrupted:
+        raise TrainingInterrupted(f"interrupted: checkpoint saved under {out / CHECKPOINTS}, and the adapter in {out} "
+                                  "is from the last step reached (its card says so); continue with --resume")
     return out
