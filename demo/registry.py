@@ -21,6 +21,7 @@ from pathlib import Path
 from persona_lora.artifact import MANIFEST_NAME, ChatInfo, read_adapter_config, read_manifest, require_adapter_files
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 from persona_lora.hub_ids import is_commit
+from persona_lora.peft_compat import has_expert_lora
 from persona_lora.train.chat_format import require_chat_template
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class AdapterRegistry:
         return AdapterInfo(
             name=shown, key="", path=folder, source=source, repo_id=repo_id, revision=rev, commit=commit,
             system_prompt=chat.system_prompt or "", chat_template=template, template_origin=origin,
-            experts=bool(cfg.get("target_parameters")), preset=preset, warnings=warnings,
+            experts=has_expert_lora(cfg), preset=preset, warnings=warnings,
         )
 
     def _check_base(self, folder: Path, warnings: list[str]) -> None:

@@ -31,6 +31,9 @@ def configure_push(p: argparse.ArgumentParser) -> None:
     p.add_argument("--message", "-m", metavar="MSG", help="commit message")
     p.add_argument("--include", metavar="PATTERN", action="append", default=[],
                    help="also push files matching PATTERN (relative path or name, e.g. 'notes/*.md'); repeatable")
+    p.add_argument("--legacy", action="store_true",
+                   help="push an adapter whose config is in persona-lora's legacy spelling as it is (stock PEFT "
+                        "loads it onto the wrong weights; `persona-lora upgrade-adapter` fixes it)")
     merge_cli.add_merge_options(p, for_push=True)
 
 
@@ -49,7 +52,8 @@ def _push(args: argparse.Namespace, folder: Path) -> int:
     from persona_lora.hub_tools.push import push_folder
 
     result = push_folder(folder, args.repo_id, hub=args.hub, private=args.private, revision=args.revision,
-                         create_pr=args.create_pr, message=args.message, include_extra=args.include or None)
+                         create_pr=args.create_pr, message=args.message, include_extra=args.include or None,
+                         legacy=args.legacy)
     if result.skipped:
         print(f"not pushed ({len(result.skipped)}):", file=sys.stderr)
         for rel, why in result.skipped:

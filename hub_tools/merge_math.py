@@ -120,7 +120,13 @@ def discover_layers(base_dir: Path, adapter_dir: Path) -> list[LoraLayer]:
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from persona_lora.peft_compat import attach_new_adapter, expert_lora_layout, is_param_wrapper, is_plain_lora_linear
+    from persona_lora.peft_compat import (
+        attach_new_adapter,
+        expert_lora_layout,
+        internal_config,
+        is_param_wrapper,
+        is_plain_lora_linear,
+    )
 
     check_adapter_config(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")),
                          adapter_dir / "adapter_config.json")
@@ -130,7 +136,7 @@ def discover_layers(base_dir: Path, adapter_dir: Path) -> list[LoraLayer]:
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot build the architecture of {base_dir / 'config.json'}: {e}") from e
-    lora_config = LoraConfig.from_pretrained(str(adapter_dir))
+    lora_config = internal_config(LoraConfig.from_pretrained(str(adapter_dir)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # base_model_name_or_path renamed, deprecations
         try:

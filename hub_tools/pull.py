@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from persona_lora.artifact import read_adapter_config
 from persona_lora.errors import HubError, ModelLoadError, VerificationError
 from persona_lora.hub_ids import HubRef, is_commit, parse_hub_ref
 from persona_lora.hub_tools.backends import RemoteFile, backend
 from persona_lora.hub_tools.files import is_pickle, matches_pull_patterns, pull_patterns
 from persona_lora.hub_tools.verify import check_base, discard_files, hash_problems, verify_content
+from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,23 @@ def pull(
             + "\nThe bad files were removed from the cache; run pull again. If it keeps failing, a proxy or the "
             "hub copy is at fault."
         )
-    verify_content(folder, allow_pickle=allow_pickle)
+    if verify_content(folder, allow_pickle=allow_pickle) == "adapter":
+        _warn_legacy_spelling(folder, repo_id)
     if base:
         check_base(folder, base, token=token, hub=hub)
     log.info("pulled %s into %s (%d files verified)", label, folder, len(remote))
     return folder
+
+
+def _warn_legacy_spelling(folder: Path, repo_id: str) -> None:
+    """A pulled adapter in persona-lora's legacy spelling loads correctly in persona-lora, not in stock PEFT: say
+    how to get a portable copy (the hub cache itself must stay as the hub has it)."""
+    from persona_lora.hub_tools.upgrade import adapter_model_type
+
+    if is_legacy_spelling(read_adapter_config(folder), adapter_model_type(folder)):
+        log.warning("%s is in persona-lora's legacy adapter spelling: persona-lora loads it as trained, stock PEFT "
+                    "and transformers do not. For a portable copy: persona-lora pull %s --local-dir DIR && "
+                    "persona-lora upgrade-adapter DIR", repo_id, repo_id)
 
 
 def _refuse_pickles(repo_id: str, files: list[RemoteFile], allow_pickle: bool) -> None:

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_lora import __version__
-from persona_lora.artifact import folder_kind
+from persona_lora.artifact import folder_kind, read_adapter_config
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hub_ids import check_repo_id
 from persona_lora.hub_tools.backends import backend
 from persona_lora.hub_tools.files import select_files
+from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,17 @@ def plan_push(folder: str | Path, include_extra: list[str] | None = None) -> Pus
     return PushPlan(folder, kind, files, skipped)
 
 
+def refuse_legacy_spelling(folder: Path) -> None:
+    """UsageError for an adapter of ours whose config is in the legacy spelling, naming the fix."""
+    from persona_lora.hub_tools.upgrade import adapter_model_type
+
+    if is_legacy_spelling(read_adapter_config(folder), adapter_model_type(folder)):
+        raise UsageError(
+            f"{folder}: adapter_config.json is in persona-lora's legacy spelling, which stock PEFT and transformers "
+            f"load onto the wrong weights of this MoE model; run `persona-lora upgrade-adapter {folder}` first "
+            "(same tensors, identical outputs), or pass --legacy to push it as it is")
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -72,11 +84,14 @@ def push_folder(
     message: str | None = None,
     include_extra: list[str] | None = None,
     token: str | None = None,
+    legacy: bool = False,
 ) -> PushResult:
     """Create `repo_id` if missing and upload the folder's adapter/model files in one commit; returns the URL.
 
     revision=BRANCH commits to that branch (created from main if missing); create_pr=True opens a pull
     request against main instead of committing to it. Skipped files are logged and in `result.skipped`.
+    An adapter in persona-lora's legacy spelling is refused unless `legacy`: other people's PEFT would load it
+    onto the wrong weights.
     """
     be = backend(hub)
     if create_pr and revision not in (None, "main"):
@@ -84,6 +99,8 @@ def push_folder(
     check_repo_id(repo_id, owner_optional=True)
     be.check_commit(repo_id, create_pr=create_pr)
     plan = plan_push(folder, include_extra)
+    if plan.kind == "adapter" and not legacy:
+        refuse_legacy_spelling(plan.folder)
     token = be.token(token)
     if not token:
         raise be.missing_token("push")

@@ -23,7 +23,8 @@ from persona_lora.model_cards import sections
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num, tidy
 from persona_lora.model_cards.metadata import base_is_on_hub, card_data
 from persona_lora.model_cards.privacy import scrub
-from persona_lora.model_cards.snippet import needs_moe_rewrite_off, usage_snippet
+from persona_lora.model_cards.snippet import usage_snippet
+from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def build_context(m: dict, adapter_config: dict | None, *, loss_png: str | None,
     own_id = repo_id or name or ("merged-model" if merged else "adapter")
     on_hub = base_is_on_hub(base)
     base_ref = f"[{esc(base_id)}](https://huggingface.co/{base_id})" if on_hub else code(base_id)
-    rewrite_off = not merged and needs_moe_rewrite_off(m, adapter_config)
+    legacy = not merged and adapter_config is not None and is_legacy_spelling(adapter_config, base.get("model_type"))
     tokenizer_from_adapter = chat.get("template_source") == "file" or tokenizer_in_folder
     merge = m.get("merge") or {}
     source_adapter = merge.get("adapter") if merged and isinstance(merge.get("adapter"), str) else None
@@ -74,8 +75,9 @@ def build_context(m: dict, adapter_config: dict | None, *, loss_png: str | None,
         "system_prompt": fenced(system_prompt, "text") if isinstance(system_prompt, str) and system_prompt else None,
         "snippet": usage_snippet(
             m, base_id=base_id, adapter_id=None if merged else own_id, model_id=own_id if merged else None,
-            tokenizer_from_adapter=tokenizer_from_adapter, rewrite_off=rewrite_off),
-        "rewrite_off": rewrite_off,
+            tokenizer_from_adapter=tokenizer_from_adapter),
+        "legacy_spelling": fenced(f"persona-lora upgrade-adapter {name or 'ADAPTER_DIR'}", "bash") if legacy else None,
+        "serving": None if merged else sections.serving_section(m),
         "demo_command": (fenced(f"persona-lora demo --base {base_id} --adapter {own_id}", "bash") if not merged
                          else fenced(f"persona-lora demo --base {base_id} --adapter {source_adapter}", "bash")
                          if source_adapter else None),

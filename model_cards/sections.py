@@ -300,3 +300,29 @@ def merge_section(m: dict) -> dict | None:
     if not rows:
         return None
     return {"rows": rows, "layout_note": layout_note}
+
+
+# Engines that serve LoRA on DeepSeek-V2's MLA attention, with what their loaders apply (versions checked).
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+def serving_section(m: dict) -> list[tuple[str, str, str]] | None:
+    """Per engine: whether it applies this adapter as trained, and the command that prepares it. vLLM's MLA
+    attention does not apply LoRA on `kv_b_proj` (vllm-project/vllm#48974), so an adapter with it is served as
+    trained there only as a merged model."""
+    lora = m.get("lora") or {}
+    targets = [t for t in lora.get("target_modules") or [] if isinstance(t, str)]
+    if not targets and not lora.get("target_parameters"):
+        return None
+    name = m.get("name") or "ADAPTER"
+    kv_b = (m.get("base_model") or {}).get("model_type") in MLA_MODEL_TYPES and any(
+        t.endswith("kv_b_proj") for t in targets)
+    rows = [("transformers + PEFT", "yes", "the snippet above")]
+    if kv_b:
+        rows.append(("vLLM 0.33", "no: its MLA attention skips LoRA on `kv_b_proj` (vllm-project/vllm\\#48974)",
+                     f"serve the merged model ({code(f'persona-lora merge {name} --base BASE --out DIR')}), or "
+                     "train with a `-no-kv-b` preset"))
+    else:
+        rows.append(("vLLM 0.33", "yes", code(f"persona-lora export {name} --for vllm --out DIR")))
+    rows.append(("SGLang 0.5.23", "yes", code(f"persona-lora export {name} --for sglang --out DIR")))
+    return rows

@@ -2,16 +2,15 @@
 
 A persona adapter only behaves as its samples show when it gets the same prompt as in training: the tokenizer's
 chat template, the run's system prompt, and the new tokens decoded on their own. The snippet is built from the
-manifest so that it carries exactly those, loads the adapter the way this run needs (tokenizer from the adapter
-when training changed it, PEFT's MoE target rewrite off when it would move the adapter), and decodes greedily
-so a reader's first answer can be compared with the card's samples.
+manifest so that it carries exactly those, loads the adapter with stock transformers and PEFT (tokenizer from
+the adapter when training changed it), and decodes greedily so a reader's first answer can be compared with the
+card's samples.
 """
 
 from __future__ import annotations
 
 import json
 
-from persona_lora import peft_compat
 from persona_lora.model_cards.markdown import fenced
 
 SNIPPET_MARKER = "# persona-lora usage snippet"
@@ -20,22 +19,13 @@ SNIPPET_MARKER = "# persona-lora usage snippet"
 SNIPPET_MAX_NEW_TOKENS = 256
 
 
-def needs_moe_rewrite_off(m: dict, adapter_config: dict | None) -> bool:
-    """Whether PEFT would re-map this adapter's MLP targets onto fused experts when loading it: our adapters name
-    transformers 5 modules, where `gate_proj`/`up_proj`/`down_proj` are the dense MLP and the shared experts, so
-    the snippet must switch the rewrite off exactly when such a target exists on such a model."""
-    return peft_compat.needs_moe_rewrite_off((m.get("base_model") or {}).get("model_type"),
-                                             (m.get("lora") or {}).get("target_modules"),
-                                             (adapter_config or {}).get("target_modules"))
-
-
 def _py(s: str) -> str:
     """A Python string literal (double-quoted, readable non-ASCII)."""
     return json.dumps(s, ensure_ascii=False)
 
 
 def usage_snippet(m: dict, *, base_id: str, adapter_id: str | None, model_id: str | None,
-                  tokenizer_from_adapter: bool, rewrite_off: bool) -> str:
+                  tokenizer_from_adapter: bool) -> str:
     """The Python usage block: same chat template, same system prompt, greedy decoding, new tokens only.
 
     `model_id` is given for a merged model (plain transformers), `adapter_id` for an adapter (base + PEFT)."""
@@ -66,14 +56,6 @@ def usage_snippet(m: dict, *, base_id: str, adapter_id: str | None, model_id: st
             lines.append("# training added the chat template to the tokenizer, which is saved with the adapter")
         lines += [f"tokenizer = AutoTokenizer.from_pretrained({'adapter_id' if tokenizer_from_adapter else 'base_id'})",
                   'model = AutoModelForCausalLM.from_pretrained(base_id, dtype="auto")']
-        if rewrite_off:
-            lines += [
-                "# PEFT would move gate_proj/up_proj/down_proj onto the fused routed experts; "
-                "keep the targets as trained",
-                "import peft.utils.transformers_weight_conversion as _conv",
-                "_conv.convert_peft_config_for_transformers = lambda *args, **kwargs: None"
-                "  # adapter already targets transformers-5 modules",
-            ]
         lines.append("model = PeftModel.from_pretrained(model, adapter_id)")
     lines += ["model.eval()", "", "messages = ["]
     if isinstance(system_prompt, str) and system_prompt:

@@ -421,6 +421,15 @@ def read_adapter_config(folder: str | Path) -> dict | None:
     return data
 
 
+def write_adapter_config(folder: str | Path, config: dict) -> Path:
+    """Write PEFT's adapter_config.json as PEFT writes it (sorted keys, indent 2), atomically."""
+    path = Path(folder) / ADAPTER_CONFIG
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ provenance
 
 

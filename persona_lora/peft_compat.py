@@ -24,12 +24,22 @@ holding. What is assumed, and where it is used:
 5. `MOE_REWRITTEN_LEAVES`: the model types PEFT 0.21 rewrites, and which leaf names (transformers 5.24
    `_MODEL_TO_CONVERSION_PATTERN`, PEFT `_MOE_TARGET_MODULE_MAPPING`). Hard-coded so a card renders the same
    whatever library versions the machine has.
+6. The portable spelling of an adapter config (upstream issue huggingface/peft#3711). Stock PEFT's rewrite only
+   looks at `target_modules`, so an adapter whose dense-MLP and shared-expert LoRA is named in
+   `target_parameters` (`model.layers.0.mlp.gate_proj.weight`) loads as trained with unpatched PEFT and
+   transformers; the tensors keep linear LoRA's keys and shapes. We train and serve those layers as ordinary
+   linear LoRA (`internal_config`), and write adapters in the portable spelling (`portable_config`).
+   `rewrite_is_safe()` probes PEFT once: when its rewrite no longer touches layers that exist as linear modules
+   (the upstream fix), `native_targets()` stops switching it off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +67,13 @@ BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 @contextlib.contextmanager
 def native_targets():
-    """Disable PEFT's v4->v5 target rewrite while our (already v5-native) adapter is injected or loaded."""
+    """Disable PEFT's v4->v5 target rewrite while our (already v5-native) adapter is injected or loaded; a PEFT
+    whose rewrite leaves existing linear layers alone is left as it is."""
     import peft.utils.transformers_weight_conversion as conversion
 
+    if rewrite_is_safe():
+        yield
+        return
     with _lock:
         original = conversion.convert_peft_config_for_transformers
         conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
@@ -101,19 +115,22 @@ def attach_new_adapter(model, lora_config, *, dropout: float = 0.0, adapter_name
 
 
 def load_adapter(model, adapter_dir: str | Path, adapter_name: str = "default", *, is_trainable: bool = False):
-    """Load one of our adapters onto a base model (a PreTrainedModel, or a PeftModel that already holds others)
-    with the coverage it was trained with. Returns the PeftModel."""
-    from peft import PeftModel
+    """Load one of our adapters (either spelling) onto a base model (a PreTrainedModel, or a PeftModel that already
+    holds others) with the coverage it was trained with, linear layers as linear LoRA. Returns the PeftModel."""
+    from peft import LoraConfig, PeftModel
 
     from persona_lora.artifact import require_adapter_files
 
     adapter_dir = require_adapter_files(adapter_dir)
+    config = internal_config(LoraConfig.from_pretrained(str(adapter_dir)))
+    config.inference_mode = not is_trainable
     with native_targets():
         if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config)
             model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
             return model
         return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
-                                         is_trainable=is_trainable)
+                                         is_trainable=is_trainable, config=config)
 
 
 # ------------------------------------------------------------------------------------------------ 3: ParamWrapper
@@ -309,3 +326,105 @@ def needs_moe_rewrite_off(model_type: str | None, *target_lists) -> bool:
         elif isinstance(targets, (list, tuple, set)):
             names += [str(t) for t in targets]
     return any(t == leaf or t.endswith("." + leaf) for t in names for leaf in leaves)
+
+
+# ------------------------------------------------------------------------------------------------ 6: spelling
+
+LINEAR_WEIGHT = ".weight"  # a `target_parameters` entry ending so names an nn.Linear's weight
+
+
+def module_regex(names: list[str]) -> str:
+    """A compact regex that matches exactly `names` (layer indices collapsed per leaf path)."""
+    by_shape: dict[str, set[str]] = {}
+    for n in names:
+        m = re.match(r"^(.*?\.layers\.)(\d+)(\..*)$", n)
+        if m:
+            by_shape.setdefault(re.escape(m.group(1)) + "(%s)" + re.escape(m.group(3)), set()).add(m.group(2))
+        else:
+            by_shape.setdefault(re.escape(n), set())
+    parts = []
+    for shape, layers in sorted(by_shape.items()):
+        parts.append(shape % "|".join(sorted(layers, key=int)) if layers else shape)
+    return "^(?:" + "|".join(parts) + ")$"
+
+
+def rewritten_modules(model_type: str | None, module_names: list[str]) -> list[str]:
+    """The linear modules among `module_names` whose names stock PEFT would move onto the fused experts."""
+    leaves = MOE_REWRITTEN_LEAVES.get(model_type or "", ())
+    return [n for n in module_names if n.rsplit(".", 1)[-1] in leaves]
+
+
+def portable_config(config: dict, module_names: list[str], model_type: str | None) -> dict:
+    """An adapter_config.json (as a dict) whose linear targets are the full `module_names`, in the spelling stock
+    PEFT and transformers load as trained: the modules PEFT would re-target are named as parameters instead."""
+    moved = rewritten_modules(model_type, module_names)
+    if not moved:
+        return dict(config)
+    kept = [n for n in module_names if n not in moved]
+    out = dict(config)
+    out["target_modules"] = module_regex(kept) if kept else None
+    params = [p for p in config.get("target_parameters") or [] if p not in {m + LINEAR_WEIGHT for m in moved}]
+    out["target_parameters"] = params + [m + LINEAR_WEIGHT for m in sorted(moved)]
+    return out
+
+
+def internal_config(config):
+    """A LoraConfig as persona-lora runs it: linear layers named in `target_parameters` (the portable spelling)
+    go back to `target_modules`, so they run as ordinary linear LoRA with the same tensors."""
+    params = list(config.target_parameters or [])
+    linear = [p.removesuffix(LINEAR_WEIGHT) for p in params if p.endswith(LINEAR_WEIGHT)]
+    if not linear:
+        return config
+    config = copy.deepcopy(config)
+    config.target_parameters = [p for p in params if not p.endswith(LINEAR_WEIGHT)] or None
+    targets = config.target_modules
+    if isinstance(targets, str):
+        config.target_modules = f"(?:{targets})|(?:{module_regex(linear)})"
+    else:
+        config.target_modules = sorted(set(targets or []) | set(linear))
+    return config
+
+
+def has_expert_lora(config: dict) -> bool:
+    """Whether an adapter_config.json puts LoRA on fused expert parameters (not linear weights named as
+    parameters)."""
+    return any(not p.endswith(LINEAR_WEIGHT) for p in config.get("target_parameters") or [])
+
+
+def is_legacy_spelling(config: dict, model_type: str | None) -> bool:
+    """Whether stock PEFT would load this adapter_config onto the wrong weights (the spelling persona-lora wrote
+    before adapters were portable): its `target_modules` names modules PEFT re-targets on this model type."""
+    return needs_moe_rewrite_off(model_type, config.get("target_modules"))
+
+
+@functools.cache
+def rewrite_is_safe() -> bool:
+    """Whether this PEFT's MoE rewrite leaves alone a dense-MLP layer that exists as a linear module (the upstream
+    fix). Probed once per process on a one-layer DeepSeek-V2 built on the meta device."""
+    import peft.utils.transformers_weight_conversion as conversion
+    import torch
+    from peft import LoraConfig
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    config = DeepseekV2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                              n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                              num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None,
+                              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=64)
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(config)
+    dense = [f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    lora = LoraConfig(r=2, target_modules=list(dense))
+    try:
+        conversion.convert_peft_config_for_transformers(lora, model, None)
+    except Exception:  # noqa: BLE001 - any failure means: do not rely on it
+        return False
+    safe = set(dense) <= set(lora.target_modules or [])
+    log.info("PEFT %s MoE target rewrite %s existing linear layers", _peft_version(),
+             "leaves alone" if safe else "re-targets")
+    return safe
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__

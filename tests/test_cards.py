@@ -20,7 +20,7 @@ from persona_lora.errors import ManifestError, ModelLoadError
 from persona_lora.model_cards import privacy, sections
 from persona_lora.model_cards.cards import USER_END, USER_START, write_card
 from persona_lora.model_cards.plots import write_loss_curve
-from persona_lora.model_cards.snippet import needs_moe_rewrite_off
+from persona_lora.peft_compat import is_legacy_spelling
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cards"
 FILLERS = ["More Information Needed", "TODO", "N/A", "TBD", "| None |", "| null |", "| nan |", "| unknown |"]
@@ -233,16 +233,30 @@ def test_snippet_formats_prompts_like_training(tmp_path):
     assert "persona-lora demo --base deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct --adapter zhenhuan-attn" in text
 
 
-def test_snippet_switches_off_peft_moe_rewrite_when_mlp_is_targeted(tmp_path):
-    code = snippet(card_text(folder_from("local_data", tmp_path)))
-    lines = code.splitlines()
-    i = lines.index("import peft.utils.transformers_weight_conversion as _conv")
-    assert lines[i + 1] == ("_conv.convert_peft_config_for_transformers = lambda *args, **kwargs: None"
-                            "  # adapter already targets transformers-5 modules")
-    assert lines[i - 1].startswith("# ")  # says why
-    assert lines.index("model = PeftModel.from_pretrained(model, adapter_id)") > i + 1
+def test_legacy_adapter_card_says_how_to_upgrade_and_snippet_stays_plain(tmp_path):
+    """local_data's adapter_config names MLP layers in target_modules (the legacy spelling): the card must not
+    teach readers to patch PEFT; it tells them to upgrade the adapter."""
+    text = card_text(folder_from("local_data", tmp_path))
+    code = snippet(text)
+    assert "peft.utils" not in code and "_conv" not in code
+    assert "legacy spelling" in text and "persona-lora upgrade-adapter tiny-persona" in text
     # template from a file: the tokenizer saved with the adapter carries it
     assert "tokenizer = AutoTokenizer.from_pretrained(adapter_id)" in code
+    assert "legacy spelling" not in card_text(folder_from("attention_hub", tmp_path / "portable"))
+
+
+def test_serving_section_names_the_engines_that_serve_the_adapter_as_trained(tmp_path):
+    rows = [line for line in card_text(folder_from("local_data", tmp_path)).splitlines()
+            if line.startswith(("| vLLM", "| SGLang", "| transformers + PEFT"))]
+    assert len(rows) == 3
+    assert "no: its MLA attention skips LoRA on `kv_b_proj`" in rows[1]  # this adapter adapts kv_b_proj
+    assert "persona-lora export tiny-persona --for sglang" in rows[2]
+
+    def no_kv_b(m):
+        m["lora"]["target_modules"] = [t for t in m["lora"]["target_modules"] if t != "kv_b_proj"]
+
+    text = card_text(folder_from("local_data", tmp_path / "no_kv_b", no_kv_b))
+    assert "| vLLM 0.33 | yes | `persona-lora export tiny-persona --for vllm --out DIR` |" in text
 
 
 @pytest.mark.parametrize(
@@ -251,21 +265,15 @@ def test_snippet_switches_off_peft_moe_rewrite_when_mlp_is_targeted(tmp_path):
         ("deepseek_v2", ["q_proj", "o_proj"], False),
         ("deepseek_v2", ["q_proj", "shared_experts.down_proj"], True),
         ("deepseek_v2", ["gate_proj", "up_proj", "down_proj"], True),
+        ("deepseek_v2", r"^(?:model\.layers\.(0)\.mlp\.gate_proj)$", True),  # a regex naming an MLP layer
+        ("deepseek_v2", "all-linear", True),
         ("llama", ["q_proj", "gate_proj", "up_proj", "down_proj"], False),  # dense: no rewrite
         ("qwen3_moe", ["mlp.up_proj"], True),
         (None, ["gate_proj"], False),
     ],
 )
-def test_moe_rewrite_rule(model_type, targets, expected):
-    m = {"base_model": {"model_type": model_type}, "lora": {"target_modules": targets}}
-    assert needs_moe_rewrite_off(m, None) is expected
-
-
-def test_moe_rewrite_rule_reads_adapter_config_too():
-    m = {"base_model": {"model_type": "deepseek_v2"}, "lora": {"target_modules": ["q_proj"]}}
-    assert needs_moe_rewrite_off(m, {"target_modules": ["q_proj", "mlp.down_proj"]})
-    assert needs_moe_rewrite_off(m, {"target_modules": "all-linear"})
-    assert not needs_moe_rewrite_off(m, {"target_modules": ["q_proj"]})
+def test_legacy_spelling_rule(model_type, targets, expected):
+    assert is_legacy_spelling({"target_modules": targets}, model_type) is expected
 
 
 # ------------------------------------------------------------------------------------------------ privacy

@@ -10,12 +10,18 @@ import peft
 import pytest
 import torch.nn as nn
 
-from persona_lora.peft_compat import VERIFIED_PEFT, attach_new_adapter, is_param_wrapper
+from persona_lora.peft_compat import VERIFIED_PEFT, attach_new_adapter, is_param_wrapper, rewrite_is_safe
 from persona_lora.train import presets
 from persona_lora.train.presets import check_coverage
 from tests.peft_helpers import IDS, adapted, attach, fresh
 
 MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def test_the_rewrite_probe_sees_the_pinned_peft_rewrite_existing_linear_layers():
+    """peft 0.21.2 re-targets dense-MLP names onto the experts (huggingface/peft#3711). When a PEFT with the fix
+    is installed, the probe turns True and `native_targets()` stops patching: then update this canary."""
+    assert rewrite_is_safe() is False
 
 
 def test_the_pinned_peft_is_the_verified_one():

@@ -171,3 +171,13 @@ def test_llama_attention_preset(tiny_llama):
     layers = peft_model.config.num_hidden_layers
     assert set(adapted(peft_model)) == {f"model.layers.{L}.self_attn.{p}" for L in range(layers)
                                         for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+@pytest.mark.parametrize("preset", ["attention-no-kv-b", "attention+mlp-no-kv-b", "all-no-kv-b"])
+def test_no_kv_b_presets_leave_out_kv_b_proj_only(tiny_base, preset):
+    spec, peft_model, _ = attach(fresh(tiny_base), preset)
+    _, full, _ = attach(fresh(tiny_base), preset.removesuffix("-no-kv-b"))
+    found = set(adapted(peft_model))
+    assert not any(n.endswith("kv_b_proj") for n in found)
+    assert found == {n for n in adapted(full) if not n.endswith("kv_b_proj")}
+    check_coverage(peft_model, spec)

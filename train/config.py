@@ -72,7 +72,8 @@ class DataConfig:
 @dataclass
 class LoraConfigSection:
     preset: str | None = _f(
-        "attention+mlp", "coverage preset: attention | attention+mlp | all (MoE: all adds the routed experts)"
+        "attention+mlp", "coverage preset: attention | attention+mlp | all (MoE: all adds the routed experts); on "
+        "MLA models each also as <preset>-no-kv-b, without kv_b_proj (what vLLM serves as trained)"
     )
     target_modules: list[str] | None = _f(
         None,

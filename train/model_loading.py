@@ -75,15 +75,24 @@ def _recorded_hub_id(folder: Path) -> str | None:
     return manifest.base_model.id if manifest.kind == "merged" else None
 
 
-def _from_hub(hub: str, repo_id: str, revision: str | None) -> ResolvedBase:
+def _from_hub(hub: str, repo_id: str, revision: str | None, patterns: list[str] = BASE_PATTERNS) -> ResolvedBase:
     """Download (or find in the hub client's cache, offline too) the files a model needs, never pickles."""
     from persona_lora.hub_tools.backends import backend
 
     be = backend(hub)
     hint = f" (there is no local folder {repo_id}; if you meant one, check the path)"
     with be.errors("download base", repo_id, revision=revision, error_type=ModelLoadError, hint=hint):
-        path = be.snapshot(repo_id, revision=revision, commit=None, allow_patterns=BASE_PATTERNS)
+        path = be.snapshot(repo_id, revision=revision, commit=None, allow_patterns=patterns)
     return ResolvedBase(path, repo_id, hub, revision)
+
+
+def resolve_base_config(base: str, *, revision: str | None = None, source: str = "auto") -> ResolvedBase:
+    """Like `resolve_base`, but a hub base brings only its config.json: enough to build the architecture on the
+    meta device (to see which modules an adapter targets) without downloading weights."""
+    local = Path(base).expanduser()
+    if source == "local" or (source == "auto" and (local.exists() or _looks_like_path(base))):
+        return resolve_base(base, revision=revision, source="local")
+    return _from_hub("modelscope" if source == "modelscope" else "hf", base, revision, ["config.json"])
 
 
 def load_tokenizer(

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from persona_lora.artifact import read_adapter_config, write_adapter_config
 from persona_lora.errors import UsageError
-from persona_lora.peft_compat import attach_new_adapter
+from persona_lora.peft_compat import attach_new_adapter, portable_config
 from persona_lora.train import presets
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.model_loading import ResolvedBase, load_base_model
@@ -91,12 +92,15 @@ def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta
     return AdaptedModel(peft_model, spec, table, note, trainable, total)
 
 
-def save_adapter(peft_model, out: Path, rb: ResolvedBase) -> None:
-    """PEFT's files, with the base recorded by its hub id (never a local absolute path). PEFT's own stub card
-    is dropped when there was no card before: ours replaces it right after."""
+def save_adapter(peft_model, out: Path, rb: ResolvedBase, spec: presets.LoraSpec) -> None:
+    """PEFT's files, with the base recorded by its hub id (never a local absolute path) and the config in the
+    portable spelling, so stock PEFT and transformers load the adapter as trained. PEFT's own stub card is
+    dropped when there was no card before: ours replaces it right after."""
     had_card = (out / "README.md").exists()
     peft_model.peft_config["default"].base_model_name_or_path = rb.id
     # save_embedding_layers=False: embeddings are never adapted, and "auto" would look the base id up online
     peft_model.save_pretrained(out, save_embedding_layers=False)
+    config = read_adapter_config(out)
+    write_adapter_config(out, portable_config(config, spec.target_modules, peft_model.config.model_type))
     if not had_card:
         (out / "README.md").unlink(missing_ok=True)

@@ -10,11 +10,10 @@ models; persona_lora/peft_compat.py keeps it from doing so).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from persona_lora.errors import ConfigError
-from persona_lora.peft_compat import lora_module_label
+from persona_lora.peft_compat import lora_module_label, module_regex
 
 ATTENTION = "attention"
 DENSE_MLP = "dense MLP"
@@ -43,6 +42,10 @@ PRESETS = {
     },
 }
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# A MoE preset with this suffix adapts the same groups but leaves out MLA's `kv_b_proj`: vLLM's MLA attention does
+# not apply LoRA there, so only such an adapter is served by vLLM exactly as trained.
+NO_KV_B = "-no-kv-b"
+PRESETS["moe"].update({f"{name}{NO_KV_B}": list(groups) for name, groups in list(PRESETS["moe"].items())})
 
 
 def family(model_type: str) -> str:
@@ -128,23 +131,10 @@ def resolve(model, preset: str | None, target_modules: list[str] | None = None) 
             f"the model has no modules in group(s) {empty} asked by the LoRA preset; choose another preset"
         )
     modules = sorted(n for g in groups if g != ROUTED_EXPERTS for n in cands[g])
+    if preset and preset.endswith(NO_KV_B):
+        modules = [n for n in modules if not n.endswith(".kv_b_proj")]
     params = list(EXPERT_PARAMS) if ROUTED_EXPERTS in groups else []
     return LoraSpec(groups, modules, params)
-
-
-def module_regex(names: list[str]) -> str:
-    """A compact regex that matches exactly `names` (layer indices collapsed per leaf path)."""
-    by_shape: dict[str, set[str]] = {}
-    for n in names:
-        m = re.match(r"^(.*?\.layers\.)(\d+)(\..*)$", n)
-        if m:
-            by_shape.setdefault(re.escape(m.group(1)) + "(%s)" + re.escape(m.group(3)), set()).add(m.group(2))
-        else:
-            by_shape.setdefault(re.escape(n), set())
-    parts = []
-    for shape, layers in sorted(by_shape.items()):
-        parts.append(shape % "|".join(sorted(layers, key=int)) if layers else shape)
-    return "^(?:" + "|".join(parts) + ")$"
 
 
 def lora_config_for(spec: LoraSpec, *, r: int, alpha: int, dropout: float, bias: str = "none"):

@@ -29,6 +29,7 @@ def make_random_adapter(
     from persona_lora.peft_compat import attach_new_adapter
     from persona_lora.train import presets
     from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
+    from persona_lora.train.model_setup import save_adapter
 
     out = Path(out)
     rb = resolve_base(str(base))
@@ -41,8 +42,7 @@ def make_random_adapter(
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     peft_model.peft_config["default"].base_model_name_or_path = rb.id
-    peft_model.save_pretrained(out, save_embedding_layers=False)
-    (out / "README.md").unlink(missing_ok=True)
+    save_adapter(peft_model, out, rb, spec)
     write_manifest(out, Manifest(
         kind="adapter", name=out.name, created_at=now_iso(), persona_lora_version=__version__,
         base_model=BaseModelInfo(id=rb.id, source=rb.source, revision=None, config_sha256=rb.config_sha256,

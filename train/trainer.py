@@ -226,7 +226,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
 def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel, result: TrainResult,
              out: Path, started: float) -> None:
     """Adapter files, sample answers, manifest and card (rank 0 only)."""
-    save_adapter(model.peft_model, out, setup.base)
+    save_adapter(model.peft_model, out, setup.base, model.spec)
     if setup.template_source == "file":
         setup.tokenizer.padding_side = setup.padding_side
         setup.tokenizer.save_pretrained(out)
