@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from persona_lora.hub_tools.export_engines import ENGINES, KV_B_ISSUE
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num
 from persona_lora.model_cards.rows import (
     Row,
@@ -317,12 +318,13 @@ def serving_section(m: dict) -> list[tuple[str, str, str]] | None:
     name = m.get("name") or "ADAPTER"
     kv_b = (m.get("base_model") or {}).get("model_type") in MLA_MODEL_TYPES and any(
         t.endswith("kv_b_proj") for t in targets)
+    vllm, sglang = (f"{e.label} {e.version.removesuffix('.0')}" for e in (ENGINES["vllm"], ENGINES["sglang"]))
     rows = [("transformers + PEFT", "yes", "the snippet above")]
     if kv_b:
-        rows.append(("vLLM 0.33", "no: its MLA attention skips LoRA on `kv_b_proj` (vllm-project/vllm\\#48974)",
+        rows.append((vllm, f"no: its MLA attention skips LoRA on `kv_b_proj` ({esc(KV_B_ISSUE)})",
                      f"serve the merged model ({code(f'persona-lora merge {name} --base BASE --out DIR')}), or "
                      "train with a `-no-kv-b` preset"))
     else:
-        rows.append(("vLLM 0.33", "yes", code(f"persona-lora export {name} --for vllm --out DIR")))
-    rows.append(("SGLang 0.5.23", "yes", code(f"persona-lora export {name} --for sglang --out DIR")))
+        rows.append((vllm, "yes", code(f"persona-lora export {name} --for vllm --out DIR")))
+    rows.append((sglang, "yes", code(f"persona-lora export {name} --for sglang --out DIR")))
     return rows

@@ -21,7 +21,7 @@ from persona_lora import __version__
 from persona_lora.demo import cli as demo_cli
 from persona_lora.errors import PersonaLoraError
 from persona_lora.hub_tools import cli as hub_cli
-from persona_lora.hub_tools import merge_cli, upgrade
+from persona_lora.hub_tools import export_cli, merge_cli, upgrade
 from persona_lora.model_cards import cli as card_cli
 from persona_lora.train import data_cli, tiny_base_cli, train_cli
 
@@ -47,6 +47,8 @@ COMMANDS = (
     Command("list", "list the adapters published for a base model", hub_cli.configure_list, hub_cli.run_list),
     Command("merge", "merge an adapter into its base model's weights (shard by shard)",
             merge_cli.configure_merge, merge_cli.run_merge),
+    Command("export", "write an adapter in the layout vLLM or SGLang serves, with the command that serves it",
+            export_cli.configure_export, export_cli.run_export),
     Command("upgrade-adapter", "rewrite an adapter's config in the portable spelling stock PEFT loads as trained",
             upgrade.configure_upgrade_adapter, upgrade.run_upgrade_adapter),
     Command("demo", "chat with a base model and its adapters side by side; blind A/B votes",
