@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona_lora.artifact import MANIFEST_NAME, ChatInfo, read_adapter_config, read_manifest, require_adapter_files
+from persona_lora.artifact import MANIFEST_NAME, ChatInfo, read_manifest, require_adapter_files
+from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 from persona_lora.hub_ids import is_commit
 from persona_lora.peft_compat import has_expert_lora
@@ -128,7 +129,7 @@ class AdapterRegistry:
         return folder, ref.repo_id, ref.revision, commit, self.hub
 
     def _describe(self, folder: Path, repo_id, rev, commit, source, name) -> AdapterInfo:
-        cfg = read_adapter_config(require_adapter_files(folder))
+        cfg = check_folder(require_adapter_files(folder)).adapter_config
         warnings: list[str] = []
         if (folder / MANIFEST_NAME).is_file():
             manifest = read_manifest(folder)

@@ -74,13 +74,14 @@ def configure_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled files (*.bin, *.pt, …) in the repo; they run code when loaded")
     p.add_argument("--local-dir", metavar="DIR", help="download into DIR instead of the hub cache")
+    p.add_argument("--force", action="store_true", help="let --local-dir files of the same names be replaced")
 
 
 def run_pull(args: argparse.Namespace) -> int:
     from persona_lora.hub_tools.pull import pull
 
     print(pull(args.repo_id, hub=args.hub, revision=args.revision, base=args.base, allow_pickle=args.allow_pickle,
-               local_dir=args.local_dir))
+               local_dir=args.local_dir, force=args.force))
     return 0
 
 

@@ -30,6 +30,7 @@ from persona_lora.artifact import (
     read_manifest,
     require_adapter_files,
 )
+from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hub_tools import export_engines as engines
 from persona_lora.hub_tools.export_card import CardFacts, render
@@ -83,6 +84,7 @@ def export_adapter(
     eng = engines.engine(engine)
     adapter = require_adapter_files(Path(adapter_dir).expanduser().resolve())
     manifest = _adapter_manifest(adapter)
+    check_folder(adapter)
     config = read_adapter_config(adapter) or {}
     out = _check_out_dir(Path(out_dir).expanduser().resolve(), adapter)
     rb = resolve_export_base(base, manifest, hub=hub)

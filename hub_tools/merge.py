@@ -41,6 +41,7 @@ from persona_lora.artifact import (
     require_adapter_files,
     write_manifest,
 )
+from persona_lora.consistency import check_folder
 from persona_lora.dtypes import name_of
 from persona_lora.errors import UsageError
 from persona_lora.hub_tools.merge_checks import (
@@ -138,6 +139,7 @@ def check_inputs(adapter_dir: str | Path, base: str | Path, out_dir: str | Path,
     adapter = require_adapter_files(Path(adapter_dir).expanduser().resolve())
     out = Path(out_dir).expanduser().resolve()
     manifest = read_manifest(adapter)
+    check_folder(adapter)
     if manifest.kind != "adapter":
         raise UsageError(f"{adapter / MANIFEST_NAME} says kind {manifest.kind!r}; merge takes an adapter folder")
     out_dtype = output_dtype(options.dtype)

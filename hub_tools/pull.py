@@ -13,11 +13,12 @@ import logging
 from pathlib import Path
 
 from persona_lora.artifact import read_adapter_config
-from persona_lora.errors import HubError, ModelLoadError, VerificationError
-from persona_lora.hub_ids import HubRef, is_commit, parse_hub_ref
+from persona_lora.consistency import check_folder
+from persona_lora.errors import HubError, ModelLoadError, UsageError, VerificationError
+from persona_lora.hub_ids import HubRef, check_repo_id, is_commit, parse_hub_ref
 from persona_lora.hub_tools.backends import RemoteFile, backend
 from persona_lora.hub_tools.files import is_pickle, matches_pull_patterns, pull_patterns
-from persona_lora.hub_tools.verify import check_base, discard_files, hash_problems, verify_content
+from persona_lora.hub_tools.verify import check_base, discard_files, hash_problems
 from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
@@ -32,18 +33,24 @@ def pull(
     allow_pickle: bool = False,
     token: str | None = None,
     local_dir: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Download the adapter/model files of `repo_id` (hub cache unless `local_dir`) and verify them.
 
     Returns the local folder. Raises HubError (auth, not found, network) or VerificationError (pickles without
-    allow_pickle, hash mismatch — the bad files are removed so a retry downloads them again —, unparsable
-    files, adapter not fitting `base`).
+    allow_pickle, hash mismatch, an inconsistent folder, an adapter not fitting `base`): files that fail are
+    removed again, from the cache or `local_dir`, so nothing rejected stays behind and a retry downloads afresh.
+    Files already in `local_dir` are never replaced unless `force`.
     """
     be = backend(hub)
+    check_repo_id(repo_id)
     token = be.token(token)
+    label = f"{repo_id}@{revision}" if revision else repo_id
     with be.errors("pull", repo_id, revision=revision, token=token):
         commit, listed = be.files(repo_id, revision=revision, token=token)
         _refuse_pickles(repo_id, listed, allow_pickle)
+        if local_dir is not None and not force:
+            _refuse_replacing(Path(local_dir), [f.path for f in listed if matches_pull_patterns(f.path, allow_pickle)])
         folder = be.snapshot(repo_id, revision=revision, commit=commit, allow_patterns=pull_patterns(allow_pickle),
                              local_dir=local_dir, token=token)
         if commit and not local_dir and folder.name != commit:  # the branch moved between listing and download
@@ -56,22 +63,34 @@ def pull(
     unhashed = [p for p, f in remote.items() if not (f.sha256 or f.git_oid)]
     if unhashed:
         log.warning("%s listed no hash for %s; only their sizes are checked", be.label, ", ".join(unhashed))
-    label = f"{repo_id}@{revision}" if revision else repo_id
     problems = hash_problems(folder, remote)
     if problems:
         discard_files(folder, [p.split(":")[0] for p in problems])
         raise VerificationError(
             f"the download of {label} is corrupt (it does not match what the hub lists):"
             + "".join(f"\n  - {p}" for p in problems)
-            + "\nThe bad files were removed from the cache; run pull again. If it keeps failing, a proxy or the "
-            "hub copy is at fault."
+            + "\nThe bad files were removed again; run pull again. If it keeps failing, a proxy or the hub copy is "
+            "at fault."
         )
-    if verify_content(folder, allow_pickle=allow_pickle) == "adapter":
-        _warn_legacy_spelling(folder, repo_id)
-    if base:
-        check_base(folder, base, token=token, hub=hub)
+    try:
+        if check_folder(folder, allow_pickle=allow_pickle).kind == "adapter":
+            _warn_legacy_spelling(folder, repo_id)
+        if base:
+            check_base(folder, base, token=token, hub=hub)
+    except VerificationError as e:
+        discard_files(folder, sorted(remote))
+        raise VerificationError(f"{label} was refused and its files removed again: {e}") from None
     log.info("pulled %s into %s (%d files verified)", label, folder, len(remote))
     return folder
+
+
+def _refuse_replacing(local_dir: Path, paths: list[str]) -> None:
+    """UsageError naming the files of `local_dir` a pull would replace (pass --force to allow it)."""
+    taken = [p for p in paths if (local_dir / p).exists()]
+    if taken:
+        raise UsageError(f"--local-dir {local_dir} already holds {', '.join(taken[:6])}"
+                         f"{', …' if len(taken) > 6 else ''}: pull would replace them; choose an empty folder or "
+                         "pass --force")
 
 
 def _warn_legacy_spelling(folder: Path, repo_id: str) -> None:

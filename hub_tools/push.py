@@ -12,10 +12,11 @@ from pathlib import Path
 
 from persona_lora import __version__
 from persona_lora.artifact import folder_kind, read_adapter_config
+from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hub_ids import check_repo_id
 from persona_lora.hub_tools.backends import backend
-from persona_lora.hub_tools.files import select_files
+from persona_lora.hub_tools.files import is_pickle, select_files
 from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def plan_push(folder: str | Path, include_extra: list[str] | None = None) -> Pus
         raise ModelLoadError(f"{folder} is not a folder; give the adapter folder `persona-lora train` wrote")
     kind = folder_kind(folder)
     files, skipped = select_files(folder, kind, include_extra)
+    check_folder(folder, allow_pickle=any(is_pickle(f) for f in files))
     for rel, why in skipped:
         log.info("not pushing %s: %s", rel, why)
     return PushPlan(folder, kind, files, skipped)

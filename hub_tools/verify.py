@@ -8,19 +8,18 @@ arbitrary code execution. Nothing here loads weights: safetensors headers are re
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
 from persona_lora.artifact import (
-    ADAPTER_CONFIG,
     MANIFEST_NAME,
     BaseModelInfo,
     read_adapter_config,
     read_manifest,
 )
-from persona_lora.errors import ManifestError, ModelLoadError, VerificationError
+from persona_lora.consistency import LORA_KEY
+from persona_lora.errors import ModelLoadError, VerificationError
 from persona_lora.hashing import git_blob_sha1, sha256_file
 from persona_lora.hub_ids import is_repo_id
 from persona_lora.hub_tools.backends import RemoteFile
@@ -29,9 +28,6 @@ from persona_lora.safetensors_io import read_safetensors_header
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 6
-# PEFT keys: base_model.model.<module>.lora_A[.adapter].weight, …lora_embedding_A[.adapter]
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(.*?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?(?:\.weight)?$")
 
 
 # ------------------------------------------------------------------------------------------ hashes
@@ -77,60 +73,7 @@ def discard_files(folder: Path, rels: list[str]) -> None:
             log.warning("could not remove corrupted %s: %s", p, e)
 
 
-# ------------------------------------------------------------------------------------------ folder content
-def verify_content(folder: Path, *, allow_pickle: bool = False) -> str:
-    """'adapter' or 'model' after checking the files parse; raises VerificationError otherwise."""
-    cfg_path = folder / ADAPTER_CONFIG
-    if (folder / MANIFEST_NAME).is_file():
-        try:
-            read_manifest(folder)
-        except ManifestError as e:
-            raise VerificationError(str(e)) from None
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VerificationError(f"adapter_config.json is not valid JSON ({e})") from None
-        if not isinstance(cfg, dict) or not cfg.get("peft_type"):
-            raise VerificationError("adapter_config.json has no peft_type: it is not a PEFT adapter config")
-        weights = folder / "adapter_model.safetensors"
-        if weights.is_file():
-            tensors = read_safetensors_header(weights)
-            if not tensors:
-                raise VerificationError("adapter_model.safetensors holds no tensors")
-        elif allow_pickle and (folder / "adapter_model.bin").is_file():
-            log.warning("adapter weights are pickled (adapter_model.bin): not verified beyond their hash")
-        else:
-            raise VerificationError("the adapter has no adapter_model.safetensors")
-        return "adapter"
-    if (folder / "config.json").is_file():
-        shards = sorted(folder.glob("*.safetensors"))
-        if not shards and not (allow_pickle and any(folder.glob("*.bin"))):
-            raise VerificationError("the model folder has config.json but no *.safetensors weights")
-        for shard in shards:
-            read_safetensors_header(shard)
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise VerificationError("model.safetensors.index.json has no weight_map")
-            missing = sorted(set(weight_map.values()) - {s.name for s in shards})
-            if missing:
-                raise VerificationError(
-                    f"model.safetensors.index.json names shards that are missing: {', '.join(missing)}")
-        return "model"
-    raise VerificationError("the repo holds neither an adapter (adapter_config.json) nor a model (config.json)")
-
-
 # ------------------------------------------------------------------------------------------ base compatibility
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-
-
 def local_base_shapes(base: Path) -> dict[str, list[int]]:
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
@@ -187,7 +130,7 @@ def shape_problems(adapter: dict[str, list[int]], base: dict[str, list[int]]) ->
     """Compare every LoRA A/B tensor with the base weight it adapts."""
     pairs: dict[str, dict[str, list[int]]] = {}
     for name, shape in adapter.items():
-        m = _LORA_KEY.match(name)
+        m = LORA_KEY.match(name)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = shape
     problems = []

@@ -18,7 +18,8 @@ import functools
 import logging
 from pathlib import Path
 
-from persona_lora.artifact import CARD_NAME, LOSS_CURVE, read_adapter_config, read_manifest
+from persona_lora.artifact import CARD_NAME, LOSS_CURVE, read_manifest
+from persona_lora.consistency import check_folder
 from persona_lora.model_cards import sections
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num, tidy
 from persona_lora.model_cards.metadata import base_is_on_hub, card_data
@@ -170,7 +171,7 @@ def write_card(folder: Path, *, repo_id: str | None = None) -> Path:
 
     folder = Path(folder)
     manifest = read_manifest(folder).to_dict()
-    adapter_config = read_adapter_config(folder)
+    adapter_config = check_folder(folder).adapter_config  # the card describes a consistent folder or none
     m = scrub(manifest)
 
     history = (manifest.get("metrics") or {}).get("history") or []

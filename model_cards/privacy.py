@@ -23,8 +23,14 @@ _TOKENS = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|ms-[0-9a-fA-F-]{32,}|gh[pousr]_[
 _URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
 
 
+# Control characters (NUL, escapes, …) from model answers or data would corrupt the card file or the terminal
+# that shows it; tab, newline and carriage return are text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _scrub_text(s: str) -> str:
     """Redact tokens and URL credentials, and replace home directories inside any text with `~`."""
+    s = _CONTROL.sub("\ufffd", s)
     s = _TOKENS.sub("[redacted token]", s)
     s = _URL_USERINFO.sub(r"\1", s)
     return _HOME_IN_TEXT.sub("~", s)

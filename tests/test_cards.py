@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 
 from persona_lora.artifact import MANIFEST_NAME
 from persona_lora.cli import main
-from persona_lora.errors import ManifestError, ModelLoadError
+from persona_lora.errors import ManifestError, VerificationError
 from persona_lora.model_cards import privacy, sections
 from persona_lora.model_cards.cards import USER_END, USER_START, write_card
 from persona_lora.model_cards.plots import write_loss_curve
@@ -27,15 +27,45 @@ FILLERS = ["More Information Needed", "TODO", "N/A", "TBD", "| None |", "| null 
 
 
 def folder_from(name: str, tmp_path: Path, edit=None) -> Path:
-    """A copy of fixture folder `name` under tmp_path; `edit(manifest)` may change its manifest first."""
+    """A copy of fixture folder `name` under tmp_path, with weights consistent with its config (the fixtures keep
+    only the text files a card reads); `edit(manifest)` may change its manifest first."""
     dst = tmp_path / name
     shutil.copytree(FIXTURES / name, dst)
+    add_weights(dst)
     if edit is not None:
         path = dst / MANIFEST_NAME
         manifest = json.loads(path.read_text(encoding="utf-8"))
         edit(manifest)
         path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
     return dst
+
+
+def add_weights(folder: Path) -> None:
+    """A one-module LoRA of the config's rank (adapter folders) or a one-tensor checkpoint (merged folders): the
+    card writer checks that the folder is complete and consistent before it describes it."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = folder / "adapter_config.json"
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):  # the fixtures of a missing or corrupt manifest
+        manifest = {}
+    if not config.is_file() and manifest.get("kind") == "adapter":  # a manifest-only fixture: PEFT's config too
+        lora = manifest.get("lora") or {}
+        config.write_text(json.dumps({"peft_type": "LORA", "r": lora.get("r", 8), "lora_alpha": lora.get("alpha", 16),
+                                      "target_modules": lora.get("target_modules") or ["q_proj"]}))
+    if config.is_file():
+        try:
+            r = json.loads(config.read_text())["r"]
+        except (ValueError, KeyError):
+            return
+        prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+        save_file({f"{prefix}.lora_A.weight": torch.zeros(r, 8), f"{prefix}.lora_B.weight": torch.zeros(8, r)},
+                  str(folder / "adapter_model.safetensors"))
+    elif manifest:
+        (folder / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+        save_file({"lm_head.weight": torch.zeros(4, 4)}, str(folder / "model.safetensors"))
 
 
 def card_text(folder: Path) -> str:
@@ -422,5 +452,5 @@ def test_cli_missing_folder(tmp_path, capsys):
 def test_corrupt_adapter_config_is_named(tmp_path):
     folder = folder_from("attention_hub", tmp_path)
     (folder / "adapter_config.json").write_text("{not json")
-    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+    with pytest.raises(VerificationError, match="adapter_config.json: corrupt"):
         write_card(folder)

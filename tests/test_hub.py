@@ -377,14 +377,15 @@ def test_push_and_pull_a_merged_model_folder(hub_server, tiny_models, tmp_path):
 
 
 def test_truncated_safetensors_is_refused(tmp_path, tiny_models):
-    from persona_lora.hub_tools.verify import read_safetensors_header, verify_content
+    from persona_lora.consistency import check_folder
+    from persona_lora.safetensors_io import read_safetensors_header
 
     folder = tmp_path / "a"
     shutil.copytree(tiny_models["adapter"], folder)
     data = (folder / "adapter_model.safetensors").read_bytes()
     (folder / "adapter_model.safetensors").write_bytes(data[:-10])
     with pytest.raises(VerificationError, match="adapter_model.safetensors"):
-        verify_content(folder)
+        check_folder(folder)
     (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
     with pytest.raises(VerificationError, match="not a valid safetensors"):
         read_safetensors_header(folder / "adapter_model.safetensors")
@@ -393,7 +394,7 @@ def test_truncated_safetensors_is_refused(tmp_path, tiny_models):
     del cfg["peft_type"]
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(VerificationError, match="peft_type"):
-        verify_content(folder)
+        check_folder(folder)
 
 
 def test_fake_hub_speaks_the_rest_of_the_protocol(hub_server):

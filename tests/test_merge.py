@@ -200,7 +200,9 @@ def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapte
     shutil.copytree(attention_adapter, tampered)
     weights = load_file(tampered / "adapter_model.safetensors")
     a = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
-    extra = dict(weights, **{"base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight": a.clone()})
+    b = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    extra = dict(weights, **{"base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight": a.clone(),
+                             "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight": b.clone()})
     save_file(extra, tampered / "adapter_model.safetensors")
     with pytest.raises(VerificationError, match="leftover") as e:
         merge_adapter(tampered, tiny_base, tmp_path / "out")
@@ -209,7 +211,7 @@ def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapte
 
     missing = {k: v for k, v in weights.items() if "layers.2.self_attn.o_proj.lora_B" not in k}
     save_file(missing, tampered / "adapter_model.safetensors")
-    with pytest.raises(VerificationError, match="missing.*layers.2.self_attn.o_proj.lora_B"):
+    with pytest.raises(VerificationError, match="layers.2.self_attn.o_proj: incomplete LoRA pair"):
         merge_adapter(tampered, tiny_base, tmp_path / "out")
 
 
