@@ -3,6 +3,8 @@ loads, and the big ones dry-run on the tiny base."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -60,6 +62,9 @@ def test_all_problems_are_reported_at_once_with_keys_and_fixes():
         "training.batch_size: must be >= 1",
         "trainer: unknown section; did you mean training?",
         "training.overwrite and training.resume are both set",
+        "base.model is required: set it in the config or with --base",
+        "data.path is required: set it in the config or with --data",
+        "training.output_dir is required: set it in the config or with --output-dir",
     ]
     for needle in expected:
         assert needle in msg, (needle, msg)
@@ -71,12 +76,54 @@ def test_conflicting_lora_options_name_both():
         config_from_dict({"lora": {"preset": "all", "target_modules": ["q_proj"]}})
 
 
+REQUIRED = {"base": {"model": "b"}, "data": {"path": "d.json"}, "training": {"output_dir": "o"}}
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("- base\n- data\n", "the top level must be a mapping"),
+    ("training:\n  epochs: 1\n  epochs: 2\n", "duplicate key 'epochs' (first at line 2)"),
+    ("base:\n  model: b\nbase:\n  model: c\n", "duplicate key 'base'"),
+    ("training: [unclosed\n", "is not valid YAML"),
+])
+def test_yaml_problems_are_config_errors(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(path)
+
+
+def test_non_utf8_config_and_unparsable_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("base:\n  model: 本宫\n".encode("gb18030"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="--set 'data.system_prompt=: x'"):
+        parse_set(["data.system_prompt=: x"])
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ({"training": {"max_steps": 0}}, "training.max_steps: must be >= 1, got 0"),
+    ({"training": {"max_steps": -5}}, "training.max_steps: must be >= 1, got -5"),
+    ({"training": {"lr_scheduler": "cosin"}}, "training.lr_scheduler: 'cosin' is not a transformers schedule; did you "
+                                              "mean 'cosine'?"),
+    ({"base": {"dtype": "int8"}}, "base.dtype: 'int8' is not one of auto, float32, bfloat16, float16"),
+])
+def test_unknown_values_and_step_counts_fail_at_load_time(override, needle):
+    data = {k: dict(v) for k, v in REQUIRED.items()}
+    for section, values in override.items():
+        data.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config_from_dict(data)
+    config_from_dict(REQUIRED)  # and the required keys alone make a valid config
+
+
 def test_set_overrides_parse_yaml_scalars():
     parsed = parse_set(["training.learning_rate=1e-4", "lora.target_modules=[q_proj, o_proj]", "data.system_prompt=",
                         "lora.preset=null"])
     assert (parsed["lora"] == {"target_modules": ["q_proj", "o_proj"], "preset": None}
             and parsed["data"] == {"system_prompt": None})
-    cfg = config_from_dict(parsed)
+    cfg = config_from_dict({**parsed, "base": {"model": "b"}, "data": {**parsed["data"], "path": "d.json"},
+                            "training": {**parsed["training"], "output_dir": "o"}})
     assert cfg.training.learning_rate == 1e-4 and cfg.lora.target_modules == ["q_proj", "o_proj"]
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_set(["learning_rate=1"])

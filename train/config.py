@@ -27,7 +27,8 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class BaseConfig:
-    model: str = _f("runs/tiny-base", "local folder, Hugging Face id or ModelScope id of the base model")
+    model: str | None = _f(None, "local folder, Hugging Face id or ModelScope id of the base model",
+                           required="--base")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) of the base model")
     source: str = _f(
         "auto", "where `model` lives: auto (local folder if it exists, else Hugging Face), local, hf, modelscope",
@@ -49,9 +50,9 @@ class BaseConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f(
-        "examples/data/persona_zh.json",
-        "dataset: .json/.jsonl file (Alpaca, messages or ShareGPT records) or a hub dataset id",
+    path: str | None = _f(
+        None, "dataset: .json/.jsonl file (Alpaca, messages or ShareGPT records) or a hub dataset id",
+        required="--data",
     )
     revision: str | None = _f(None, "hub dataset revision")
     system_prompt: str | None = _f(
@@ -89,14 +90,15 @@ class LoraConfigSection:
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = _f("runs/adapter", "the adapter folder to write (checkpoints go to its checkpoints/)")
+    output_dir: str | None = _f(None, "the adapter folder to write (checkpoints go to its checkpoints/)",
+                                required="--output-dir")
     epochs: float = _f(3.0, "number of passes over the training records", min=0.0)
-    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (unset: run all epochs)", min=1)
     batch_size: int = _f(8, "examples per device per step", min=1)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     learning_rate: float = _f(2e-4, "peak learning rate (LoRA wants ~1e-4..2e-3; 1e-5 barely moves it)", min=0.0)
     lr_scheduler: str = _f(
-        "cosine", "learning-rate schedule (transformers name): cosine, linear, constant, constant_with_warmup"
+        "cosine", "learning-rate schedule (transformers name): cosine, linear, constant, constant_with_warmup, …"
     )
     warmup_ratio: float = _f(0.03, "fraction of steps for linear warmup", min=0.0, max=0.5)
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
@@ -263,11 +265,29 @@ def cross_checks(cfg: TrainConfig) -> list[str]:
     if not cfg.lora.preset and not cfg.lora.target_modules:
         p.append("lora.preset is empty and lora.target_modules is not set; "
                  "choose a preset (attention, attention+mlp, all)")
-    if cfg.training.max_steps <= 0 and cfg.training.epochs <= 0:
+    if cfg.training.max_steps is None and cfg.training.epochs <= 0:
         p.append("training.epochs is 0 and training.max_steps is not set: nothing to train")
+    schedulers = scheduler_names()
+    if cfg.training.lr_scheduler not in schedulers:
+        near = difflib.get_close_matches(cfg.training.lr_scheduler, schedulers, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        p.append(f"training.lr_scheduler: {cfg.training.lr_scheduler!r} is not a transformers schedule; {hint}"
+                 f"known: {', '.join(schedulers)}")
+    for section, cls in (("base", BaseConfig), ("data", DataConfig), ("training", TrainingConfig)):
+        for f in fields(cls):
+            flag = f.metadata.get("required")  # the command-line flag that also sets it
+            if flag and getattr(getattr(cfg, section), f.name) is None:
+                p.append(f"{section}.{f.name} is required: set it in the config or with {flag}")
     if cfg.base.load_in_4bit and cfg.base.dtype == "float32":
         p.append("base.load_in_4bit with base.dtype float32: 4-bit compute wants bfloat16/float16 (or auto)")
     return p
+
+
+def scheduler_names() -> list[str]:
+    """The learning-rate schedules transformers' Trainer knows (checked at load time, dry runs included)."""
+    from transformers import SchedulerType
+
+    return [s.value for s in SchedulerType]
 
 
 def parse_set(assignments: list[str]) -> dict:
@@ -278,7 +298,12 @@ def parse_set(assignments: list[str]) -> dict:
             raise ConfigError(f"--set {a!r}: expected section.key=value, e.g. --set training.learning_rate=1e-4")
         key, raw = a.split("=", 1)
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {a!r}: the value is not a YAML scalar or list ({e.problem}); quote it, e.g. "
+                              f"--set '{key}=\"...\"'") from None
+        out.setdefault(section, {})[name] = value
     return out
 
 
@@ -287,6 +312,21 @@ def merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) and isinstance(out.get(k), (dict, type(None))) else v
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not the later one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one of them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
@@ -299,9 +339,19 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist", None)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it "
+                              "as UTF-8", None) from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}", None) from e
+            raise ConfigError(f"{p} is not valid YAML: {e}", None) from None
+        except OSError as e:
+            raise ConfigError(f"{p} cannot be read ({e.strerror})", None) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping with sections base, data, lora, training; it is "
+                              f"a {type(data).__name__}", None)
     return config_from_dict(merge(data, overrides or {}), source)
 
 

@@ -21,8 +21,8 @@ def dry_run_report(cfg: TrainConfig, data: PreparedData, model: AdaptedModel, de
     stats = data.stats
     tokens_epoch = stats.tokens.train_split
     steps_epoch = math.ceil(len(data.train) / (t.batch_size * t.gradient_accumulation_steps))
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(steps_epoch * t.epochs)
-    tokens = tokens_epoch * (t.epochs if t.max_steps <= 0 else t.max_steps / max(steps_epoch, 1))
+    steps = t.max_steps if t.max_steps is not None else math.ceil(steps_epoch * t.epochs)
+    tokens = tokens_epoch * (t.epochs if t.max_steps is None else t.max_steps / max(steps_epoch, 1))
     bytes_per = torch.finfo(dtype).bits // 8
     weight_gb = model.total * (NF4_BYTES_PER_PARAM if cfg.base.load_in_4bit else bytes_per) / 1e9
     lora_gb = model.trainable * ADAM_BYTES_PER_PARAM / 1e9

@@ -156,7 +156,21 @@ def _text_field(item: dict, key: str, place: str, problems: list[str], *, requir
     if required and not value.strip():
         problems.append(f"{place}, field {key!r}: is empty (or only whitespace); fix: write {what} there, or "
                         f"remove the record")
+    if (bad := unencodable(value)) is not None:
+        problems.append(f"{place}, field {key!r}: {bad}")
+        return None
     return value
+
+
+def unencodable(text: str) -> str | None:
+    """What makes `text` impossible to tokenize (a lone surrogate from a bad `\\ud8xx` escape), with the fix; None
+    when it is fine. JSON allows such escapes, but no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1} (half of an escaped "
+                "character pair, not text); fix: repair or remove that escape")
+    return None
 
 
 def _history(value: Any, place: str, problems: list[str]) -> list[tuple[str, str]]:
@@ -177,6 +191,8 @@ def _history(value: Any, place: str, problems: list[str]) -> list[tuple[str, str
         elif not all(s.strip() for s in pair):
             problems.append(f"{place}, field {field!r}: a turn is empty (or only whitespace); fix: write both the "
                             f"question and the answer, or remove the pair")
+        elif bad := next((b for b in map(unencodable, pair) if b), None):
+            problems.append(f"{place}, field {field!r}: {bad}")
         else:
             pairs.append((pair[0], pair[1]))
     return pairs
@@ -201,6 +217,8 @@ def _chat(item: dict, place: str, field: str, role_key: str, content_key: str, r
         if not isinstance(system, str):
             problems.append(f"{place}, field 'system': expected a string, got {_json_type(system)}; fix: write the "
                             f"system prompt as text in quotes")
+        elif (bad := unencodable(system)) is not None:
+            problems.append(f"{place}, field 'system': {bad}")
         elif system.strip():
             messages.append({"role": "system", "content": system})
             labels.append("system")
@@ -245,6 +263,8 @@ def _chat_turn(turn: Any, place: str, label: str, role_key: str, content_key: st
     elif not content.strip():
         problems.append(f"{place}, field '{label}.{content_key}': is empty (or only whitespace); fix: write the "
                         f"text, or remove the turn")
+    elif (bad := unencodable(content)) is not None:
+        problems.append(f"{place}, field '{label}.{content_key}': {bad}")
     if len(problems) > before:
         return None
     return {"role": role_map[role], "content": content}

@@ -148,7 +148,7 @@ def training_arguments(cfg: TrainConfig, out: Path, setup: RunSetup, has_eval: b
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
+        max_steps=t.max_steps if t.max_steps is not None else -1,  # -1: Trainer runs the epochs
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
