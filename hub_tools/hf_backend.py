@@ -45,6 +45,14 @@ class HuggingFace:
 
         return explicit or get_token()
 
+    @staticmethod
+    def offline() -> bool:
+        """HF_HUB_OFFLINE as the client sees it (read at call time, as tests and users set it late)."""
+        from huggingface_hub import constants
+
+        env = os.environ.get("HF_HUB_OFFLINE")
+        return env.strip().lower() in ("1", "true", "yes", "on") if env is not None else constants.HF_HUB_OFFLINE
+
     def missing_token(self, action: str) -> HubError:
         return HubError(f"{action} needs a Hugging Face token with write access: {TOKEN_FIX}")
 
@@ -128,6 +136,11 @@ class HuggingFace:
                 kind = " (a server error) after retries" if status >= 500 else ""
                 raise fail(f"{action} {repo_id}: {endpoint} answered {status}{kind}{_server_message(http)}; try "
                            "again later") from None
+            if self.offline() and (transport is not None or isinstance(e, LocalEntryNotFoundError)
+                                   or type(e).__name__ == "OfflineModeIsEnabled"):
+                raise fail(f"HF_HUB_OFFLINE is set and {repo_id}"
+                           f"{'@' + revision if revision else ''} is not in the local cache ({action}); unset "
+                           "HF_HUB_OFFLINE to download it, or give a local folder") from None
             if transport is not None or isinstance(e, LocalEntryNotFoundError):
                 raise fail(f"cannot reach {endpoint}; check your network or HF_ENDPOINT "
                            f"({type(transport or e).__name__} during {action} {repo_id})") from None
@@ -138,6 +151,8 @@ class HuggingFace:
     def files(self, repo_id: str, *, revision: str | None, token: str | None) -> tuple[str | None, list[RemoteFile]]:
         from huggingface_hub.hf_api import RepoFile
 
+        if self.offline():
+            return self._cached_files(repo_id, revision)
         api = self.api(token)
         # explicit calls first: snapshot_download turns some of these errors into "not in local cache"
         sha = api.model_info(repo_id, revision=revision).sha
@@ -145,6 +160,26 @@ class HuggingFace:
         return sha, [RemoteFile(f.path, f.size, sha256=f.lfs.sha256 if f.lfs else None,
                                 git_oid=None if f.lfs else f.blob_id)
                      for f in entries if isinstance(f, RepoFile)]
+
+    def _cached_files(self, repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
+        """Offline, the cache is the only listing there is: each cached file is named after its blob, whose name is
+        the file's sha256 (LFS) or git blob id, so the files can still be checked against what the hub sent."""
+        from huggingface_hub import constants
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.file_download import repo_folder_name
+
+        cache = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+        rev = revision or self.default_branch
+        ref = cache / "refs" / rev
+        folder = cache / "snapshots" / (ref.read_text().strip() if ref.is_file() else rev)
+        if not folder.is_dir():
+            raise LocalEntryNotFoundError(f"{repo_id}@{rev} is not in the cache {cache}")
+        files = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            blob = path.resolve().name
+            sha256, git_oid = (blob, None) if len(blob) == 64 else (None, blob) if len(blob) == 40 else (None, None)
+            files.append(RemoteFile(path.relative_to(folder).as_posix(), path.stat().st_size, sha256, git_oid))
+        return folder.name, files
 
     def snapshot(self, repo_id: str, *, revision: str | None, commit: str | None, allow_patterns: list[str],
                  local_dir: str | Path | None = None, token: str | None = None) -> Path:

@@ -183,3 +183,18 @@ def test_load_tokenizer_with_a_chat_template_file(tiny_base, tmp_path):
     assert tok.chat_template == template.read_text() and tok.pad_token == tok.eos_token
     with pytest.raises(ModelLoadError, match="--chat-template .* does not exist"):
         load_tokenizer(str(tiny_base), chat_template_file=tmp_path / "missing.jinja")
+
+
+def test_offline_mode_loads_a_cached_base_and_names_itself(hub_server, tiny_base, tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("tester/offline-base")
+    api.upload_folder(folder_path=str(tiny_base), repo_id="tester/offline-base")
+    online = resolve_base("tester/offline-base")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    assert resolve_base("tester/offline-base").path == online.path
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set and tester/not-cached is not in the local cache"):
+        resolve_base("tester/not-cached")
