@@ -706,3 +706,22 @@ def test_modelscope_token_never_written(ms_server, run_dir, tmp_path, capsys):
         for p in root.rglob("*"):
             if p.is_file():
                 assert DEFAULT_MS_TOKEN.encode() not in p.read_bytes(), p
+
+
+def test_offline_mode_serves_cached_repos_and_names_itself(hub_server, run_dir, monkeypatch):
+    """HF_HUB_OFFLINE=1: a repo already pulled is served (and its files checked against their blob ids); one that
+    is not cached is reported as offline, not as a network failure."""
+    import huggingface_hub.constants as c
+
+    push(run_dir, REPO)
+    first = pull(REPO)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    assert pull(REPO) == first
+    with pytest.raises(HubError, match=f"HF_HUB_OFFLINE is set and {DEFAULT_USER}/never-pulled is not in the local "):
+        pull(f"{DEFAULT_USER}/never-pulled")
+    blob = (first / "adapter_config.json").resolve()
+    blob.chmod(0o644)
+    blob.write_text("{}")  # the cached copy went bad: offline, its blob id still tells
+    with pytest.raises(VerificationError, match="adapter_config.json: git blob id"):
+        pull(REPO)
