@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -117,7 +118,21 @@ def build_from_args(args: argparse.Namespace):
     return engine, demo, auth
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the model is loaded (minutes for a big base) when the address cannot be served."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot serve on {host}:{port} ({e.strerror}); choose another --port or --host "
+                             "(nothing was loaded)") from None
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    check_args(args)
+    check_port_free(args.host, args.port)
     engine, demo, auth = build_from_args(args)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,

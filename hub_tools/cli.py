@@ -34,6 +34,8 @@ def configure_push(p: argparse.ArgumentParser) -> None:
     p.add_argument("--legacy", action="store_true",
                    help="push an adapter whose config is in persona-lora's legacy spelling as it is (stock PEFT "
                         "loads it onto the wrong weights; `persona-lora upgrade-adapter` fixes it)")
+    p.add_argument("--allow-interrupted", action="store_true",
+                   help="push the adapter of a training run that was interrupted (its card says so)")
     merge_cli.add_merge_options(p, for_push=True)
 
 
@@ -53,7 +55,7 @@ def _push(args: argparse.Namespace, folder: Path) -> int:
 
     result = push_folder(folder, args.repo_id, hub=args.hub, private=args.private, revision=args.revision,
                          create_pr=args.create_pr, message=args.message, include_extra=args.include or None,
-                         legacy=args.legacy)
+                         legacy=args.legacy, allow_interrupted=args.allow_interrupted)
     if result.skipped:
         print(f"not pushed ({len(result.skipped)}):", file=sys.stderr)
         for rel, why in result.skipped:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_lora import __version__
-from persona_lora.artifact import folder_kind, read_adapter_config
+from persona_lora.artifact import MANIFEST_NAME, folder_kind, read_adapter_config, read_manifest
 from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hub_ids import check_repo_id
@@ -75,6 +75,17 @@ def refuse_legacy_spelling(folder: Path) -> None:
             "(same tensors, identical outputs), or pass --legacy to push it as it is")
 
 
+def refuse_interrupted_run(folder: Path) -> None:
+    """UsageError for a folder whose manifest says its training run did not finish."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return
+    run = read_manifest(folder).run
+    if run is not None and run.interrupted:
+        raise UsageError(f"{folder}: its training run was interrupted (the weights are from the last step reached, "
+                         "and the card says so); finish it with `persona-lora train ... --resume`, or pass "
+                         "--allow-interrupted to push it as it is")
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -87,13 +98,14 @@ def push_folder(
     include_extra: list[str] | None = None,
     token: str | None = None,
     legacy: bool = False,
+    allow_interrupted: bool = False,
 ) -> PushResult:
     """Create `repo_id` if missing and upload the folder's adapter/model files in one commit; returns the URL.
 
     revision=BRANCH commits to that branch (created from main if missing); create_pr=True opens a pull
     request against main instead of committing to it. Skipped files are logged and in `result.skipped`.
     An adapter in persona-lora's legacy spelling is refused unless `legacy`: other people's PEFT would load it
-    onto the wrong weights.
+    onto the wrong weights. A run that was interrupted is refused unless `allow_interrupted`.
     """
     be = backend(hub)
     if create_pr and revision not in (None, "main"):
@@ -103,6 +115,8 @@ def push_folder(
     plan = plan_push(folder, include_extra)
     if plan.kind == "adapter" and not legacy:
         refuse_legacy_spelling(plan.folder)
+    if not allow_interrupted:
+        refuse_interrupted_run(plan.folder)
     token = be.token(token)
     if not token:
         raise be.missing_token("push")
