@@ -102,7 +102,6 @@ def build_from_args(args: argparse.Namespace):
 
     votes_path = Path(args.votes) if args.votes else default_votes_path()
     votes = VoteStore(votes_path, hub=args.hub)
-    print(f"A/B votes are stored in {votes_path}", file=sys.stderr)
     engine = Engine(args.base, revision=args.revision, source=args.source, device=args.device, dtype=args.dtype,
                     chat_template=args.chat_template, max_new_tokens_cap=args.max_new_tokens,
                     max_prompt_tokens=args.max_prompt_tokens, hub=args.hub, mixed_batch=not args.no_mixed_batch)
@@ -134,6 +133,7 @@ def run_demo(args: argparse.Namespace) -> int:
     check_args(args)
     check_port_free(args.host, args.port)
     engine, demo, auth = build_from_args(args)
+    print(f"A/B votes are stored in {args.votes or default_votes_path()}", file=sys.stderr)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                     auth_message="persona-lora demo" if auth else None)

@@ -4,8 +4,8 @@
 one convention: `configure_<command>(parser)` adds the options, `run_<command>(args) -> int` runs it. The CLI
 modules import only argparse-level code, so building the parser stays fast; the work is imported by the
 handlers. `main(argv) -> int` is what tests call; `run()` is the console entry point. User mistakes
-(`PersonaLoraError`) become one message on stderr and an exit code; anything else is a bug and keeps its
-traceback.
+(`PersonaLoraError`) become one message on stderr and an exit code, as does a file-system refusal (`OSError`,
+naming the path); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"persona-lora {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file system refusal no check foresaw: name the path and what the system said
+        where = f" {e.filename}" if e.filename else ""
+        print(f"persona-lora {args.command}: error:{where}: {e.strerror or e}; check that the path exists, is "
+              "writable and the disk has room", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

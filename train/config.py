@@ -262,6 +262,11 @@ def cross_checks(cfg: TrainConfig) -> list[str]:
     if cfg.lora.preset and cfg.lora.target_modules:
         p.append("lora.preset and lora.target_modules are both set; "
                  "choose one (set lora.preset: null to use target_modules)")
+    known = preset_names()
+    if cfg.lora.preset and cfg.lora.preset not in known:
+        near = difflib.get_close_matches(cfg.lora.preset, known, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        p.append(f"lora.preset {cfg.lora.preset!r} is not known; {hint}choose one of {', '.join(known)}")
     if not cfg.lora.preset and not cfg.lora.target_modules:
         p.append("lora.preset is empty and lora.target_modules is not set; "
                  "choose a preset (attention, attention+mlp, all)")
@@ -281,6 +286,13 @@ def cross_checks(cfg: TrainConfig) -> list[str]:
     if cfg.base.load_in_4bit and cfg.base.dtype == "float32":
         p.append("base.load_in_4bit with base.dtype float32: 4-bit compute wants bfloat16/float16 (or auto)")
     return p
+
+
+def preset_names() -> list[str]:
+    """Every preset name of any architecture (whether it fits the base is checked once the base is known)."""
+    from persona_lora.train.presets import PRESETS
+
+    return list(dict.fromkeys(name for family in PRESETS.values() for name in family))
 
 
 def scheduler_names() -> list[str]:

@@ -25,6 +25,8 @@ RUN_MARKERS = (MANIFEST_NAME, ADAPTER_CONFIG, CHECKPOINTS)  # what a run folder 
 def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """Return (output_dir, checkpoint to resume or None); never silently overwrite anything."""
     out = Path(cfg.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file, not a folder; choose a folder for the adapter")
     ckpt = latest_checkpoint(out)
     resume = cfg.training.resume
     if resume == "true" and ckpt is None:
