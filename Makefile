@@ -1,6 +1,8 @@
 # persona-lora: the two commands of the README, and their set-up.
 #   make quickstart   embedded default end to end: tiny base -> data check/preview -> train -> card -> demo
-#   make test         the test suite (installs Debian chromium for the browser test when run as root)
+#   make test         the whole test suite (installs Debian chromium for the browser test when run as root)
+#   make test-fast    everything but the slow tests (training, merging, subprocesses, HTTP) and the browser test
+#   make test-gpu     the CUDA tests alone (skipped without a CUDA device)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +12,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
 
-.PHONY: install quickstart lint test test-fast browser-deps bench schema-docs clean
+.PHONY: install quickstart lint test test-fast test-gpu browser-deps bench schema-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +42,7 @@ browser-deps:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian chromium for the browser test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "chromium not installed and not root: the browser test will be skipped"; fi
+	else echo "chromium not installed and not root: the browser test will be skipped (under CI it fails)"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -48,8 +50,12 @@ lint: $(STAMP)
 test: $(STAMP) browser-deps lint
 	$(BIN)/python -m pytest -q
 
+# two workers, one per core (each test runs torch single-threaded)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not browser"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not browser"
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
 
 # docs/ARCHITECTURE.md's manifest schema is generated from persona_lora/artifact.py (a test compares them)
 schema-docs: $(STAMP)

@@ -55,15 +55,18 @@ def build_demo(
     refresh_seconds: float = 10.0,
     title: str = "persona-lora: base vs adapter",
 ) -> gr.Blocks:
-    """The demo app for `engine`. `votes` None keeps votes in a temporary database (lost at exit).
+    """The demo app for `engine`. `votes` None keeps votes in a temporary database, deleted at exit.
 
     `concurrency_limit` is how many requests run at once (they share the one model, decoding in turns);
     `queue_size` how many may wait; `push_votes_to` (a dataset repo id) adds a button that pushes the votes
     there with the server's token — only for demos whose users may publish votes."""
+    scratch = None
     if votes is None:
-        votes = VoteStore(Path(tempfile.mkdtemp(prefix="persona-lora-votes-")) / "votes.sqlite")
+        scratch = tempfile.TemporaryDirectory(prefix="persona-lora-votes-")
+        votes = VoteStore(Path(scratch.name) / "votes.sqlite")
         log.warning("votes go to a temporary database %s; pass --votes PATH to keep them", votes.path)
     ui = _Handlers(engine, votes, max_message_chars)
+    ui.scratch = scratch  # the temporary database lives as long as the app's handlers
     names = engine.adapter_names()
     first = names[0] if names else None
     cap = engine.max_new_tokens_cap
@@ -171,7 +174,10 @@ class _Handlers:
 
     def __init__(self, engine: Engine, votes: VoteStore, max_message_chars: int):
         self.engine, self.votes, self.max_chars = engine, votes, max_message_chars
-        self.export_dir = Path(tempfile.mkdtemp(prefix="persona-lora-export-"))
+        self.scratch: tempfile.TemporaryDirectory | None = None
+        # Exports go to a temporary folder (Gradio serves files from the temp folder), made on the first export
+        # and deleted at exit, so a demo that never exports leaves nothing behind.
+        self._exports: tempfile.TemporaryDirectory | None = None
 
     # -------------------------------------------------------------- adapters
 
@@ -300,7 +306,9 @@ class _Handlers:
         return rows
 
     def on_export(self):
-        out = self.export_dir / f"persona-lora-preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        if self._exports is None:
+            self._exports = tempfile.TemporaryDirectory(prefix="persona-lora-export-")
+        out = Path(self._exports.name) / f"persona-lora-preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         n = self.votes.export_preferences(out)
         gr.Info(f"Exported {n} preference pair(s).")
         return str(out)

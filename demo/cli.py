@@ -96,7 +96,6 @@ def build_from_args(args: argparse.Namespace):
     """(engine, demo, auth) from parsed options, without launching: what `run_demo` serves."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = check_args(args)
-    from persona_lora.demo.app import build_demo
     from persona_lora.demo.engine import Engine
     from persona_lora.demo.votes import VoteStore
 
@@ -108,6 +107,8 @@ def build_from_args(args: argparse.Namespace):
     try:
         for spec in args.adapter:
             engine.add_adapter(spec)
+        from persona_lora.demo.app import build_demo  # Gradio is imported once the model side stands
+
         demo = build_demo(engine, votes=votes, max_message_chars=args.max_input_chars,
                           default_max_new_tokens=min(256, args.max_new_tokens), concurrency_limit=args.concurrency,
                           queue_size=args.queue_size, push_votes_to=args.push_votes_to)

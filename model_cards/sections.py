@@ -261,9 +261,10 @@ def results_section(m: dict, loss_png: str | None) -> dict | None:
     """The losses the run reached, the loss curve, and whether the run was cut short."""
     rows = table(m, _RESULT_ROWS)
     interrupted = lookup(m, "run.interrupted") is True
-    if not rows and not loss_png and not interrupted:
+    changes = [esc(c) for c in lookup(m, "run.changes") or [] if isinstance(c, str) and c]
+    if not rows and not loss_png and not interrupted and not changes:
         return None
-    return {"rows": rows, "loss_png": loss_png, "interrupted": interrupted}
+    return {"rows": rows, "loss_png": loss_png, "interrupted": interrupted, "changes": changes}
 
 
 def samples_section(m: dict) -> list[tuple[str, str, str]] | None:

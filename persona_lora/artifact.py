@@ -226,14 +226,22 @@ class EnvironmentInfo:
 
 @dataclass
 class RunInfo:
-    """Time and throughput."""
+    """How the run went: its state, time and throughput, and what changed when it was resumed."""
 
+    state: str | None = _f(None, "running (written before the first step) | interrupted | finished")
     wall_time_s: float | None = _f(None, "time in the training loop")
     total_wall_time_s: float | None = _f(None, "time of the whole command")
     trained_tokens: int | None = _f(None, "non-padding tokens seen in training")
     tokens_per_second: float | None = _f(None, "trained_tokens / wall_time_s")
     resumed: bool | None = _f(None, "continued from a checkpoint")
     interrupted: bool | None = _f(None, "stopped early by Ctrl-C: the weights are from the last step reached")
+    changes: list[str] = _f([], "settings changed when the run was resumed (--allow-changes), with the step")
+
+    @property
+    def finished(self) -> bool:
+        """A run that ran to its end (manifests written before `state` existed: final and not interrupted)."""
+        return self.state == "finished" or (self.state is None and self.wall_time_s is not None
+                                            and not self.interrupted)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Import them from conftest.py (`from tests.hub_fixtures import hub_server, fast_retries  # noqa: F401`) or from a
 test module. Why the constants are patched too: huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_CACHE,
 HF_HUB_DISABLE_XET… into `huggingface_hub.constants` when it is first imported, so setting the environment
-variables alone is too late once any test imported it. Nothing here ever touches ~/.cache or a real token.
+variables alone is too late once any test imported it (`datasets` keeps its own copy of the endpoint). Nothing
+here ever touches ~/.cache or a real token.
 """
 
 from __future__ import annotations
@@ -63,10 +64,23 @@ def _point_client_at(monkeypatch, url: str, home: str, token: str | None) -> Non
     for name, value in patched.items():
         if hasattr(c, name):
             monkeypatch.setattr(c, name, value)
-    # The (shared) httpx client may hold keep-alive connections to a previous test's server.
+    if "datasets" in sys.modules:  # `datasets` keeps its own copy of HF_ENDPOINT, read when first imported
+        import datasets.config as dc
+
+        monkeypatch.setattr(dc, "HF_ENDPOINT", url)
+        monkeypatch.setattr(dc, "HUB_DATASETS_URL", url + "/datasets/{repo_id}/resolve/{revision}/{path}")
+    _forget_earlier_servers()
+
+
+def _forget_earlier_servers() -> None:
+    """Drop what the client keeps between calls in a process: the shared httpx client's keep-alive connections,
+    and HfFileSystem instances (`datasets` reads hub datasets through one; fsspec caches it with its endpoint
+    and directory listings), which would still talk to an earlier test's server or answer from its listings."""
+    from huggingface_hub import HfFileSystem
     from huggingface_hub.utils import _http
 
     _http.close_session()
+    HfFileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -84,9 +98,7 @@ def hub_server(tmp_path_factory, monkeypatch):
         yield server
     finally:
         server.stop()
-        from huggingface_hub.utils import _http
-
-        _http.close_session()
+        _forget_earlier_servers()
 
 
 @pytest.fixture

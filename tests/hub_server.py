@@ -359,6 +359,9 @@ class _Handler(BaseHTTPRequestHandler):
     fake: FakeHub
     protocol_version = "HTTP/1.1"
     server_version = "FakeHub/1.0"
+    # Headers and body go out in two writes; with Nagle's algorithm the body then waits for the client's delayed
+    # ACK (40 ms on Linux) on every keep-alive response.
+    disable_nagle_algorithm = True
 
     # silence the default stderr logging
     def log_message(self, format, *args):  # noqa: A002

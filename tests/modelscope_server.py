@@ -109,6 +109,7 @@ class _Err(Exception):
 class _Handler(BaseHTTPRequestHandler):
     ms: FakeModelScope
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: without this each waits for a delayed ACK
 
     def log_message(self, format, *args):  # noqa: A002
         pass

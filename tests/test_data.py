@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -246,41 +244,50 @@ def test_sharegpt_format(tmp_path):
     ]
 
 
-def test_hub_dataset_is_loaded_through_datasets_and_validated(monkeypatch):
-    calls = []
+HUB_SET = "tester/persona-set"
 
-    def load_dataset(hub_id, revision=None, split=None):
-        calls.append((hub_id, revision, split))
-        return [dict(GOOD), {"instruction": "早", "input": None, "output": "晨安。"}]
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    ds = load_records("someone/persona-set", revision="v1", split="train")
-    assert calls == [("someone/persona-set", "v1", "train")]
-    assert (ds.source, ds.name, ds.hub_id, ds.path) == ("hub", "someone/persona-set", "someone/persona-set", None)
+def test_hub_dataset_is_loaded_through_datasets_and_validated(hub_server):
+    """A dataset repo on the (local) Hub, read by the real `datasets` client at the revision asked for."""
+    hub_server.add_repo(HUB_SET, {"train.jsonl": jl({"instruction": "旧", "output": "旧答。"})}, repo_type="dataset")
+    rows = jl(GOOD, {"instruction": "早", "input": None, "output": "晨安。"})
+    hub_server.commit_files(HUB_SET, {"train.jsonl": rows}, repo_type="dataset", branch="v1")
+    ds = load_records(HUB_SET, revision="v1", split="train")
+    assert (ds.source, ds.name, ds.hub_id, ds.path) == ("hub", HUB_SET, HUB_SET, None)
     assert [r["messages"] for r in ds.records] == [msgs((U, "你好"), (A, "免礼。")), msgs((U, "早"), (A, "晨安。"))]
-    assert ds.records[1]["origin"] == "someone/persona-set:record 2"
-    assert ds.sha256 == load_records("someone/persona-set", revision="v1").sha256  # canonical, deterministic
+    assert ds.records[1]["origin"] == f"{HUB_SET}:record 2"
+    assert ds.sha256 == load_records(HUB_SET, revision="v1").sha256  # canonical, deterministic
+    assert f"/api/datasets/{HUB_SET}/revision/v1" in hub_server.paths_requested("GET")
+    main_branch = load_records(HUB_SET)
+    assert [r["messages"] for r in main_branch.records] == [msgs((U, "旧"), (A, "旧答。"))]
+    assert main_branch.sha256 != ds.sha256
 
 
-def test_hub_failure_is_a_clear_data_error(monkeypatch):
-    def load_dataset(hub_id, revision=None, split=None):
-        raise ConnectionError("Couldn't reach the Hugging Face Hub")
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(DataError) as info:
-        load_records("nobody/no-such-dataset")
-    message = str(info.value)
-    assert "nobody/no-such-dataset: could not load hub dataset" in message
-    assert "ConnectionError" in message and "check the id" in message and "network" in message
-    assert "HF_ENDPOINT (now http://127.0.0.1:9)" in message
+def test_data_check_reads_a_hub_dataset(hub_server, capsys):
+    hub_server.add_repo(HUB_SET, {"data/train.jsonl": jl(GOOD, GOOD, {"instruction": "早", "output": "晨安。"})},
+                        repo_type="dataset")
+    assert main(["data", "check", HUB_SET]) == 0
+    out = capsys.readouterr().out
+    assert f"OK: {HUB_SET} is valid" in out and "records                3" in out and "duplicate" in out
 
 
-def test_hub_rows_are_validated_like_files(monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
-        load_dataset=lambda hub_id, revision=None, split=None: [GOOD, {"instruction": "a", "output": 1}]))
-    with pytest.raises(DataError, match=r"someone/set, record 2, field 'output': expected a string"):
-        load_records("someone/set")
+def test_hub_failure_is_a_clear_data_error(hub_server, fast_retries):
+    url = hub_server.url
+    for missing in ("nobody/no-such-dataset", HUB_SET):  # no such repo; then the hub is down
+        with pytest.raises(DataError) as info:
+            load_records(missing)
+        message = str(info.value)
+        assert f"{missing}: could not load hub dataset (split 'train')" in message
+        assert "check the id" in message and "network" in message
+        assert f"HF_ENDPOINT (now {url})" in message
+        hub_server.stop()
+
+
+def test_hub_rows_are_validated_like_files(hub_server):
+    hub_server.add_repo("tester/set", {"data.jsonl": jl(GOOD, {"instruction": "a", "output": None})},
+                        repo_type="dataset")
+    with pytest.raises(DataError, match=r"tester/set, record 2, field 'output': required field is null"):
+        load_records("tester/set")
 
 
 def test_dataset_stats():
@@ -349,3 +356,17 @@ def test_data_check_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["data", "check"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("record", [
+    '{"instruction": "hi \\ud800 there", "output": "ok"}',
+    '{"instruction": "hi", "output": "ok", "system": "\\udfff"}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\\ud83d"}]}',
+    '{"instruction": "hi", "output": "ok", "history": [["x\\ud800", "y"]]}',
+])
+def test_text_no_tokenizer_can_encode_is_named_by_data_check(tmp_path, record):
+    """A lone surrogate passes JSON parsing but crashes the tokenizer: data check names the record instead."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "fine", "output": "fine"}\n' + record + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2, field .*lone surrogate \\ud[89a-f]"):
+        load_records(str(path))

@@ -1,24 +1,31 @@
-"""The A/B demo: one resident model, both answers equal to standalone greedy generation, switching, votes, API.
+"""The A/B demo: one resident model, both answers equal to standalone greedy generation, switching, sampling,
+cancellation, history limits, votes, the API and the `demo` command built from real argument lists.
 
 Adapters are made directly (training is slow): LoRA with the `attention` and `all` presets on the tiny
 DeepSeek-V2 base, lora_B randomised with a fixed seed so the answers differ from the base's, plus a manifest.
-The expected answers come from `train.trainer.generate_greedy` (plain `model.generate(do_sample=False)`) on a
-separately loaded base (+ adapter): "what that model gives alone".
+The expected answers come from `train.samples.generate_greedy` (plain `model.generate(do_sample=False)`) on a
+separately loaded base (+ adapter): "what that model gives alone". Engines and references run on the CPU in
+float32 whatever torch build runs the tests (the same comparison on CUDA in bfloat16 is in tests/test_gpu.py).
+Tests share the module's engine in any order: none depends on what another loaded or asked before it. The fast
+tier checks each behaviour on that engine and the app's handlers; tests that load another model, serve the app
+over HTTP or run twenty clients are `slow`.
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from persona_lora.errors import ModelLoadError, UsageError
+from tests.conftest import free_port
 
-N = 12  # new tokens per answer: enough to differ, cheap on 2 cores
+N = 8  # new tokens per answer: enough to differ, cheap on 2 cores
 SYSTEM = "You are Zhen Huan, a consort in the imperial palace."
 M1, M2 = "Who are you?", "What did you do today?"
 # Two `all` adapters: PEFT keeps both in the same fused-experts wrappers; each must still answer as itself.
@@ -66,7 +73,7 @@ def expected(tiny_base, adapters) -> dict:
     cases = {"m1": [user(M1)], "m2": [user(M2)]}
     out = {}
     for side in ["base", *adapters]:
-        model = load_base_model(str(tiny_base), device="cpu")
+        model = load_base_model(str(tiny_base), device="cpu", dtype="float32")
         if side != "base":
             model = load_adapter(model, adapters[side])
         model.eval()
@@ -80,21 +87,32 @@ def expected(tiny_base, adapters) -> dict:
     return out
 
 
+CAP = 256  # the module engine's new-token cap: room for a long generation to cancel
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_base, adapters):
     from persona_lora.demo.engine import Engine
 
-    eng = Engine(str(tiny_base), max_new_tokens_cap=16, max_prompt_tokens=512)
+    eng = Engine(str(tiny_base), device="cpu", dtype="float32", max_new_tokens_cap=CAP, max_prompt_tokens=512)
     for path in adapters.values():
         eng.add_adapter(str(path))
     yield eng
     eng.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def observe_forwards(engine, monkeypatch) -> list[tuple[str, ...]]:
+    """The adapter keys of every forward pass `engine` runs from now on (one tuple per pass, one key per batch
+    row): the real passes, observed."""
+    seen: list[tuple[str, ...]] = []
+    real = engine.resident.forward
+
+    def counting(keys, **inputs):
+        seen.append(tuple(keys))
+        return real(keys, **inputs)
+
+    monkeypatch.setattr(engine.resident, "forward", counting)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +141,11 @@ def test_one_resident_model_holds_every_adapter(engine, adapters, tiny_base):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    assert set(engine.adapter_names()) == set(adapters)
+    assert set(adapters) <= set(engine.adapter_names())  # other tests may add more to the shared engine
     assert engine.adapter("persona-all").experts and not engine.adapter("persona-attn").experts
     assert engine.adapter("persona-all-2").experts
     assert engine.system_prompt("persona-attn") == SYSTEM
-    assert set(engine.model.peft_config) == {engine.adapter(n).key for n in adapters}
+    assert set(engine.model.peft_config) == {engine.adapter(n).key for n in engine.adapter_names()}
     with torch.device("meta"):
         alone = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_base))
     resident = sum(p.numel() for n, p in engine.model.named_parameters() if "lora_" not in n)
@@ -137,6 +155,7 @@ def test_one_resident_model_holds_every_adapter(engine, adapters, tiny_base):
     assert "chat template" in info["adapter"] and "WARNING" not in info["adapter"]
 
 
+@pytest.mark.slow
 def test_stream_multi_turn_equals_standalone(engine, expected):
     """Different histories per side (left padding), both adapter kinds, streamed: every side equals its model alone."""
     from persona_lora.demo.engine import GenerationSettings
@@ -152,29 +171,98 @@ def test_stream_multi_turn_equals_standalone(engine, expected):
             == expected[("persona-all", "m1")])
 
 
-def test_separate_mode_and_sampling(tiny_base, adapters, expected):
-    """The fallback (sides decoded one after the other) gives the same greedy answers; seeded sampling repeats."""
+@pytest.mark.slow  # loads another model
+def test_separate_mode_gives_the_same_answers(tiny_base, adapters, expected):
+    """The fallback (sides decoded one after the other) gives the same greedy answers."""
     from persona_lora.demo.engine import Engine, GenerationSettings
 
-    eng = Engine(str(tiny_base), max_new_tokens_cap=16, mixed_batch=False)
+    eng = Engine(str(tiny_base), device="cpu", dtype="float32", max_new_tokens_cap=16, mixed_batch=False)
     try:
         eng.add_adapter(str(adapters["persona-all"]))
         assert eng.compare("persona-all", M1, SYSTEM, GenerationSettings(max_new_tokens=N)) == (
             expected[("base", "m1")], expected[("persona-all", "m1")])
-        sampled = GenerationSettings(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=7)
-        assert eng.compare("persona-all", M1, SYSTEM, sampled) == eng.compare("persona-all", M1, SYSTEM, sampled)
     finally:
         eng.close()
 
 
-def test_closing_a_stream_cancels_it(engine, expected):
-    """A reader that goes away (Stop, closed tab) ends its job; the next request is unaffected."""
-    it = engine.stream_compare("persona-all", [user(M1)], [user(M1)], SYSTEM, _greedy())
+@pytest.mark.slow
+def test_sampling_settings_change_the_answer_and_a_seed_repeats_it(tiny_base, adapters, engine, expected):
+    """Temperature, top-p and seed each change what is sampled; the same seed gives the same answer on another
+    engine instance."""
+    from dataclasses import replace
+
+    from persona_lora.demo.engine import Engine, GenerationSettings
+
+    greedy = (expected[("base", "m1")], expected[("persona-all", "m1")])
+    # top-p so small that only the most likely token is left: sampling then picks exactly what greedy picks
+    narrow = GenerationSettings(max_new_tokens=N, temperature=1.0, top_p=1e-6, seed=3)
+    assert engine.compare("persona-all", M1, SYSTEM, narrow) == greedy
+    hot = GenerationSettings(max_new_tokens=N, temperature=2.0, seed=7)
+    hot_answers = engine.compare("persona-all", M1, SYSTEM, hot)
+    cold_answers = engine.compare("persona-all", M1, SYSTEM, replace(hot, temperature=0.05))
+    assert hot_answers[0] != greedy[0] and hot_answers[1] != greedy[1]
+    assert cold_answers != hot_answers, "the temperature must change the distribution sampled from"
+    assert engine.compare("persona-all", M1, SYSTEM, replace(hot, seed=8)) != hot_answers
+    assert engine.compare("persona-all", M1, SYSTEM, hot) == hot_answers
+
+    other = Engine(str(tiny_base), device="cpu", dtype="float32", max_new_tokens_cap=16)
+    try:
+        other.add_adapter(str(adapters["persona-all"]))
+        for side in (None, "persona-all"):  # one row per pass on both engines: the same computation
+            mine = engine.answer(side, M1, SYSTEM, hot)
+            assert other.answer(side, M1, SYSTEM, hot) == mine
+            assert engine.answer(side, M1, SYSTEM, replace(hot, seed=9)) != mine
+    finally:
+        other.close()
+
+
+def test_long_history_keeps_the_newest_turns(tokenizer):
+    """Past --max-prompt-tokens the oldest exchanges go first; the system prompt and the newest turns stay."""
+    from persona_lora.demo.prompts import TemplateCodec
+    from persona_lora.train.chat_format import encode_prompt
+
+    system, new = [{"role": "system", "content": SYSTEM}], [user("And today?")]
+    exchanges = [[user(f"Question {i}: what happened on day {i}?"), assistant(f"Day {i} was quiet, my lord.")]
+                 for i in range(1, 5)]
+    full = system + [m for ex in exchanges for m in ex] + new
+
+    def keeping(k):  # the system prompt, the newest k exchanges and the new turn
+        return system + [m for ex in exchanges[len(exchanges) - k:] for m in ex] + new
+
+    for k in (1, 2, 3):
+        limit = len(encode_prompt(tokenizer, keeping(k)))
+        assert limit < len(encode_prompt(tokenizer, keeping(k + 1)))
+        ids = TemplateCodec(tokenizer, limit).encode(full)
+        assert ids == encode_prompt(tokenizer, keeping(k)), f"limit {limit}: not the newest {k} exchange(s)"
+        text = tokenizer.decode(ids)
+        assert SYSTEM in text and "Day 4 was quiet" in text and "Question 1:" not in text
+    assert TemplateCodec(tokenizer, 10_000).encode(full) == encode_prompt(tokenizer, full)
+    with pytest.raises(UsageError, match="at most 8"):
+        TemplateCodec(tokenizer, 8).encode(full)  # the new turn alone does not fit: the user must shorten it
+
+
+def test_closing_a_stream_stops_generation_within_a_few_tokens(engine, expected, monkeypatch):
+    """A reader that goes away (Stop, closed tab) ends its job after at most the step under way; the next request
+    is unaffected."""
+    from persona_lora.demo.engine import GenerationSettings
+
+    forwards = observe_forwards(engine, monkeypatch)
+    key = engine.adapter("persona-attn").key
+    endless = GenerationSettings(max_new_tokens=CAP, ignore_eos=True)
+    it = engine.stream_compare("persona-attn", [user(M1)], [user(M1)], SYSTEM, endless)
     first = next(it)
     assert isinstance(first, tuple) and len(first) == 2
+    next(it)
     it.close()
+    at_close = sum(key in keys for keys in forwards)
+    # the worker drops a cancelled job before its next step, so once another request has been answered the
+    # cancelled one cannot run any more
     assert engine.compare("persona-all", M1, SYSTEM, _greedy()) == (expected[("base", "m1")],
                                                                      expected[("persona-all", "m1")])
+    time.sleep(0.3)
+    after = sum(key in keys for keys in forwards)
+    assert at_close < CAP // 4, f"{at_close} passes before the first two updates were read"
+    assert after - at_close <= 1, f"{after - at_close} more passes after the stream was closed"
 
 
 def test_engine_refuses_bad_input(engine, tmp_path):
@@ -197,6 +285,7 @@ def test_engine_refuses_bad_input(engine, tmp_path):
 # ---------------------------------------------------------------------------------------------- app + API
 
 
+@pytest.mark.slow  # served over HTTP
 def test_compare_api_equals_standalone_greedy(server, expected):
     c = client(server)
     assert list(c.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/compare"]
@@ -208,6 +297,7 @@ def test_compare_api_equals_standalone_greedy(server, expected):
     assert tuple(c.predict(M2, "persona-all", SYSTEM, N, api_name="/compare"))[1] == expected[("persona-all", "m2")]
 
 
+@pytest.mark.slow  # served over HTTP
 def test_compare_api_limits(server):
     from gradio_client.exceptions import AppError
 
@@ -218,13 +308,15 @@ def test_compare_api_limits(server):
         c.predict(M1, "persona-missing", "", 4, api_name="/compare")
 
 
-def test_auth(engine):
+@pytest.mark.slow  # served over HTTP
+def test_auth(engine, tmp_path):
     """--auth: the page and the API need the login."""
     from gradio_client import Client
 
     from persona_lora.demo.app import build_demo
+    from persona_lora.demo.votes import VoteStore
 
-    app = build_demo(engine)
+    app = build_demo(engine, votes=VoteStore(tmp_path / "votes.sqlite"))
     _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                            auth=("me", "secret"))
     try:
@@ -238,6 +330,7 @@ def test_auth(engine):
         app.close()
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_sessions(server, expected):
     """20 sessions at once, alternating adapters and prompts: no errors, and no answer from the wrong adapter
     (PEFT's active adapter is global to the model)."""
@@ -277,6 +370,7 @@ def _greedy():
     return GenerationSettings(max_new_tokens=N)
 
 
+@pytest.mark.slow
 def test_chat_handlers_multi_turn_and_retry(engine, expected, tmp_path):
     """The Chat tab's handlers keep one history per side and retry the last turn."""
     from persona_lora.demo.app import _Handlers
@@ -298,6 +392,7 @@ def test_chat_handlers_multi_turn_and_retry(engine, expected, tmp_path):
 # ---------------------------------------------------------------------------------------------- votes
 
 
+@pytest.mark.slow  # the first test to import Gradio pays for it (seconds)
 def test_blind_vote_round_trip_and_preference_export(engine, expected, tmp_path):
     from datasets import load_dataset
 
@@ -364,8 +459,6 @@ def test_win_rates_wilson_and_concurrent_voters(tmp_path):
     for t in threads:
         t.join()
     assert store.count() == 12 * 15
-    import sqlite3
-
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     rates = {r["adapter_id"]: r for r in store.win_rates()}
@@ -433,3 +526,111 @@ def test_cli_registers_demo_and_checks_options(tiny_base, tmp_path, capsys):
     assert main(["demo", "--base", str(tiny_base), "--port", "70000"]) == 2
     assert main(["demo", "--base", str(tmp_path / "nobase"), "--votes", str(tmp_path / "v.sqlite")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def demo_from_argv(argv: list[str]):
+    """(engine, demo, auth) exactly as `persona-lora demo ARGV` builds them, short of launching."""
+    from persona_lora.cli import build_parser
+    from persona_lora.demo.cli import build_from_args
+
+    args = build_parser().parse_args(["demo", *argv])
+    return build_from_args(args)
+
+
+def handlers_of(demo):
+    """The app's event handlers (the object whose bound methods the page's events call)."""
+    from persona_lora.demo.app import _Handlers
+
+    return next(f.fn.__self__ for f in demo.fns.values() if isinstance(getattr(f.fn, "__self__", None), _Handlers))
+
+
+def event_fn(demo, block_id: int, event: str = "click"):
+    """The function a component's event runs, as the page would trigger it."""
+    return next(f for f in demo.fns.values() if (block_id, event) in [tuple(t) for t in f.targets])
+
+
+@pytest.mark.slow  # loads a model, serves over HTTP
+def test_demo_command_options_reach_the_app(tiny_base, adapters, tmp_path, hub_server, monkeypatch):
+    """Every option of `persona-lora demo` is used: where votes go, the push button and its dataset repo, the
+    queue, the limits, and the login taken from PERSONA_LORA_DEMO_AUTH."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from persona_lora.demo.cli import default_votes_path
+    from tests.hub_fixtures import DEFAULT_USER
+
+    votes = tmp_path / "votes" / "mine.sqlite"
+    repo = f"{DEFAULT_USER}/ab-votes"
+    monkeypatch.setenv("PERSONA_LORA_DEMO_AUTH", "me:secret")
+    engine, demo, auth = demo_from_argv([
+        "--base", str(tiny_base), "--adapter", str(adapters["persona-attn"]), "--device", "cpu",
+        "--dtype", "float32", "--votes", str(votes), "--push-votes-to", repo, "--queue-size", "3",
+        "--max-input-chars", "40", "--max-new-tokens", "20", "--max-prompt-tokens", "300", "--concurrency", "2"])
+    try:
+        assert auth == ("me", "secret")
+        ui = handlers_of(demo)
+        assert ui.votes.path == votes and votes.is_file() and not default_votes_path().exists()
+        assert (engine.max_new_tokens_cap, engine.max_prompt_tokens, ui.max_chars) == (20, 300, 40)
+        assert engine.mixed_batch and engine.device.type == "cpu"
+        assert demo._queue.max_size == 3
+        assert {f.concurrency_limit for f in demo.fns.values() if f.concurrency_id == "generate"} == {2}
+
+        # a blind A/B pair and a vote through the app's own handlers land in --votes
+        *_, last = ui.on_ab(M1, "persona-attn", SYSTEM, N, 0, 1, 0)
+        pending = last[2]
+        ui.vote_handler("A")(pending)
+        with sqlite3.connect(votes) as db:
+            assert db.execute("SELECT adapter_id, prompt, vote FROM votes").fetchall() == [
+                ("persona-attn", M1, "A")]
+        # --push-votes-to: its button pushes them to that dataset repo on the hub
+        button = next(b for b in demo.blocks.values()
+                      if type(b).__name__ == "Button" and b.value == f"Push votes to the dataset repo {repo}")
+        assert "Pushed to" in event_fn(demo, button._id).fn()
+        pushed = [json.loads(line) for line in
+                  hub_server.file_bytes(repo, "votes.jsonl", repo_type="dataset").decode().splitlines()]
+        assert [(v["prompt"], v["vote"]) for v in pushed] == [(M1, "A")]
+
+        # served: the login from the environment, the message limit and the token cap
+        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                quiet=True, auth=auth)
+        try:
+            with pytest.raises(ValueError, match="credentials were not provided"):
+                Client(url, verbose=False)
+            c = Client(url, auth=auth, verbose=False)
+            with pytest.raises(AppError, match="limit is 40"):
+                c.predict("x" * 41, "persona-attn", SYSTEM, 4, api_name="/compare")
+            forwards = observe_forwards(engine, monkeypatch)
+            assert len(c.predict(M1, "persona-attn", SYSTEM, 500, api_name="/compare")) == 2
+            # greedy and deterministic on the CPU: this answer runs past 20 tokens, so the cap is what stops it
+            assert len(forwards) == 20, "one pass per new token, --max-new-tokens of them"
+        finally:
+            demo.close()
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow  # loads another model
+def test_demo_command_hub_modelscope_and_no_mixed_batch(tiny_base, adapters, expected, tmp_path, ms_server,
+                                                        monkeypatch):
+    """--hub modelscope fetches adapter ids from ModelScope (and pushes votes there); --no-mixed-batch decodes
+    each side in a batch of its own, with the same answers."""
+    from persona_lora.demo.engine import BASE, GenerationSettings
+    from persona_lora.hub_tools.push import push_folder
+    from tests.hub_fixtures import DEFAULT_MS_USER
+
+    repo = f"{DEFAULT_MS_USER}/persona-all"
+    push_folder(adapters["persona-all"], repo, hub="modelscope")
+    engine, demo, _ = demo_from_argv([
+        "--base", str(tiny_base), "--adapter", repo, "--hub", "modelscope", "--no-mixed-batch", "--device", "cpu",
+        "--dtype", "float32", "--votes", str(tmp_path / "votes.sqlite")])
+    try:
+        info = engine.adapter(repo)
+        assert info.source == "modelscope" and info.path.is_relative_to(ms_server.home)
+        assert handlers_of(demo).votes.hub == "modelscope"
+        forwards = observe_forwards(engine, monkeypatch)
+        assert engine.compare(repo, M1, SYSTEM, GenerationSettings(max_new_tokens=N)) == (
+            expected[("base", "m1")], expected[("persona-all", "m1")])
+        assert forwards and all(len(keys) == 1 for keys in forwards)
+        assert {keys[0] for keys in forwards} == {BASE, info.key}
+    finally:
+        engine.close()

@@ -1,31 +1,39 @@
 """The demo in a real browser: send a message, see two answers, vote; nothing from a prompt, an answer or an
 adapter name runs as HTML. Debian's chromium driven by Playwright (its own browser download does not work here).
 
-Screenshots: the test's tmp folder, copied to /tmp/persona-lora-demo.png (chat) and /tmp/persona-lora-demo-ab.png.
+This is the only test of the page and of its sanitising, so where it must run (CI: `CI` set and not false) a
+missing chromium or Playwright fails it; elsewhere it is skipped and `-ra` prints why. Screenshots of the chat
+and of the A/B tab are saved in the test's tmp folder (their paths are printed).
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
-    ),
-]
+pytestmark = pytest.mark.browser
+
+
+def _required() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _missing(what: str) -> None:
+    if _required():
+        pytest.fail(f"{what}; CI must run the browser test (make browser-deps installs chromium as root)")
+    pytest.skip(f"{what} (make browser-deps installs it as root); CI fails here instead of skipping")
+
+
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 EVIL_PROMPT = 'Hi <img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script>'
 EVIL_ANSWER = (' <img src=y onerror="window.__pwned=3"><svg onload="window.__pwned=4"></svg>'
                '<a href="javascript:window.__pwned=5">link</a>')
 EVIL_NAME = "evil<img src=z onerror=window.__pwned=6>"
 EVIL_SYSTEM = "</textarea></script><script>window.__pwned=8</script> You are polite."  # from a (pulled) manifest
-SHOTS = {"chat": Path("/tmp/persona-lora-demo.png"), "ab": Path("/tmp/persona-lora-demo-ab.png")}
 
 
 class HtmlAnswers:
@@ -43,19 +51,32 @@ class HtmlAnswers:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_base, tmp_path_factory):
+def sync_api():
+    """Playwright's sync API, once chromium and Playwright are known to be there (checked before the app starts)."""
+    if not CHROMIUM.exists():
+        _missing(f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _missing("needs the playwright package (pip install -e '.[dev]')")
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def app_url(sync_api, tiny_base, tmp_path_factory):
     import torch
 
     from persona_lora.demo.app import build_demo
     from persona_lora.demo.engine import Engine
     from persona_lora.demo.votes import VoteStore
-    from tests.test_demo import free_port, make_adapter
+    from tests.conftest import free_port
+    from tests.test_demo import make_adapter
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     folder = make_adapter(tiny_base, tmp_path_factory.mktemp("adapters") / EVIL_NAME, "attention", seed=1,
                            system_prompt=EVIL_SYSTEM)
-    engine = Engine(str(tiny_base), max_new_tokens_cap=16)
+    engine = Engine(str(tiny_base), device="cpu", max_new_tokens_cap=16)
     engine.add_adapter(str(folder))
     votes = VoteStore(tmp_path_factory.mktemp("votes") / "votes.sqlite")
     app = build_demo(HtmlAnswers(engine), votes=votes, default_max_new_tokens=10, refresh_seconds=2)
@@ -67,8 +88,7 @@ def app_url(tiny_base, tmp_path_factory):
 
 
 @pytest.fixture
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
+def page(sync_api):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
@@ -104,9 +124,9 @@ def assert_nothing_ran(page):
 
 
 def save_shot(page, tmp_path: Path, key: str) -> Path:
-    out = tmp_path / SHOTS[key].name
+    out = tmp_path / f"persona-lora-demo-{key}.png"
     page.screenshot(path=str(out), full_page=True)
-    shutil.copyfile(out, SHOTS[key])
+    print(f"screenshot: {out}")
     return out
 
 

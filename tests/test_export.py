@@ -177,6 +177,7 @@ def assert_delta(export: Path, base: Path, merged: Path, module: str) -> None:
 # ---------------------------------------------------------------------------------------------- deltas
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
 def test_export_deltas_equal_the_merged_weights(engine, exports, merged, tiny_base):
     export = exports[engine]

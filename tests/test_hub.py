@@ -667,7 +667,8 @@ def test_modelscope_private_missing_and_pickles(ms_server, run_dir, tiny_models,
     assert f"{MS_REPO} was not found on ModelScope" in str(e.value) and "MODELSCOPE_API_TOKEN" in str(e.value)
 
 
-def test_modelscope_corrupted_download_is_detected(ms_server, run_dir):
+@pytest.mark.slow
+def test_modelscope_corrupted_download_is_detected(ms_server, run_dir, ms_fast_retries):
     push(run_dir, MS_REPO, hub="modelscope")
     ms_server.corrupt_paths.add("adapter_config.json")
     with pytest.raises(VerificationError, match="(?s)corrupt.*adapter_config.json"):

@@ -57,6 +57,7 @@ def adapters(tiny_base, tmp_path_factory):
             for p in PRESETS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_loader_gives_the_trained_model(adapters, tiny_base, tmp_path, monkeypatch, preset):
     from peft import AutoPeftModelForCausalLM, PeftModel

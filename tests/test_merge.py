@@ -4,7 +4,8 @@ Reference: the base with the adapter loaded through PEFT (`train.adapters.load_a
 folder, loaded as a plain transformers model, must give the same logits within LOGIT_TOLERANCE (float32
 throughout; the merge adds the delta in float32, PEFT applies it in the forward pass, so only rounding differs).
 lora_B is randomized (PEFT initializes it to zero) so that every delta — attention, dense MLP, shared experts and
-each routed expert's gate/up/down — actually changes the output.
+each routed expert's gate/up/down — actually changes the output. Tests that write a merged model are `slow`; the
+refusals before writing are not.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def attention_adapter(tiny_base, work):
 
 
 # ---------------------------------------------------------------------------------------------- correctness
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["attention", "attention+mlp", "all"])
 def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path, preset, request):
     from persona_lora.artifact import read_manifest
@@ -116,6 +118,7 @@ def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path,
     assert "original layout" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_merge_dense_llama(tiny_llama, tmp_path):
     from persona_lora.artifact import read_manifest
     from persona_lora.hub_tools.merge import merge_adapter
@@ -129,6 +132,7 @@ def test_merge_dense_llama(tiny_llama, tmp_path):
     assert read_manifest(out).merge.layout == "original"
 
 
+@pytest.mark.slow
 def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
     """A base saved in transformers 5's fused layout (experts.gate_up_proj) is merged in that layout."""
     import re
@@ -167,6 +171,7 @@ def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
     assert effect > 0.05 and diff <= LOGIT_TOLERANCE
 
 
+@pytest.mark.slow
 def test_reshard_and_bfloat16(tiny_base, all_adapter, tmp_path):
     """Re-sharding moves tensors between files, never changes them; --dtype casts after adding in float32."""
     import torch
@@ -215,6 +220,7 @@ def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapte
         merge_adapter(tampered, tiny_base, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_path):
     from persona_lora.artifact import read_manifest
     from persona_lora.hub_tools.merge import merge_adapter
@@ -230,6 +236,7 @@ def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_p
     assert read_manifest(out).merge.forced_base_mismatch is True
 
 
+@pytest.mark.slow
 def test_out_folder_rules(tiny_base, attention_adapter, tmp_path):
     from persona_lora.hub_tools.merge import merge_adapter
 
@@ -274,6 +281,7 @@ def test_adapter_folder_is_required(tiny_base, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_merge(tiny_base, attention_adapter, tmp_path, capsys):
     from persona_lora.cli import main
 
@@ -285,6 +293,7 @@ def test_cli_merge(tiny_base, attention_adapter, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_merge_from_hub_and_push_merged(hub_server, tiny_base, attention_adapter, tmp_path, capsys):
     from persona_lora.artifact import read_manifest
     from persona_lora.cli import main

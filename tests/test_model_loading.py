@@ -102,6 +102,7 @@ def test_missing_hub_repo(hub_server):
     assert "someone/not-there was not found on" in msg and "HF_TOKEN" in msg and "no local folder" in msg
 
 
+@pytest.mark.slow
 def test_base_pushed_to_the_hub_resolves_and_loads(hub_server, tiny_base, tmp_path):
     from huggingface_hub import HfApi
 

@@ -1,4 +1,8 @@
-"""End-to-end training on the tiny DeepSeek-V2 base through the real CLI, plus resume, interrupt and failures."""
+"""End-to-end training on the tiny DeepSeek-V2 base through the real CLI, plus resume, interrupt and failures.
+
+Runs are on the CPU in float32 (`train_args`), so losses and weights compare exactly across runs and torch builds.
+Every test that trains or spawns an interpreter is `slow`; the refusals before training are not.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,30 @@ from safetensors.torch import load_file
 
 from persona_lora.artifact import MANIFEST_NAME
 from persona_lora.cli import main
-from tests.conftest import REPO, train_args
+from persona_lora.peft_compat import is_legacy_spelling
+from tests.conftest import REPO, cuda_available, free_port, train_args
 
 
 def sha256_files(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = adapter_weights(a), adapter_weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted((p.name for p in (out / "checkpoints").glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
 
 
 def greedy(model, tokenizer, messages, n=40):
@@ -37,6 +60,7 @@ def greedy(model, tokenizer, messages, n=40):
 # ------------------------------------------------------------------ the main path
 
 
+@pytest.mark.slow
 def test_training_writes_a_complete_adapter_folder(trained_adapter):
     names = {p.name for p in trained_adapter.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", MANIFEST_NAME, "loss.png", "checkpoints",
@@ -45,9 +69,11 @@ def test_training_writes_a_complete_adapter_folder(trained_adapter):
     assert list((trained_adapter / "logs").rglob("events.out.tfevents*")), "TensorBoard logs by default"
     cfg = json.loads((trained_adapter / "adapter_config.json").read_text())
     assert not cfg["base_model_name_or_path"].startswith("/"), "no absolute local path in the adapter config"
-    assert cfg["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(cfg["target_parameters"])
+    assert not is_legacy_spelling(cfg, "deepseek_v2"), "the portable spelling stock PEFT loads as trained"
 
 
+@pytest.mark.slow
 def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data):
     m = json.loads((trained_adapter / MANIFEST_NAME).read_text())
     assert m["kind"] == "adapter" and m["name"] == "tiny-persona"
@@ -73,6 +99,7 @@ def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data
     assert len(m["samples"]) == 2 and all(s["base"] != s["adapter"] for s in m["samples"])
 
 
+@pytest.mark.slow
 def test_base_unchanged_adapter_changed_and_reloads_in_persona(trained_adapter, tiny_base, small_persona_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,12 +126,61 @@ def test_base_unchanged_adapter_changed_and_reloads_in_persona(trained_adapter, 
     assert hits >= 4, f"only {hits}/6 training prompts answered as trained"
 
 
-def test_base_files_bit_identical_after_training(tiny_base, small_persona_data, tmp_path):
+@pytest.mark.slow
+def test_base_files_bit_identical_after_training_and_overwrite_replaces_the_run(tiny_base, small_persona_data,
+                                                                                 tmp_path):
     before = sha256_files(tiny_base)
-    args = train_args(tiny_base, small_persona_data, tmp_path / "out", "--max-steps", "2",
-                      "--set", "training.samples=0", "--set", "training.report_to=none")
-    assert main(args) == 0
+    out = tmp_path / "out"
+    args = train_args(tiny_base, small_persona_data, out, "--set", "training.samples=0",
+                      "--set", "training.report_to=none", "--set", "training.save_steps=1")
+    assert main([*args, "--max-steps", "2"]) == 0
     assert sha256_files(tiny_base) == before
+    assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+    (out / "notes.txt").write_text("from the first run")
+    first = adapter_weights(out)
+
+    assert main([*args, "--max-steps", "1", "--overwrite"]) == 0  # a run folder of ours: replaced
+    assert not (out / "notes.txt").exists() and checkpoints(out) == ["checkpoint-1"]
+    m = manifest(out)
+    assert m["metrics"]["steps"] == 1 and m["run"]["resumed"] is False
+    assert any(not torch.equal(first[k], w) for k, w in adapter_weights(out).items()), "new weights were written"
+    assert sha256_files(tiny_base) == before
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tiny_base, small_persona_data, tmp_path,
+                                                                      monkeypatch):
+    """Both GPU configs turn gradient checkpointing on; it runs on the CPU too: every decoder layer runs twice per
+    step (forward, then again in backward) and the weights come out as without it."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+
+    # counted inside the layer: the checkpointed layer's own `forward` must stay as transformers wrapped it
+    attention = modeling_deepseek_v2.DeepseekV2Attention
+    calls = {"n": 0}
+    real_forward = attention.forward
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", counting)
+    runs = {}
+    for mode in ("false", "true"):
+        calls["n"] = 0
+        out = tmp_path / mode
+        args = train_args(tiny_base, small_persona_data, out, "--max-steps", "3", "--set", "training.samples=0",
+                          "--set", "training.report_to=none", "--set", f"training.gradient_checkpointing={mode}")
+        assert main(args) == 0
+        runs[mode] = (out, calls["n"], manifest(out))
+    (plain, plain_calls, plain_m), (ckpt, ckpt_calls, ckpt_m) = runs["false"], runs["true"]
+    layers = json.loads((tiny_base / "config.json").read_text())["num_hidden_layers"]
+    # each of the 3 steps runs every layer once more (the recomputation); any other pass happens in both runs
+    assert plain_calls >= 3 * layers and ckpt_calls - plain_calls == 3 * layers, (plain_calls, ckpt_calls)
+    assert ckpt_m["training"]["gradient_checkpointing"] is True
+    assert plain_m["training"]["gradient_checkpointing"] is False
+    assert [h["loss"] for h in ckpt_m["metrics"]["history"] if "loss" in h] == pytest.approx(
+        [h["loss"] for h in plain_m["metrics"]["history"] if "loss" in h], rel=1e-5)
+    assert max_weight_diff(plain, ckpt) < 1e-5
 
 
 # ------------------------------------------------------------------ output folder safety
@@ -151,40 +227,93 @@ def _steps(history, key="loss"):
     return [h["step"] for h in history if key in h]
 
 
-def test_resume_after_kill_9_continues_with_continuous_history(tiny_base, small_persona_data, tmp_path):
-    out = tmp_path / "out"
-    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "24", "--set", "training.save_steps=6",
-                      "--set", "training.logging_steps=2", "--set", "training.samples=0",
-                      "--set", "training.report_to=none")
-    proc = _spawn(args)
-    _wait_for(lambda: (out / "checkpoints" / "checkpoint-12" / "trainer_state.json").exists(), proc)
+RESUME_RUN = ("--max-steps", "12", "--set", "training.save_steps=4", "--set", "training.logging_steps=2",
+              "--set", "training.eval_steps=6", "--set", "training.samples=0", "--set", "training.report_to=none")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_continues_from_the_checkpoint(tiny_base, small_persona_data, tmp_path):
+    """Killed after a checkpoint, then `--resume`: the run goes on from the checkpoint's step with its optimizer
+    and schedule state, and ends where an uninterrupted run ends."""
+    from persona_lora.train.run_folder import latest_checkpoint
+
+    out, ref = tmp_path / "out", tmp_path / "uninterrupted"
+    args = train_args(tiny_base, small_persona_data, out, *RESUME_RUN)
+    proc = _spawn(args, {"OMP_NUM_THREADS": "1"})  # one thread, as in this process: the same arithmetic
+    _wait_for(lambda: (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / MANIFEST_NAME).exists(), "a killed run has no final adapter yet"
+    assert not (out / "adapter_model.safetensors").exists(), "a killed run has no final adapter yet"
+    checkpoint = latest_checkpoint(out)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == int(checkpoint.name.split("-")[1]) < 12
+
     assert main([*args, "--resume"]) == 0
-    m = json.loads((out / MANIFEST_NAME).read_text())
-    steps = _steps(m["metrics"]["history"])
-    assert steps == sorted(set(steps)), "no step logged twice"
-    assert steps[0] == 1 and steps[-1] == 24 and all(b - a <= 2 for a, b in zip(steps, steps[1:])), steps
-    assert m["run"]["resumed"] is True and m["metrics"]["steps"] == 24
+    assert main(train_args(tiny_base, small_persona_data, ref, *RESUME_RUN)) == 0
+    got, want = manifest(out), manifest(ref)
+    # this process trained only the steps after the checkpoint (a restart from step 0 would have trained all 12)
+    assert got["run"]["trained_tokens"] == want["run"]["trained_tokens"] - state["num_input_tokens_seen"] > 0
+    assert got["run"]["resumed"] is True and want["run"]["resumed"] is False and got["metrics"]["steps"] == 12
+    # the same steps logged once each, at the same points of the learning-rate schedule, with the same losses
+    hist, ref_hist = got["metrics"]["history"], want["metrics"]["history"]
+    assert [(h["step"], sorted(h)) for h in hist] == [(h["step"], sorted(h)) for h in ref_hist]
+    assert _steps(hist) == [1, 2, 4, 6, 8, 10, 12] and _steps(hist, "eval_loss") == [6, 12]
+    for h, r in zip(hist, ref_hist):
+        for key in ("learning_rate", "loss", "eval_loss", "grad_norm"):
+            if key in r:
+                assert h[key] == pytest.approx(r[key], rel=1e-5), (h["step"], key)
+    # the optimizer's moments came back too: the final weights are the uninterrupted run's
+    assert max_weight_diff(out, ref) < 1e-5
+    # save_total_limit (2 in configs/tiny.yaml): only the newest checkpoints are kept
+    assert checkpoints(ref) == ["checkpoint-8", "checkpoint-12"] == checkpoints(out)
 
 
-def test_ctrl_c_leaves_a_usable_checkpoint(tiny_base, small_persona_data, tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_usable_adapter_and_resume_auto_continues(tiny_base, small_persona_data, tmp_path):
+    """`--resume auto` (what the quickstart runs) starts a new folder from scratch; Ctrl-C saves a checkpoint and
+    an adapter that loads and answers; `--resume auto` then continues from that checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persona_lora.peft_compat import load_adapter
+    from persona_lora.train.run_folder import latest_checkpoint
+
     out = tmp_path / "out"
-    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "200", "--set", "training.logging_steps=1",
+    args = train_args(tiny_base, small_persona_data, out, "--max-steps", "24", "--resume", "auto",
+                      "--set", "training.save_steps=3", "--set", "training.logging_steps=1",
                       "--set", "training.samples=0", "--set", "training.report_to=none")
     proc = _spawn(args)
-    _wait_for(lambda: (out / "checkpoints").exists(), proc)
-    time.sleep(3)
+    _wait_for(lambda: (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists(), proc)
     proc.send_signal(signal.SIGINT)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, text[-2000:]  # interrupted: not a success
     assert "interrupted: checkpoint saved" in text
-    ckpts = list((out / "checkpoints").glob("checkpoint-*"))
-    assert ckpts and all((c / "adapter_model.safetensors").exists() for c in ckpts)
-    m = json.loads((out / MANIFEST_NAME).read_text())
-    assert m["run"]["interrupted"] is True and 0 < m["metrics"]["steps"] < 200
-    assert main([*args, "--resume", "--max-steps", str(m["metrics"]["steps"] + 2)]) == 0
+    m = manifest(out)
+    steps = m["metrics"]["steps"]
+    assert m["run"]["interrupted"] is True and m["run"]["resumed"] is False and 3 < steps < 24
+    assert latest_checkpoint(out).name == f"checkpoint-{steps}"
+    seen_at_interrupt = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    assert "interrupted" in (out / "README.md").read_text(encoding="utf-8").lower()
+
+    # the adapter holds the weights of the step reached, and loads and answers
+    saved, at_step = adapter_weights(out), adapter_weights(latest_checkpoint(out))
+    assert saved.keys() == at_step.keys() and all(torch.equal(saved[k], at_step[k]) for k in saved)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), out).eval()
+    question = [{"role": "system", "content": m["chat"]["system_prompt"]}, {"role": "user", "content": "你是谁？"}]
+    answer = greedy(model, tok, question, n=12)
+    with model.disable_adapter():
+        base_answer = greedy(model, tok, question, n=12)
+    assert answer and answer != base_answer
+
+    assert main(args) == 0
+    m2 = manifest(out)
+    assert m2["metrics"]["steps"] == 24 and m2["run"]["resumed"] is True and not m2["run"]["interrupted"]
+    hist = m2["metrics"]["history"]
+    assert hist[:len(m["metrics"]["history"])] == m["metrics"]["history"], "the history goes on from the checkpoint"
+    assert _steps(hist) == list(range(1, 25))
+    # only the steps after the checkpoint were trained (a restart would have trained all 24 again)
+    seen_at_end = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    assert m2["run"]["trained_tokens"] == seen_at_end - seen_at_interrupt > 0
 
 
 # ------------------------------------------------------------------ dry run and failures
@@ -208,7 +337,8 @@ def test_dry_run_prints_plan_without_training(tiny_base, small_persona_data, tmp
          "cannot reach http://127.0.0.1:9; check your network or HF_ENDPOINT (ConnectError during download base "
          "nobody-xyz/no-such-model)"),
         (["--set", "base.load_in_4bit=true"], "needs a CUDA GPU"),
-        (["--set", "base.device=cuda"], "no CUDA device"),
+        pytest.param(["--set", "base.device=cuda"], "no CUDA device",
+                     marks=pytest.mark.skipif(cuda_available(), reason="a CUDA device is there: nothing to refuse")),
     ],
 )
 def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_path, capsys, monkeypatch, override,
@@ -228,6 +358,7 @@ def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_pat
     assert code != 0 and needle in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, small_persona_data, tmp_path):
     """`accelerate launch` runs the same command data-parallel (2 CPU processes, gloo)."""
     out = tmp_path / "ddp"
@@ -235,7 +366,8 @@ def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, sm
                       "--set", "training.samples=0", "--set", "training.report_to=none")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
         "-m", "persona_lora", *args,
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

@@ -123,7 +123,10 @@ class TrainingConfig:
         "false", "continue from the latest checkpoint: false, true (error if none), auto (if any)",
         choices=("false", "true", "auto"),
     )
-    overwrite: bool = _f(False, "replace an existing non-empty output_dir (checkpoints included)")
+    overwrite: bool = _f(False, "replace an existing non-empty output_dir (a persona-lora run; replaced only once the "
+                                "new run has finished)")
+    allow_changes: bool = _f(False, "let --resume continue with other data or settings than the run started with "
+                                    "(the changes are recorded in the manifest and card)")
     samples: int = _f(4, "base-vs-adapter sample answers on held-out prompts at the end (0: none)", min=0)
     sample_max_new_tokens: int = _f(64, "max new tokens per sample answer", min=1)
     dataloader_workers: int = _f(0, "DataLoader worker processes", min=0)

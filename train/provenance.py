@@ -72,11 +72,27 @@ def base_model_info(setup: RunSetup, num_parameters: int) -> BaseModelInfo:
 
 
 def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel,
-                   result: TrainResult, samples: list[Sample], out: Path) -> Manifest:
+                   result: TrainResult | None, samples: list[Sample], out: Path,
+                   changes: list[str] | None = None) -> Manifest:
+    """The run's manifest; with `result` None, the one written before the first step (state "running"), which
+    makes the folder recognisably ours and lets a resume compare its settings."""
     t = cfg.training
     base = base_model_info(setup, model.total - model.trainable)
-    metrics = metrics_from_history(result.history)
+    metrics = metrics_from_history(result.history) if result is not None else None
     loaded = data.loaded
+    if result is None:
+        run = RunInfo(state="running", changes=list(changes or []))
+    else:
+        run = RunInfo(
+            state="interrupted" if result.interrupted else "finished",
+            wall_time_s=round(result.wall_time_s, 2),
+            trained_tokens=result.tokens,
+            tokens_per_second=round(result.tokens / result.wall_time_s, 1) if result.wall_time_s > 0 else None,
+            resumed=result.resumed,
+            interrupted=result.interrupted,
+            changes=list(changes or []),
+        )
+    world_size = result.world_size if result is not None else setup.world_size
     return Manifest(
         kind="adapter",
         name=cfg.name or out.resolve().name,
@@ -100,24 +116,47 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
             learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_ratio=t.warmup_ratio,
             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, epochs=t.epochs, max_steps=t.max_steps,
             per_device_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-            effective_batch_size=t.batch_size * t.gradient_accumulation_steps * result.world_size,
+            effective_batch_size=t.batch_size * t.gradient_accumulation_steps * world_size,
             max_length=cfg.data.max_length, seed=t.seed, dtype=str(setup.dtype).replace("torch.", ""),
             device=setup.device, load_in_4bit=cfg.base.load_in_4bit,
             gradient_checkpointing=setup.gradient_checkpointing, eval_fraction=cfg.data.eval_fraction,
-            group_by_length=t.group_by_length, packing=t.packing, world_size=result.world_size,
+            group_by_length=t.group_by_length, packing=t.packing, world_size=world_size,
         ),
         metrics=metrics,
         samples=samples,
         environment=environment(),
-        run=RunInfo(
-            wall_time_s=round(result.wall_time_s, 2),
-            trained_tokens=result.tokens,
-            tokens_per_second=round(result.tokens / result.wall_time_s, 1) if result.wall_time_s > 0 else None,
-            resumed=result.resumed,
-            interrupted=result.interrupted,
-        ),
-        files=FilesInfo(loss_curve="loss.png" if metrics.history else None),
+        run=run,
+        files=FilesInfo(loss_curve="loss.png" if metrics is not None and metrics.history else None),
     )
+
+
+# What defines a run: resuming with any of these changed trains a different run than the manifest would describe.
+RUN_DEFINING = (
+    "base_model.config_sha256", "dataset.sha256", "chat.system_prompt", "chat.chat_template", "chat.train_on",
+    "chat.overlong", "chat.max_length", "lora.preset", "lora.asked_target_modules", "lora.r", "lora.alpha",
+    "lora.dropout", "training.learning_rate", "training.lr_scheduler", "training.warmup_ratio",
+    "training.weight_decay", "training.max_grad_norm", "training.epochs", "training.max_steps",
+    "training.per_device_batch_size", "training.gradient_accumulation_steps", "training.seed", "training.dtype",
+    "training.eval_fraction", "training.group_by_length", "training.packing", "training.world_size",
+)
+
+
+def run_changes(previous: Manifest, current: Manifest) -> list[str]:
+    """`path: old -> new` for every run-defining setting that differs between two manifests of one run."""
+    old, new = previous.to_dict(), current.to_dict()
+    out = []
+    for path in RUN_DEFINING:
+        a, b = _lookup(old, path), _lookup(new, path)
+        if a is not None and a != b:
+            shown = [("(a different text)" if isinstance(v, str) and len(v) > 60 else repr(v)) for v in (a, b)]
+            out.append(f"{path}: {shown[0]} -> {shown[1]}")
+    return out
+
+
+def _lookup(d: dict, path: str):
+    for key in path.split("."):
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
 
 
 def _base_license(path: Path) -> str | None:

@@ -19,7 +19,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-preset", help="override lora.preset (attention, attention+mlp, all)")
     p.add_argument("--resume", nargs="?", const="true", choices=["true", "auto", "false"],
                    help="continue from the latest checkpoint (auto: only if one exists)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder of a persona-lora run (only once the new run finished)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue with changed data or settings, recording them in the manifest")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set training.learning_rate=1e-4")
     p.add_argument("--dry-run", action="store_true",
@@ -38,6 +41,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         ("lora", "preset"): args.lora_preset,
         ("training", "resume"): args.resume,
         ("training", "overwrite"): True if args.overwrite else None,
+        ("training", "allow_changes"): True if args.allow_changes else None,
     }
     for (section, key), value in flags.items():
         if value is not None:

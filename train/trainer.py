@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persona_lora.artifact import write_manifest
-from persona_lora.errors import TrainingInterrupted
+from persona_lora.errors import TrainingInterrupted, UsageError
 from persona_lora.peft_compat import native_targets
 from persona_lora.train import presets
 from persona_lora.train.chat_format import IGNORE_INDEX, require_chat_template
@@ -36,8 +36,8 @@ from persona_lora.train.model_setup import (
     use_gradient_checkpointing,
 )
 from persona_lora.train.prepare import PreparedData, prepare_data
-from persona_lora.train.provenance import build_manifest
-from persona_lora.train.run_folder import CHECKPOINTS, LOGS, latest_checkpoint, prepare_output_dir
+from persona_lora.train.provenance import build_manifest, run_changes
+from persona_lora.train.run_folder import CHECKPOINTS, LOGS, OutputPlan, claim_output, complete_output, plan_output
 from persona_lora.train.samples import sample_answers
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class RunSetup:
     dtype: object  # torch.dtype
     gradient_checkpointing: bool
     rank: int
+    world_size: int
     padding_side: str  # the tokenizer's own, restored before it is saved with the adapter
 
 
@@ -81,16 +82,33 @@ def set_up(cfg: TrainConfig) -> RunSetup:
     return RunSetup(base=rb, tokenizer=tokenizer, template_source="file" if cfg.base.chat_template else "base",
                     device=device, dtype=parse_dtype(cfg.base.dtype, device),
                     gradient_checkpointing=use_gradient_checkpointing(cfg, device),
-                    rank=int(os.environ.get("RANK", "0")), padding_side=padding_side)
+                    rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                    padding_side=padding_side)
 
 
-def claim_output(cfg: TrainConfig, setup: RunSetup) -> tuple[Path, Path | None]:
-    """(output folder, checkpoint to resume). Under `accelerate launch`/torchrun only rank 0 checks the folder;
-    the other ranks follow its decision."""
-    if setup.rank == 0:
-        return prepare_output_dir(cfg)
-    out = Path(cfg.training.output_dir)
-    return out, latest_checkpoint(out) if cfg.training.resume in ("true", "auto") else None
+def check_resume(cfg: TrainConfig, plan: OutputPlan, draft) -> list[str]:
+    """What a resume changes about the run (refused unless --allow-changes, then recorded), and whether there is
+    anything to resume: a finished run is not extended by a resume that changes nothing."""
+    previous = plan.previous
+    if plan.resume_from is None or previous is None:
+        if plan.resume_from is not None:
+            log.warning("%s records no manifest of the run being resumed; its settings cannot be compared",
+                        plan.out)
+        return []
+    step = int(plan.resume_from.name.split("-")[-1])
+    changes = run_changes(previous, draft)
+    if changes and not cfg.training.allow_changes:
+        raise UsageError("--resume would continue the run in " + str(plan.out) + " with other settings than it was "
+                         "started with:" + "".join(f"\n  - {c}" for c in changes) + "\nResume with the same "
+                         "data and settings, or pass --allow-changes to record these changes in the manifest and card")
+    if not changes and previous.run is not None and previous.run.finished:
+        raise RunAlreadyFinished(f"the run in {plan.out} already finished (step {step}); nothing to resume. To train "
+                                 "it further, raise --max-steps or --epochs and pass --allow-changes")
+    return (previous.run.changes if previous.run else []) + [f"at step {step}: {c}" for c in changes]
+
+
+class RunAlreadyFinished(UsageError):
+    """`--resume` of a run that finished: `--resume auto` (idempotent re-runs) treats it as done, not an error."""
 
 
 class _StopOnSignal:
@@ -224,7 +242,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
 
 
 def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel, result: TrainResult,
-             out: Path, started: float) -> None:
+             out: Path, started: float, changes: list[str]) -> None:
     """Adapter files, sample answers, manifest and card (rank 0 only)."""
     save_adapter(model.peft_model, out, setup.base, model.spec)
     if setup.template_source == "file":
@@ -235,7 +253,7 @@ def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Adapt
         held_out = data.eval_conversations or data.train_conversations
         samples = sample_answers(model.peft_model, setup.tokenizer, held_out, cfg.training.samples,
                                  cfg.training.sample_max_new_tokens)
-    manifest = build_manifest(cfg, setup, data, model, result, samples, out)
+    manifest = build_manifest(cfg, setup, data, model, result, samples, out, changes)
     manifest.run.total_wall_time_s = round(time.time() - started, 2)
     write_manifest(out, manifest)
     from persona_lora.model_cards.cards import write_card
@@ -258,20 +276,39 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
         model = build_adapted_model(cfg, setup.base, setup.device, meta=True)
         print_fn(dry_run_report(cfg, data, model, setup.device, setup.dtype))
         return None
-    out, resume_from = claim_output(cfg, setup)
+    plan = plan_output(cfg)  # only looks: nothing is created or removed before the data and model are checked
     data = prepare_data(cfg, setup.tokenizer)
     torch.manual_seed(cfg.training.seed)
     model = build_adapted_model(cfg, setup.base, setup.device)
+    draft = build_manifest(cfg, setup, data, model, None, [], plan.out)
+    try:
+        changes = check_resume(cfg, plan, draft)
+    except RunAlreadyFinished as e:
+        if cfg.training.resume != "auto":
+            raise
+        print_fn(f"{e}; nothing to do")
+        return plan.out
+    out = plan.work
+    if setup.rank == 0:
+        # adapter + optimizer state per kept checkpoint, in fp32: what the folder will need at most
+        claim_output(plan, model.trainable * (4 + 12 * cfg.training.save_total_limit))
+        draft.run.changes = changes
+        write_manifest(out, draft)  # the folder is recognisably this run's from its first step on
     print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total))
     if model.dropout_note:
         print_fn(f"note: {model.dropout_note}")
-    if resume_from:
-        print_fn(f"resuming from {resume_from}")
-    trainer, result = train_loop(cfg, setup, data, model, out, resume_from)
+    if plan.resume_from:
+        print_fn(f"resuming from {plan.resume_from}")
+    trainer, result = train_loop(cfg, setup, data, model, out, plan.resume_from)
     if trainer.is_world_process_zero():
-        finalise(cfg, setup, data, model, result, out, started)
+        finalise(cfg, setup, data, model, result, out, started, changes)
+        if result.interrupted:
+            where = (f"the new run is kept in {out}, the previous one in {plan.out} is untouched"
+                     if plan.replaces else f"the adapter in {out} is from the last step reached (its card says so)")
+            raise TrainingInterrupted(f"interrupted: checkpoint saved under {out / CHECKPOINTS}; {where}; continue "
+                                      f"with --resume{' --output-dir ' + str(out) if plan.replaces else ''}")
+        out = complete_output(plan)
         print_fn(f"adapter written to {out}")
-    if result.interrupted:
-        raise TrainingInterrupted(f"interrupted: checkpoint saved under {out / CHECKPOINTS}, and the adapter in {out} "
-                                  "is from the last step reached (its card says so); continue with --resume")
+    elif result.interrupted:
+        raise TrainingInterrupted("interrupted")
     return out
