@@ -188,8 +188,8 @@ class _Handlers:
     def on_pick(self, name):
         try:
             system = self.engine.system_prompt(name)
-        except PersonaLoraError as e:
-            raise gr.Error(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes one message
+            raise _reject(e) from e
         return (system, self.info_markdown(name), gr.Chatbot(value=[], label=name or "Adapter"),
                 gr.Chatbot(value=[]), [], [])
 
@@ -200,8 +200,8 @@ class _Handlers:
     def on_add(self, spec):
         try:
             info = self.engine.add_adapter(spec)
-        except PersonaLoraError as e:
-            raise gr.Error(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes one message
+            raise _reject(e) from e
         gr.Info(f"Loaded adapter {info.name}")
         return gr.Dropdown(choices=self.engine.adapter_names(), value=info.name), ""
 
@@ -210,7 +210,7 @@ class _Handlers:
     def _message(self, message) -> str:
         message = (message or "").strip()
         if len(message) > self.max_chars:
-            raise gr.Error(f"The message is {len(message)} characters long; the limit is {self.max_chars}.")
+            raise _reject(f"The message is {len(message)} characters long; the limit is {self.max_chars}.")
         return message
 
     @staticmethod
@@ -229,7 +229,7 @@ class _Handlers:
         base_hist, ad_hist = list(base_hist or []), list(ad_hist or [])
         last = max((i for i, m in enumerate(base_hist) if m["role"] == "user"), default=None)
         if last is None:
-            raise gr.Error("Nothing to retry yet.")
+            raise _reject("Nothing to retry yet.")
         message = base_hist[last]["content"]
         ad_last = max((i for i, m in enumerate(ad_hist) if m["role"] == "user"), default=len(ad_hist))
         yield from self._chat(message, base_hist[:last], ad_hist[:ad_last], adapter, system, settings)
@@ -247,8 +247,8 @@ class _Handlers:
                 # the states follow the panes, so a stopped answer stays in the context the model sees next
                 new_base, new_ad = _with(base_turns, b), (_with(ad_turns, a) if adapter else [])
                 yield "", new_base, new_ad, new_base, new_ad
-        except PersonaLoraError as e:
-            raise gr.Error(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes one message
+            raise _reject(e) from e
 
     def on_clear(self):
         return "", [], [], [], []
@@ -259,9 +259,9 @@ class _Handlers:
         message = self._message(message)
         off = [gr.Button(interactive=False)] * len(VOTE_LABELS)
         if not message:
-            raise gr.Error("Type a prompt first.")
+            raise _reject("Type a prompt first.")
         if not adapter:
-            raise gr.Error("Load an adapter first (top of the page).")
+            raise _reject("Load an adapter first (top of the page).")
         a_side = "base" if _random.random() < 0.5 else "adapter"
         user = {"role": "user", "content": message}
         try:
@@ -271,8 +271,8 @@ class _Handlers:
             for b, a in self.engine.stream_compare(adapter, [user], [user], system, gen):
                 first, second = (b, a) if a_side == "base" else (a, b)
                 yield _with([user], first), _with([user], second), None, "", *off
-        except PersonaLoraError as e:
-            raise gr.Error(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes one message
+            raise _reject(e) from e
         answer_a, answer_b = (b, a) if a_side == "base" else (a, b)
         pending = {
             "prompt": message, "system_prompt": system or "", "adapter_name": info.name, "adapter_id": info.adapter_id,
@@ -287,7 +287,7 @@ class _Handlers:
         def vote(pending):
             off = [gr.Button(interactive=False)] * len(VOTE_LABELS)
             if not pending:
-                raise gr.Error("Ask for two answers first (each pair takes one vote).")
+                raise _reject("Ask for two answers first (each pair takes one vote).")
             self.votes.record(vote=key, **pending)
             a_name = "the base" if pending["a_side"] == "base" else f"adapter {_code(pending['adapter_name'])}"
             b_name = f"adapter {_code(pending['adapter_name'])}" if pending["a_side"] == "base" else "the base"
@@ -316,8 +316,8 @@ class _Handlers:
     def on_push(self, repo_id: str) -> str:
         try:
             url = self.votes.push_to_hub(repo_id)
-        except PersonaLoraError as e:
-            raise gr.Error(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes one message
+            raise _reject(e) from e
         return f"Pushed to {_code(url)}"
 
     # -------------------------------------------------------------- API
@@ -326,14 +326,31 @@ class _Handlers:
         """Greedy (base answer, adapter answer) to one user message; `adapter` as named in the picker."""
         message = (message or "").strip()
         if not message:
-            raise gr.Error("message is empty")
+            raise _reject("message is empty")
         if len(message) > self.max_chars:
-            raise gr.Error(f"message is {len(message)} characters long; the limit is {self.max_chars}")
+            raise _reject(f"message is {len(message)} characters long; the limit is {self.max_chars}")
         try:
             return self.engine.compare(adapter, message, system_prompt or "",
                                        GenerationSettings(max_new_tokens=int(max_new_tokens)))
-        except PersonaLoraError as e:
-            raise gr.Error(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes one message
+            raise _reject(e) from e
+
+
+def _reject(problem: str | Exception) -> gr.Error:
+    """The toast (and API error) for a refused request, logged as one line; never empty. A user's mistake
+    (`PersonaLoraError`) shows its message; anything else is named as unexpected, with the traceback in the log
+    only at debug level (`-vv`)."""
+    if isinstance(problem, gr.Error):
+        return problem
+    if isinstance(problem, PersonaLoraError) or isinstance(problem, str):
+        message = str(problem).strip() or type(problem).__name__
+        log.warning("request refused: %s", message.splitlines()[0])
+    else:
+        message = (f"unexpected {type(problem).__name__}: {str(problem).strip() or 'no details'}; the server log has "
+                   "more (run the demo with -vv for the traceback)")
+        log.error("request failed: %s", message)
+        log.debug("traceback of the failed request", exc_info=problem)
+    return gr.Error(message)
 
 
 def _chatbot(label: str, elem_id: str, height: int) -> gr.Chatbot:

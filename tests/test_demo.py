@@ -14,6 +14,7 @@ over HTTP or run twenty clients are `slow`.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -634,3 +635,30 @@ def test_demo_command_hub_modelscope_and_no_mixed_batch(tiny_base, adapters, exp
         assert {keys[0] for keys in forwards} == {BASE, info.key}
     finally:
         engine.close()
+
+
+@pytest.mark.slow  # imports Gradio
+def test_refused_requests_give_one_log_line_and_never_an_empty_message(engine, adapters, tmp_path, caplog,
+                                                                       monkeypatch):
+    import gradio as gr
+
+    from persona_lora.demo.app import _Handlers
+    from persona_lora.demo.votes import VoteStore
+
+    ui = _Handlers(engine, VoteStore(tmp_path / "votes.sqlite"), 200)
+    broken = shutil.copytree(next(iter(adapters.values())), tmp_path / "broken")
+    (broken / "adapter_config.json").write_text('{"peft_type": "LO')  # truncated while being copied
+    with caplog.at_level("WARNING", logger="persona_lora.demo.app"), pytest.raises(gr.Error) as e:
+        ui.on_add(str(broken))
+    assert "adapter_config.json" in str(e.value) and str(broken) in str(e.value)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "refused" in caplog.records[0].getMessage()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(engine, "compare", boom)
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="persona_lora.demo.app"), pytest.raises(gr.Error) as e:
+        ui.compare_api("hello", "any", "", 4)
+    assert e.value.message.startswith("unexpected RuntimeError: no details")
+    assert [r.levelname for r in caplog.records] == ["ERROR", "DEBUG"] and caplog.records[1].exc_info
