@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from pathlib import Path
 
 from persona_lora.errors import ModelLoadError
 from persona_lora.peft_compat import BASE_ROW, RowRouting, load_adapter
+
+log = logging.getLogger(__name__)
 
 BASE = BASE_ROW  # the key of a row without adapter
 
@@ -62,8 +65,11 @@ class ResidentModel:
             self.model = load_adapter(self.model, path, key)
         except (RuntimeError, ValueError, KeyError, OSError) as e:  # shapes or names that do not fit this base
             if hasattr(self.model, "peft_config") and key in self.model.peft_config:
-                self.model.delete_adapter(key)
-                self._routing.install(self.model)
+                try:  # the first error is the one to report; a failing clean-up must not replace it
+                    self.model.delete_adapter(key)
+                    self._routing.install(self.model)
+                except Exception:  # noqa: BLE001
+                    log.debug("removing the half-loaded adapter %s failed", key, exc_info=True)
             self.active = None
             raise ModelLoadError(f"cannot load adapter {name} from {path} onto {self.base_id}: {e}") from e
         self.model.eval()

@@ -454,3 +454,14 @@ def test_corrupt_adapter_config_is_named(tmp_path):
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(VerificationError, match="adapter_config.json: corrupt"):
         write_card(folder)
+
+
+def test_control_characters_from_model_answers_never_reach_the_card(tmp_path):
+    """A sampled answer holding NUL or terminal escapes must not corrupt the card file."""
+
+    def noisy(m):
+        m["samples"] = [{"prompt": "hi\x00", "base": "\x1b[31mred\x1b[0m", "adapter": "tab\tand\nnewline\x07"}]
+
+    text = card_text(folder_from("attention_hub", tmp_path, noisy))
+    assert not any(ch in text for ch in "\x00\x1b\x07")
+    assert "\ufffd[31mred" in text and "tab\tand<br>newline\ufffd" in text
