@@ -464,4 +464,4 @@ def test_control_characters_from_model_answers_never_reach_the_card(tmp_path):
 
     text = card_text(folder_from("attention_hub", tmp_path, noisy))
     assert not any(ch in text for ch in "\x00\x1b\x07")
-    assert "\ufffd[31mred" in text and "tab\tand<br>newline\ufffd" in text
+    assert "| hi\ufffd | \ufffd\\[31mred\ufffd\\[0m | tab\tand<br>newline\ufffd |" in text
