@@ -296,6 +296,8 @@ class Manifest:
     run: RunInfo | None = _f(None, "time and throughput")
     files: FilesInfo = _f(FilesInfo, "extra files")
     merge: MergeInfo | None = _f(None, "merge details (kind merged)")
+    config: dict[str, Any] | None = _f(None, "the resolved training config the run used (every section and key; "
+                                             "local paths reduced to names), so it can be run again")
 
     def to_dict(self) -> dict:
         """The JSON object written to disk (and what cards render after scrubbing)."""

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from persona_lora.artifact import ADAPTER_CONFIG, read_adapter_config, write_adapter_config
 from persona_lora.errors import UsageError
 from persona_lora.peft_compat import LINEAR_WEIGHT, is_legacy_spelling, load_adapter, module_regex
+from persona_lora.train.presets import LEAF_TARGETS
 from persona_lora.train.synthetic import make_random_adapter
 
 PRESETS = ["attention", "attention+mlp", "all"]
@@ -53,8 +54,29 @@ def legacy_copy(adapter, dst):
 @pytest.fixture(scope="module")
 def adapters(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("interop")
-    return {p: make_random_adapter(tiny_base, root / p.replace("+", "-"), p, r=8, alpha=16, system_prompt=SYSTEM)
-            for p in PRESETS}
+    out = {p: make_random_adapter(tiny_base, root / p.replace("+", "-"), p, r=8, alpha=16, system_prompt=SYSTEM)
+           for p in PRESETS}
+    out["leaf-targets"] = make_random_adapter(tiny_base, root / "leaf", None, target_modules=LEAF_TARGETS, r=8,
+                                              alpha=16, system_prompt=SYSTEM)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["leaf-targets", "llama-all"])
+def test_the_leaf_target_list_and_dense_models_load_as_trained_too(adapters, tiny_base, tiny_llama, tmp_path, spec):
+    """The common leaf-name list (every linear layer, experts included) and a dense architecture: stock PEFT and
+    transformers load them as trained as well."""
+    from peft import PeftModel
+
+    base = tiny_llama if spec == "llama-all" else tiny_base
+    adapter = (make_random_adapter(tiny_llama, tmp_path / "llama", "all", r=8, alpha=16) if spec == "llama-all"
+               else adapters[spec])
+    ours = logits(load_adapter(fresh(base), adapter))
+    assert (ours - logits(fresh(base))).abs().max() > 1e-2
+    stock = logits(PeftModel.from_pretrained(fresh(base), str(adapter)))
+    transformers_model = fresh(base)
+    transformers_model.load_adapter(str(adapter))
+    assert (stock - ours).abs().max() <= ATOL and (logits(transformers_model) - ours).abs().max() <= ATOL
 
 
 @pytest.mark.slow

@@ -93,6 +93,14 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
             changes=list(changes or []),
         )
     world_size = result.world_size if result is not None else setup.world_size
+    config = cfg.to_dict()  # as run, but without this machine's paths: the manifest is published with the adapter
+    config["base"]["model"] = setup.base.id
+    config["data"]["path"] = getattr(loaded, "hub_id", None) or loaded.name
+    config["training"]["output_dir"] = out.name
+    if config["base"]["chat_template"]:
+        config["base"]["chat_template"] = Path(config["base"]["chat_template"]).name
+    for key in ("resume", "overwrite", "allow_changes"):  # how this invocation treated the folder, not the run
+        config["training"].pop(key, None)
     return Manifest(
         kind="adapter",
         name=cfg.name or out.resolve().name,
@@ -127,6 +135,7 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
         environment=environment(),
         run=run,
         files=FilesInfo(loss_curve="loss.png" if metrics is not None and metrics.history else None),
+        config=config,
     )
 
 

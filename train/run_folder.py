@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ def plan_output(cfg: TrainConfig) -> OutputPlan:
     out = Path(cfg.training.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file, not a folder; choose a folder for the adapter")
+    check_writable(out)
     previous = _previous_manifest(out)
     resume = cfg.training.resume
     ckpt = latest_checkpoint(out) if resume in ("true", "auto") else None
@@ -70,6 +72,23 @@ def plan_output(cfg: TrainConfig) -> OutputPlan:
                              f"{MANIFEST_NAME}); nothing was changed; remove it yourself if you mean it")
         return OutputPlan(out, out.parent / REPLACEMENT.format(name=out.name), None, previous)
     return OutputPlan(out, out, None, None)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be written (read-only file system, no permission, a file in the way)
+    now, not after minutes of loading and training."""
+    probe_in = out
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if probe_in.exists() and not probe_in.is_dir():
+        raise UsageError(f"--output-dir {out}: {probe_in} is a file, so the folder cannot be created there")
+    try:
+        tempfile.TemporaryDirectory(dir=probe_in, prefix=".persona-lora-probe-").cleanup()
+    except OSError as e:
+        raise UsageError(f"--output-dir {out} cannot be written ({e.strerror} in {probe_in}); choose a folder on a "
+                         "writable disk") from None
 
 
 def _previous_manifest(out: Path) -> Manifest | None:

@@ -13,15 +13,17 @@ from pathlib import Path
 def make_random_adapter(
     base: str | Path,
     out: str | Path,
-    preset: str,
+    preset: str | None,
     *,
+    target_modules: list[str] | None = None,
     seed: int = 0,
     r: int = 8,
     alpha: int = 16,
     std: float = 0.05,
     system_prompt: str | None = None,
 ) -> Path:
-    """Write an adapter folder (PEFT files + manifest) for `base` with the given coverage preset."""
+    """Write an adapter folder (PEFT files + manifest) for `base` with the given coverage preset (or, with
+    `preset` None, the explicit leaf names `target_modules`, as `lora.target_modules` would give them)."""
     import torch
 
     from persona_lora import __version__
@@ -34,7 +36,7 @@ def make_random_adapter(
     out = Path(out)
     rb = resolve_base(str(base))
     model = load_base_model(rb, device="cpu")
-    spec = presets.resolve(model, preset)
+    spec = presets.resolve(model, preset, target_modules)
     peft_model, note = attach_new_adapter(model, presets.lora_config_for(spec, r=r, alpha=alpha, dropout=0.0))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -50,7 +52,8 @@ def make_random_adapter(
                                  architectures=list(model.config.architectures or [])),
         chat=ChatInfo(system_prompt=system_prompt, chat_template=load_tokenizer(rb).chat_template,
                       template_source="base", train_on="all", overlong="truncate", max_length=256),
-        lora=LoraInfo(preset=preset, r=r, alpha=alpha, dropout=0.0, dropout_note=note,
-                      target_modules=spec.target_modules, target_parameters=spec.target_parameters),
+        lora=LoraInfo(preset=preset, asked_target_modules=target_modules, r=r, alpha=alpha, dropout=0.0,
+                      dropout_note=note, target_modules=spec.target_modules,
+                      target_parameters=spec.target_parameters),
     ))
     return out
