@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = ("persona_lora", "train", "hub_tools", "demo", "model_cards")
+PACKAGE_DIRS = ("persona_lora", "train", "hub_tools", "demo", "model_cards", "evaluation")
 MAX_MODULE_LINES = 500
 
 
@@ -43,7 +43,7 @@ def test_peft_internals_only_in_the_compat_module():
 
 def test_no_top_level_imports_of_the_repository_folders():
     """Everything imports `persona_lora.<stage>`: a bare `import train` would pick up a user's own train.py."""
-    pattern = re.compile(r"^\s*(from|import) (train|demo|hub_tools|model_cards)\b", re.M)
+    pattern = re.compile(r"^\s*(from|import) (train|demo|hub_tools|model_cards|evaluation)\b", re.M)
     files = source_files() + sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "bench").glob("*.py"))
     offenders = [str(p.relative_to(REPO)) for p in files if pattern.search(p.read_text())]
     assert not offenders, offenders

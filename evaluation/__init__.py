@@ -1,0 +1,1 @@
+"""Evaluation: base vs adapters over a whole prompt set (`persona-lora eval`), with a report a person can read."""
