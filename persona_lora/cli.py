@@ -23,7 +23,7 @@ from persona_lora.errors import PersonaLoraError
 from persona_lora.hub_tools import cli as hub_cli
 from persona_lora.hub_tools import export_cli, merge_cli, upgrade
 from persona_lora.model_cards import cli as card_cli
-from persona_lora.train import data_cli, tiny_base_cli, train_cli
+from persona_lora.train import data_cli, reproduce_cli, tiny_base_cli, train_cli
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ COMMANDS = (
             tiny_base_cli.configure_tiny_base, tiny_base_cli.run_tiny_base),
     Command("data", "validate and preview datasets", data_cli.configure_data, data_cli.run_data),
     Command("train", "train a LoRA adapter from a YAML config", train_cli.configure_train, train_cli.run_train),
+    Command("reproduce", "train an adapter again from its manifest alone and show whether it comes out the same",
+            reproduce_cli.configure_reproduce, reproduce_cli.run_reproduce),
     Command("card", "regenerate the model card (README.md) of an adapter or merged-model folder",
             card_cli.configure_card, card_cli.run_card),
     Command("push", "upload an adapter (or merged model) folder to a hub as one commit",

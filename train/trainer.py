@@ -136,7 +136,7 @@ class _StopOnSignal:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _callbacks(stop: _StopOnSignal, tokens: dict):
+def _callbacks(stop: _StopOnSignal, tokens: dict, stop_after: int | None = None):
     from transformers import TrainerCallback
 
     class RunCallback(TrainerCallback):
@@ -147,6 +147,8 @@ def _callbacks(stop: _StopOnSignal, tokens: dict):
             if stop.interrupted:
                 control.should_save = True
                 control.should_training_stop = True
+            if stop_after is not None and st.global_step >= stop_after:  # `reproduce --max-steps`: the run's own
+                control.should_training_stop = True  # schedule, cut short (a lower max_steps would change it)
 
         def on_train_end(self, args, st, control, **kw):
             tokens["end"] = st.num_input_tokens_seen or 0
@@ -217,8 +219,8 @@ def _to_dataset(examples: list):
 
 
 def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel, out: Path,
-               resume_from: Path | None) -> tuple[object, TrainResult]:
-    """Run transformers' Trainer; returns (trainer, result)."""
+               resume_from: Path | None, stop_after: int | None = None) -> tuple[object, TrainResult]:
+    """Run transformers' Trainer; returns (trainer, result). `stop_after` ends it after that optimizer step."""
     from transformers import Trainer
 
     model.peft_model.config.pad_token_id = setup.tokenizer.pad_token_id
@@ -231,7 +233,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
         eval_dataset=_to_dataset(data.eval) if data.eval else None,
         data_collator=_collator(cfg, setup.tokenizer, setup.device),
         processing_class=setup.tokenizer,
-        callbacks=_callbacks(stop, tokens),
+        callbacks=_callbacks(stop, tokens, stop_after),
     )
     started = time.time()
     with stop, native_targets():
@@ -261,8 +263,10 @@ def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Adapt
     write_card(out)
 
 
-def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> Path | None:
-    """Train and write the adapter folder; with dry_run, print the plan and return None."""
+def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
+                 stop_after: int | None = None) -> Path | None:
+    """Train and write the adapter folder; with dry_run, print the plan and return None. `stop_after` stops after
+    that many optimizer steps with the schedule of the whole run (`reproduce --max-steps` compares a prefix)."""
     import torch
 
     started = time.time()
@@ -299,7 +303,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print) -> 
         print_fn(f"note: {model.dropout_note}")
     if plan.resume_from:
         print_fn(f"resuming from {plan.resume_from}")
-    trainer, result = train_loop(cfg, setup, data, model, out, plan.resume_from)
+    trainer, result = train_loop(cfg, setup, data, model, out, plan.resume_from, stop_after)
     if trainer.is_world_process_zero():
         finalise(cfg, setup, data, model, result, out, started, changes)
         if result.interrupted:
