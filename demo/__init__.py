@@ -5,6 +5,9 @@
   `prompts` (the one formatting path, per template), `decode` (rows, batches, sampling) and `worker` (the one
   inference thread).
 - `votes`: blind A/B votes in SQLite, win rates with Wilson intervals, preference-dataset export and push.
+- `backend`: `DemoBackend`, what the page needs from whatever answers (the engine above, or a serving engine).
+- `openai_backend`: `OpenAIBackend`, both sides answered by vLLM or SGLang through their OpenAI-compatible API,
+  two concurrent streamed requests per turn, for demos shared with many people.
 - `app`: `build_demo(engine, ...)`, the `gr.Blocks` app (also the `compare` API endpoint).
-- `cli`: `persona-lora demo`.
+- `cli`: `persona-lora demo` (`--backend local|openai`).
 """

@@ -1,8 +1,13 @@
 """The Gradio app: base and adapter side by side (Chat), blind A/B votes (Blind A/B), and a `compare` API.
 
 `build_demo(engine, votes=...)` returns the `gr.Blocks` (queue configured, not launched), so tests and the CLI
-build the same app. Everything the browser shows that came from a user or a model goes through components
-that sanitize HTML (`gr.Chatbot(sanitize_html=True)`, `gr.Markdown`), and names are shown in code spans.
+build the same app. `engine` is any `demo.backend.DemoBackend`: the local resident model (`demo.engine.Engine`)
+or a serving engine behind an OpenAI-compatible API (`demo.openai_backend.OpenAIBackend`); the page, the votes
+and the API are the same on both. When one side of a turn fails (a backend whose sides are separate requests
+raises `SideFailed`), the other side's answer stays in its pane and history, and the failed pane says why.
+
+Everything the browser shows that came from a user or a model goes through components that sanitize HTML
+(`gr.Chatbot(sanitize_html=True)`, `gr.Markdown`), and names are shown in code spans.
 
 Scripted A/B batches (the `compare` endpoint: greedy, one user turn, no history)::
 
@@ -30,7 +35,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from persona_lora.demo.engine import Engine, GenerationSettings
+from persona_lora.demo.backend import DemoBackend, SideFailed
+from persona_lora.demo.decode import GenerationSettings
 from persona_lora.demo.votes import VoteStore
 from persona_lora.errors import PersonaLoraError
 
@@ -44,7 +50,7 @@ _random = random.SystemRandom()
 
 
 def build_demo(
-    engine: Engine,
+    engine: DemoBackend,
     *,
     votes: VoteStore | None = None,
     max_message_chars: int = 4000,
@@ -172,7 +178,7 @@ def build_demo(
 class _Handlers:
     """The event handlers, kept apart from the layout. User mistakes become `gr.Error` (shown as a toast)."""
 
-    def __init__(self, engine: Engine, votes: VoteStore, max_message_chars: int):
+    def __init__(self, engine: DemoBackend, votes: VoteStore, max_message_chars: int):
         self.engine, self.votes, self.max_chars = engine, votes, max_message_chars
         self.scratch: tempfile.TemporaryDirectory | None = None
         # Exports go to a temporary folder (Gradio serves files from the temp folder), made on the first export
@@ -247,6 +253,14 @@ class _Handlers:
                 # the states follow the panes, so a stopped answer stays in the context the model sees next
                 new_base, new_ad = _with(base_turns, b), (_with(ad_turns, a) if adapter else [])
                 yield "", new_base, new_ad, new_base, new_ad
+        except SideFailed as e:  # the other side's answer is complete: keep it; the failed pane says why
+            sides = (base_turns, ad_turns if adapter else None)  # no adapter: the base alone, one text
+            texts = (*e.texts, "")[:2]
+            states = [[] if t is None else _with(t, x) for t, x in zip(sides, texts)]
+            panes = [[] if t is None else _with(t, _noted(x, e.failures.get(i)))
+                     for i, (t, x) in enumerate(zip(sides, texts))]
+            yield "", panes[0], panes[1], states[0], states[1]
+            raise _reject(e) from e
         except Exception as e:  # noqa: BLE001 - every failure becomes one message
             raise _reject(e) from e
 
@@ -271,12 +285,14 @@ class _Handlers:
             for b, a in self.engine.stream_compare(adapter, [user], [user], system, gen):
                 first, second = (b, a) if a_side == "base" else (a, b)
                 yield _with([user], first), _with([user], second), None, "", *off
+        except SideFailed as e:  # no vote on a pair with a failed side; the message calls the sides A and B
+            raise _reject(e.describe(("A", "B") if a_side == "base" else ("B", "A"))) from e
         except Exception as e:  # noqa: BLE001 - every failure becomes one message
             raise _reject(e) from e
         answer_a, answer_b = (b, a) if a_side == "base" else (a, b)
         pending = {
             "prompt": message, "system_prompt": system or "", "adapter_name": info.name, "adapter_id": info.adapter_id,
-            "base_id": self.engine.base.id, "answer_a": answer_a, "answer_b": answer_b, "a_side": a_side,
+            "base_id": self.engine.base_id, "answer_a": answer_a, "answer_b": answer_b, "a_side": a_side,
             "settings": {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
                          "seed": gen.seed, "greedy": gen.greedy},
         }
@@ -332,6 +348,10 @@ class _Handlers:
         try:
             return self.engine.compare(adapter, message, system_prompt or "",
                                        GenerationSettings(max_new_tokens=int(max_new_tokens)))
+        except SideFailed as e:  # a script gets the cause, and the answer that did come
+            kept = "".join(f"; the {e.names[i]} answer: {text!r}" for i, text in enumerate(e.texts)
+                           if i not in e.failures)
+            raise _reject(f"{e}{kept}") from e
         except Exception as e:  # noqa: BLE001 - every failure becomes one message
             raise _reject(e) from e
 
@@ -361,6 +381,13 @@ def _chatbot(label: str, elem_id: str, height: int) -> gr.Chatbot:
 
 def _with(turns: list[dict], answer: str) -> list[dict]:
     return [*turns, {"role": "assistant", "content": answer}]
+
+
+def _noted(text: str, failure: str | None) -> str:
+    """A failed side's pane: what it produced, then why it stopped (shown only: the history keeps the text)."""
+    if failure is None:
+        return text
+    return f"{text}\n\n> ⚠ {failure}".strip()
 
 
 def _code(text: str) -> str:

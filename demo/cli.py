@@ -1,5 +1,12 @@
 """`persona-lora demo`: serve the A/B demo for one base and any number of adapters.
 
+Backends: `--backend local` (the default) loads the base into this process and answers both sides with the one
+resident model (`demo.engine`); `--backend openai --endpoint URL` asks a serving engine (vLLM, SGLang) that
+already serves the base and the adapters through its OpenAI-compatible API (`demo.openai_backend`): the way to
+serve a demo to many people at once. `--base` and `--adapter` then name the engine's models (its served names),
+and the key, if the engine has one, is read from the environment variable `--api-key-env` names, so it never
+appears in the process list, the page or a log.
+
 Sharing: `--share` asks Gradio for a public *.gradio.live link, which needs the internet (Gradio's share
 server) and exposes the demo to anyone holding the link: combine it with `--auth`. `--host 0.0.0.0` exposes it
 on your network the same way. Neither is exercised by the tests (no internet there).
@@ -20,6 +27,7 @@ from persona_lora.hub_ids import add_hub_option, add_source_option
 log = logging.getLogger(__name__)
 
 AUTH_ENV = "PERSONA_LORA_DEMO_AUTH"
+BACKENDS = ("local", "openai")
 
 
 def default_votes_path() -> Path:
@@ -34,12 +42,24 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
         "Serve a Gradio app: the base's and an adapter's answers side by side (streaming, one resident model for "
         "all adapters), blind A/B votes stored in SQLite with win rates, export of the votes as a DPO preference "
         "dataset, and a `compare` API endpoint for scripts (gradio_client).")
-    p.add_argument("--base", required=True, metavar="BASE", help="base model: local folder or hub id")
+    p.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="local: load the base here (default); openai: a serving engine's OpenAI-compatible API "
+                        "(vLLM, SGLang) answers both sides")
+    p.add_argument("--base", required=True, metavar="BASE",
+                   help="base model: local folder or hub id (openai: the engine's served model name)")
     p.add_argument("--revision", metavar="REV", help="revision of a hub base")
     add_source_option(p)
     p.add_argument("--adapter", action="append", default=[], metavar="DIR_OR_REPO_ID",
                    help="an adapter folder or hub id (owner/name[@revision]); repeat for several. More can be added "
-                        "from the page while it runs")
+                        "from the page while it runs. openai: the engine's model name (vLLM: a --lora-modules name; "
+                        "SGLang: base:adapter), or NAME=FOLDER to take the system prompt from that adapter's (or "
+                        "export's) manifest; none: every model the endpoint lists but the base")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="openai: the engine's API, e.g. http://127.0.0.1:8000/v1 (`persona-lora serve` prints it)")
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help="openai: the environment variable holding the engine's API key (never the key itself)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="openai: longest wait for the engine's next token before a side fails (default 60)")
     add_hub_option(p, help_prefix="hub for adapter ids and the votes push: ")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template for a base whose tokenizer has none")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -77,8 +97,28 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+LOCAL_ONLY = {"revision": None, "chat_template": None, "device": None, "no_mixed_batch": False}
+OPENAI_ONLY = {"endpoint": None, "api_key_env": None}
+
+
+def check_backend_options(args: argparse.Namespace) -> None:
+    """Options of one backend given to the other are refused: silently ignoring them would demo something else
+    than asked (a --device that is not used, an --endpoint that is not asked)."""
+    if args.backend == "openai" and not args.endpoint:
+        raise UsageError("--backend openai needs --endpoint URL (the engine's OpenAI-compatible API, e.g. "
+                         "http://127.0.0.1:8000/v1)")
+    other = LOCAL_ONLY if args.backend == "openai" else OPENAI_ONLY
+    given = [f"--{k.replace('_', '-')}" for k, default in other.items() if getattr(args, k, default) != default]
+    if given:
+        which = "the local backend" if args.backend == "openai" else "--backend openai"
+        raise UsageError(f"{', '.join(given)} only apply to {which}; drop them or choose that backend")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+
+
 def check_args(args: argparse.Namespace) -> tuple[str, str] | None:
     """Validate the options that need no model; returns the auth pair."""
+    check_backend_options(args)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     for opt in ("max_new_tokens", "max_input_chars", "concurrency", "queue_size"):
@@ -96,26 +136,39 @@ def build_from_args(args: argparse.Namespace):
     """(engine, demo, auth) from parsed options, without launching: what `run_demo` serves."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = check_args(args)
-    from persona_lora.demo.engine import Engine
     from persona_lora.demo.votes import VoteStore
 
     votes_path = Path(args.votes) if args.votes else default_votes_path()
     votes = VoteStore(votes_path, hub=args.hub)
-    engine = Engine(args.base, revision=args.revision, source=args.source, device=args.device, dtype=args.dtype,
-                    chat_template=args.chat_template, max_new_tokens_cap=args.max_new_tokens,
-                    max_prompt_tokens=args.max_prompt_tokens, hub=args.hub, mixed_batch=not args.no_mixed_batch)
-    try:
-        for spec in args.adapter:
-            engine.add_adapter(spec)
-        from persona_lora.demo.app import build_demo  # Gradio is imported once the model side stands
+    if args.backend == "openai":  # the engine serves the adapters already: they are checked, not loaded
+        from persona_lora.demo.openai_backend import OpenAIBackend
 
-        demo = build_demo(engine, votes=votes, max_message_chars=args.max_input_chars,
-                          default_max_new_tokens=min(256, args.max_new_tokens), concurrency_limit=args.concurrency,
-                          queue_size=args.queue_size, push_votes_to=args.push_votes_to)
+        engine, to_load = OpenAIBackend(args.endpoint, args.base, args.adapter, api_key_env=args.api_key_env,
+                                        timeout=args.timeout, max_new_tokens_cap=args.max_new_tokens), []
+    else:
+        from persona_lora.demo.engine import Engine
+
+        engine = Engine(args.base, revision=args.revision, source=args.source, device=args.device,
+                        dtype=args.dtype, chat_template=args.chat_template, max_new_tokens_cap=args.max_new_tokens,
+                        max_prompt_tokens=args.max_prompt_tokens, hub=args.hub,
+                        mixed_batch=not args.no_mixed_batch)
+        to_load = args.adapter
+    try:
+        for spec in to_load:
+            engine.add_adapter(spec)
+        demo = _app(engine, votes, args)
     except BaseException:
         engine.close()
         raise
     return engine, demo, auth
+
+
+def _app(engine, votes, args: argparse.Namespace):
+    from persona_lora.demo.app import build_demo  # Gradio is imported once the model side stands
+
+    return build_demo(engine, votes=votes, max_message_chars=args.max_input_chars,
+                      default_max_new_tokens=min(256, args.max_new_tokens), concurrency_limit=args.concurrency,
+                      queue_size=args.queue_size, push_votes_to=args.push_votes_to)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -135,6 +188,9 @@ def run_demo(args: argparse.Namespace) -> int:
     check_port_free(args.host, args.port)
     engine, demo, auth = build_from_args(args)
     print(f"A/B votes are stored in {args.votes or default_votes_path()}", file=sys.stderr)
+    if args.backend == "openai":
+        print(f"answers come from the engine at {engine.where}: base {engine.base}, adapters "
+              f"{', '.join(engine.adapter_names()) or 'none'}", file=sys.stderr)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                     auth_message="persona-lora demo" if auth else None)

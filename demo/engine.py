@@ -71,6 +71,11 @@ class Engine:
         self._worker.start()
 
     @property
+    def base_id(self) -> str:
+        """The base as a vote records it (`demo.backend.DemoBackend`)."""
+        return self.base.id
+
+    @property
     def model(self):
         """The resident model (a PeftModel once an adapter is loaded); only the inference thread may run it."""
         return self.resident.model

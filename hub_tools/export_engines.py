@@ -164,3 +164,63 @@ def runtime_loading(eng: Engine, base: str, name: str, path: str, max_rank: int)
             f"--max-lora-rank {max_rank}\n"
             f"curl -X POST http://127.0.0.1:{eng.port}/v1/load_lora_adapter -H 'Content-Type: application/json' \\\n"
             f"  -d {shlex.quote(body)}")
+
+
+# ---------------------------------------------------------------------------------------------- serving many adapters
+# What `persona-lora serve` starts: one engine process, the base plus every exported adapter loaded at start.
+
+# The module each engine's own environment must import (checked with --engine-python before anything starts).
+ENGINE_MODULES = {"vllm": "vllm", "sglang": "sglang"}
+
+
+def adapter_max_rank(config: dict) -> int:
+    """The largest LoRA rank in a PEFT adapter config: `r` and every `rank_pattern` override (vLLM's
+    `validate_legal` compares exactly this with --max-lora-rank)."""
+    return max([int(config.get("r", 8)), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
+
+
+def needs_mixed_moe_format(config: dict) -> bool:
+    """vLLM reads routed-expert LoRA in PEFT's fused 3-D layout (`target_parameters`) only with
+    `--enable-mixed-moe-lora-format` (vllm/engine/arg_utils.py) and `is_3d_lora_weight` on the adapter; an export
+    is written per expert, so it never needs them."""
+    return bool(config.get("target_parameters"))
+
+
+def engine_program(eng: Engine, base: str, engine_python: str | None) -> list[str]:
+    """The start of the engine's command line. With the engine's own interpreter (`--engine-python`): vLLM's
+    OpenAI server module (vllm/entrypoints/openai/api_server.py, `--model`), SGLang's launcher
+    (python/sglang/launch_server.py, `--model-path`); without one, the commands their docs print."""
+    if eng.key == "vllm":
+        if engine_python:
+            return [engine_python, "-m", "vllm.entrypoints.openai.api_server", "--model", base]
+        return ["vllm", "serve", base]
+    return [engine_python or "python", "-m", "sglang.launch_server", "--model-path", base]
+
+
+def serve_argv(eng: Engine, base: str, served_name: str, loras: list[tuple[str, str]], *, max_rank: int | None,
+               host: str, port: int, chat_template: str | None = None, mixed_moe: bool = False,
+               engine_python: str | None = None) -> list[str]:
+    """The whole command that serves `base` as `served_name` with every (name, path) in `loras` loaded at start.
+
+    vLLM (vllm/engine/arg_utils.py, vllm/entrypoints/openai/cli_args.py): `--served-model-name`, `--enable-lora`,
+    `--max-lora-rank` (one of `VLLM_MAX_LORA_RANKS`), `--max-loras` (adapters in one batch: all of them, so a page
+    comparing several never waits for a slot), `--lora-modules` as JSON objects (`name`, `path`,
+    `base_model_name`, so /v1/models lists each adapter with the base as its parent), and
+    `--enable-mixed-moe-lora-format` only for PEFT's fused-expert layout.
+    SGLang (python/sglang/srt/server_args.py): `--served-model-name`, `--enable-lora`, `--lora-paths NAME=PATH…`,
+    `--max-loras-per-batch`, `--lora-strict-loading` (a weight matching no module is fatal, not dropped)."""
+    import json
+
+    argv = [*engine_program(eng, base, engine_python), "--host", host, "--port", str(port),
+            "--served-model-name", served_name, "--enable-lora"]
+    if eng.key == "vllm":
+        argv += ["--max-lora-rank", str(max_rank), "--max-loras", str(max(1, len(loras))), "--lora-modules"]
+        argv += [json.dumps({"name": n, "path": p, "base_model_name": served_name}) for n, p in loras]
+        if mixed_moe:
+            argv.append("--enable-mixed-moe-lora-format")
+    else:
+        argv += ["--lora-paths", *(f"{n}={p}" for n, p in loras), "--max-loras-per-batch", str(max(1, len(loras))),
+                 "--lora-strict-loading"]
+    if chat_template:
+        argv += ["--chat-template", chat_template]
+    return argv

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from persona_lora.artifact import CARD_NAME, LOSS_CURVE, read_manifest
 from persona_lora.consistency import check_folder
+from persona_lora.errors import UsageError
 from persona_lora.model_cards import sections
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num, tidy
 from persona_lora.model_cards.metadata import base_is_on_hub, card_data
@@ -41,7 +42,7 @@ TEMPLATES = {"adapter": "adapter_card.md", "merged": "merged_card.md"}
 
 
 def build_context(m: dict, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
-                  tokenizer_in_folder: bool = False) -> dict:
+                  tokenizer_in_folder: bool = False, evaluation: dict | None = None) -> dict:
     """Everything the templates show, already formatted and escaped (the templates only lay it out)."""
     merged = m["kind"] == "merged"
     base = m.get("base_model") or {}
@@ -91,6 +92,7 @@ def build_context(m: dict, adapter_config: dict | None, *, loss_png: str | None,
         "coverage": sections.coverage_section(m),
         "results": sections.results_section(m, loss_png),
         "samples": sections.samples_section(m),
+        "evaluation": evaluation,
         "provenance": sections.provenance_section(m),
         "user_start": USER_START,
         "user_end": USER_END,
@@ -107,17 +109,19 @@ def _environment():
 
 
 def render_card(m: dict, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
-                tokenizer_in_folder: bool = False) -> str:
+                tokenizer_in_folder: bool = False, evaluation: tuple[dict, list] | None = None) -> str:
     """The card text for a scrubbed manifest (no user section merged in yet).
 
     Rendered as `ModelCard.from_template` renders: `card_data` is the Hub's YAML of the metadata and the
-    metadata fields are variables too, beside the template's own `c`.
+    metadata fields are variables too, beside the template's own `c`. `evaluation` is the Evaluation section
+    and its `model-index` results (`eval_section`), for `card --eval`.
     """
     from huggingface_hub import ModelCard
 
+    section, results = evaluation or (None, None)
     context = build_context(m, adapter_config, loss_png=loss_png, repo_id=repo_id,
-                            tokenizer_in_folder=tokenizer_in_folder)
-    data = card_data(m)
+                            tokenizer_in_folder=tokenizer_in_folder, evaluation=section)
+    data = card_data(m, eval_results=results, model_name=repo_id or m.get("name"))
     variables = {**data.to_dict(), "c": context}
     content = _environment().get_template(TEMPLATES[m["kind"]]).render(card_data=data.to_yaml(), **variables)
     return tidy(str(ModelCard(content)))
@@ -161,11 +165,12 @@ def _free_name(folder: Path, stem: str, suffix: str) -> Path:
     return path
 
 
-def write_card(folder: Path, *, repo_id: str | None = None) -> Path:
+def write_card(folder: Path, *, repo_id: str | None = None, eval_dir: Path | None = None) -> Path:
     """(Re)write `folder/README.md` and its loss curve from the folder's manifest; returns the README path.
 
     `repo_id` (e.g. given by a push) names the adapter in the usage snippet; without it the manifest's name is
-    used, which is also the folder name a `persona-lora pull` writes.
+    used, which is also the folder name a `persona-lora pull` writes. `eval_dir` (an adapter's `persona-lora eval
+    --out` folder) adds the Evaluation section and the Hub's `model-index`.
     """
     from persona_lora.model_cards.plots import has_loss_points, write_loss_curve
 
@@ -181,8 +186,17 @@ def write_card(folder: Path, *, repo_id: str | None = None) -> Path:
         if write_loss_curve(history, folder / png_name) is not None:
             loss_png = png_name
 
+    evaluation = None
+    if eval_dir is not None:
+        from persona_lora.model_cards import eval_section
+
+        if manifest["kind"] != "adapter":
+            raise UsageError(f"--eval: {folder} is a merged model; the Evaluation section is for adapter cards")
+        report = eval_section.read_report(eval_dir)
+        name = eval_section.adapter_name(report, folder, str(eval_dir))
+        evaluation = (eval_section.evaluation_section(report, name), eval_section.eval_results(report, name))
     text = render_card(m, adapter_config, loss_png=loss_png, repo_id=repo_id,
-                       tokenizer_in_folder=(folder / "tokenizer_config.json").is_file())
+                       tokenizer_in_folder=(folder / "tokenizer_config.json").is_file(), evaluation=evaluation)
     readme = folder / CARD_NAME
     old = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
     if old is not None and _user_section(old) is None:

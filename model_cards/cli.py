@@ -22,6 +22,10 @@ def configure_card(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter_dir", type=Path, metavar="ADAPTER_DIR", help="adapter (or merged model) folder")
     p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
                    help="Hub repo id to show in the usage snippet (default: the folder's manifest name)")
+    p.add_argument("--eval", type=Path, default=None, metavar="DIR", dest="eval_dir",
+                   help="the --out folder of `persona-lora eval` run on this adapter: adds an Evaluation section "
+                        "(summary table, set, prompts, decoding) and the Hub's model-index with the held-out loss. "
+                        "Give it again on every regeneration to keep the section")
 
 
 def run_card(args: argparse.Namespace) -> int:
@@ -29,6 +33,6 @@ def run_card(args: argparse.Namespace) -> int:
 
     if args.repo_id is not None and not args.repo_id.strip():
         raise UsageError("--repo-id is empty: give the Hub repo id (owner/name) or leave the option out.")
-    path = write_card(args.adapter_dir, repo_id=args.repo_id)
+    path = write_card(args.adapter_dir, repo_id=args.repo_id, eval_dir=args.eval_dir)
     print(path)
     return 0

@@ -54,9 +54,10 @@ def _tag(s: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", s.lower()).strip("-")
 
 
-def card_data(m: dict):
+def card_data(m: dict, *, eval_results: list | None = None, model_name: str | None = None):
     """The Hub metadata (`ModelCardData`) for a scrubbed manifest: base and relation (so the card lists under its
-    base's adapters or merges), dataset, languages, licence, library and tags."""
+    base's adapters or merges), dataset, languages, licence, library and tags; with `eval_results` (from
+    `persona-lora card --eval`) also the `model-index` the Hub shows as evaluation results, under `model_name`."""
     from huggingface_hub import ModelCardData
 
     merged = m["kind"] == "merged"
@@ -86,4 +87,7 @@ def card_data(m: dict):
     fields["tags"] = tags
     if "base_model" in fields:
         fields["base_model_relation"] = "merge" if merged else "adapter"
+    if eval_results:
+        fields["model_name"] = model_name or "adapter"
+        fields["eval_results"] = eval_results
     return ModelCardData(**fields)

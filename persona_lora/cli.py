@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from persona_lora import __version__
 from persona_lora.demo import cli as demo_cli
 from persona_lora.errors import PersonaLoraError
+from persona_lora.evaluation import eval_cli
 from persona_lora.hub_tools import cli as hub_cli
-from persona_lora.hub_tools import export_cli, merge_cli, upgrade
+from persona_lora.hub_tools import export_cli, merge_cli, serve_cli, upgrade
 from persona_lora.model_cards import cli as card_cli
 from persona_lora.train import data_cli, reproduce_cli, tiny_base_cli, train_cli
 
@@ -41,6 +42,8 @@ COMMANDS = (
     Command("train", "train a LoRA adapter from a YAML config", train_cli.configure_train, train_cli.run_train),
     Command("reproduce", "train an adapter again from its manifest alone and show whether it comes out the same",
             reproduce_cli.configure_reproduce, reproduce_cli.run_reproduce),
+    Command("eval", "compare the base and adapters over a prompt set: losses, answers, forgetting guard, judge; "
+            "report.json + report.html", eval_cli.configure_eval, eval_cli.run_eval),
     Command("card", "regenerate the model card (README.md) of an adapter or merged-model folder",
             card_cli.configure_card, card_cli.run_card),
     Command("push", "upload an adapter (or merged model) folder to a hub as one commit",
@@ -53,8 +56,10 @@ COMMANDS = (
             export_cli.configure_export, export_cli.run_export),
     Command("upgrade-adapter", "rewrite an adapter's config in the portable spelling stock PEFT loads as trained",
             upgrade.configure_upgrade_adapter, upgrade.run_upgrade_adapter),
-    Command("demo", "chat with a base model and its adapters side by side; blind A/B votes",
-            demo_cli.configure_demo, demo_cli.run_demo),
+    Command("demo", "chat with a base model and its adapters side by side (in this process or on a serving "
+            "engine's OpenAI-compatible API); blind A/B votes", demo_cli.configure_demo, demo_cli.run_demo),
+    Command("serve", "start vLLM or SGLang with the base and adapters loaded (flags computed), and print the demo "
+            "line for it", serve_cli.configure_serve, serve_cli.run_serve),
 )
 
 

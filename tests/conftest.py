@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.hub_fixtures import fast_retries, hub_server, ms_fast_retries, ms_server  # noqa: F401  (fixtures)
+from tests.openai_server import openai_server  # noqa: F401  (fixture: an OpenAI-protocol server)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

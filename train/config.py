@@ -68,6 +68,8 @@ class DataConfig:
     )
     eval_fraction: float = _f(0.05, "fraction of records held out for eval loss (0 disables eval)", min=0.0, max=0.5)
     language: list[str] = _f([], "dataset languages for the card, e.g. [zh]")
+    markers: list[str] = _f([], "persona markers, words the persona uses (e.g. [本宫, 臣妾]): `persona-lora eval` "
+                                "reports the share of answers holding one")
 
 
 @dataclass

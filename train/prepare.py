@@ -28,18 +28,24 @@ class PreparedData:
     loaded: object  # data.LoadedDataset
 
 
+def split_indices(n: int, seed: int, eval_fraction: float) -> tuple[list[int], list[int]]:
+    """(held-out, training) record indices, each sorted: the seeded split training uses. `persona-lora eval`
+    calls this same function to rebuild an adapter's held-out set from its manifest, so the two never drift."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(n * eval_fraction)) if eval_fraction > 0 else 0
+    if eval_fraction > 0 and n >= 2:
+        n_eval = max(1, min(n_eval, n - 1))
+    return sorted(order[:n_eval]), sorted(order[n_eval:])
+
+
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     """Load, validate, split (seeded) and encode; drops and truncations are counted, never silent."""
     from persona_lora.train.data import load_records
 
     loaded = load_records(cfg.data.path, revision=cfg.data.revision)
     convs = [conversation_for(r["messages"], cfg.data.system_prompt) for r in loaded.records]
-    order = list(range(len(convs)))
-    random.Random(cfg.training.seed).shuffle(order)
-    n_eval = int(round(len(convs) * cfg.data.eval_fraction)) if cfg.data.eval_fraction > 0 else 0
-    if cfg.data.eval_fraction > 0 and len(convs) >= 2:
-        n_eval = max(1, min(n_eval, len(convs) - 1))
-    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+    eval_idx, train_idx = split_indices(len(convs), cfg.training.seed, cfg.data.eval_fraction)
     encoded = encode_examples(tokenizer, convs, max_length=cfg.data.max_length, train_on=cfg.data.train_on,
                               overlong=cfg.data.overlong)
     dropped: dict[str, int] = {}
