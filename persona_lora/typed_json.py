@@ -70,6 +70,8 @@ def from_json(cls, data: Any, where: str, problems: list[str], unknown: list[str
 
 
 def _value(tp, value: Any, key: str, problems: list[str], unknown: list[str]):
+    if tp is typing.Any:  # any JSON value, null included
+        return value
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if not optional:
@@ -90,8 +92,6 @@ def _value(tp, value: Any, key: str, problems: list[str], unknown: list[str]):
             return None
         _, item = typing.get_args(tp)
         return {str(k): _value(item, v, f"{key}.{k}", problems, unknown) for k, v in value.items()}
-    if tp is typing.Any:
-        return value
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif tp is int:

@@ -141,3 +141,11 @@ def test_folder_kinds(tmp_path):
         folder_kind(model)
     (model / "model.safetensors").write_bytes(b"")
     assert folder_kind(model) == "model"
+
+
+def test_the_recorded_config_keeps_nulls(tmp_path):
+    """`config` holds the run's config as run: its unset keys are JSON nulls, which must read back."""
+    m = Manifest(kind="adapter", name="m", base_model=BaseModelInfo(id="b"),
+                 config={"name": None, "base": {"model": "b", "revision": None}, "lora": {"preset": "all"}})
+    write_manifest(tmp_path, m)
+    assert read_manifest(tmp_path).config == m.config
