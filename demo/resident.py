@@ -6,7 +6,8 @@ forward pass says which adapter each batch row uses. PEFT's active adapter and t
 (`persona_lora.peft_compat.RowRouting`) are state of that one model, so this class is used by the engine's one
 inference thread only: it sets that state right before each pass. The routing hooks are installed once per
 adapter load and read the rows of the current pass, which is cheaper than toggling PEFT's `disable_adapter()`
-on every step.
+on every step; installing them also gives LoRA on the fused MoE experts its LoRA-aware forward (no expert weight
+rebuilt per token; base rows of a mixed batch get no LoRA term).
 
 `ResidentModel` is the `demo.decode.DecodeTarget` the decode loop runs against.
 """

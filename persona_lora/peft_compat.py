@@ -19,8 +19,9 @@ holding. What is assumed, and where it is used:
 4. Per-row LoRA in one batch (`RowRouting`, used by the demo engine). Vanilla linear LoRA computes
    `lora_B(lora_A(x)) * scaling[adapter]`, so a per-row tensor as `scaling` (the adapter's scale on adapter
    rows, 0 on base rows) serves both sides of a batch; PEFT's `adapter_names` mixed-batch path is the fallback
-   for layers with a LoRA variant (DoRA, …). `ParamWrapper` refuses mixed batches, so its forward is replaced
-   by one that splits the flattened (rows*seq) expert inputs by row.
+   for layers with a LoRA variant (DoRA, …). `ParamWrapper` refuses mixed batches: the LoRA-aware expert
+   forward (item 7) gives base rows a LoRA factor of 0 instead, and where it falls back to `ParamWrapper` it
+   splits the flattened (rows*seq) expert inputs by row.
 5. `MOE_REWRITTEN_LEAVES`: the model types PEFT 0.21 rewrites, and which leaf names (transformers 5.24
    `_MODEL_TO_CONVERSION_PATTERN`, PEFT `_MOE_TARGET_MODULE_MAPPING`). Hard-coded so a card renders the same
    whatever library versions the machine has.
@@ -31,6 +32,18 @@ holding. What is assumed, and where it is used:
    linear LoRA (`internal_config`), and write adapters in the portable spelling (`portable_config`).
    `rewrite_is_safe()` probes PEFT once: when its rewrite no longer touches layers that exist as linear modules
    (the upstream fix), `native_targets()` stops switching it off.
+7. LoRA on the routed experts without rebuilding them (`use_lora_aware_experts`, used by training, eval and, through
+   `RowRouting`, the demo). `ParamWrapper` folds `W + s·B·A` into every expert's weight on every forward; the
+   outermost `ParamWrapper` of each experts module instead gets a forward that reads the wrappers' active
+   adapters and computes `x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ` for the routed tokens only (`persona_lora.expert_lora`,
+   this module's arithmetic, kept in a file of its own for size). It relies on: PEFT nests one `ParamWrapper`
+   per targeted parameter around the experts module (the outer one from the last `target_parameters` entry);
+   item 3's factor layout; `disable_adapters`, `merged`, `active_adapters`, `lora_dropout`, `lora_variant`,
+   `lora_bias` and `scaling` meaning what they mean for linear LoRA; and transformers' experts modules exposing
+   `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), `_apply_gate` and the `experts_implementation` in their
+   config. Anything else (dropout or a variant on an adapter, a merged adapter, bias, transposed or
+   expert-parallel experts, an experts kernel we do not mirror, `PERSONA_LORA_EXPERT_LORA=peft`) runs on
+   `ParamWrapper` as before; the choice is logged once per reason.
 """
 
 from __future__ import annotations
@@ -191,31 +204,46 @@ class RowRouting:
         self._handles: list = []
         self._lora_linears: list = []
         self._masked: dict[int, tuple] = {}
+        self._token_scales: dict[tuple, object] = {}
 
     def install(self, peft_model) -> None:
         """(Re)install the hooks on the LoRA modules present now: linear LoRA layers get a pre-hook that gives
-        them the per-row scaling (or PEFT's `adapter_names`); the outermost `ParamWrapper` of each fused-experts
-        module gets a forward that routes rows itself."""
+        them the per-row scaling (or PEFT's `adapter_names`); the fused-experts modules get the LoRA-aware forward
+        (`use_lora_aware_experts`), which reads the rows of the current pass from here."""
         from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
         from peft.utils.other import AuxiliaryTrainingWrapper
 
-        for item in self._handles:
-            if isinstance(item, ParamWrapper):
-                item.__dict__.pop("forward", None)  # back to the class's forward
-            else:
-                item.remove()
+        for handle in self._handles:
+            handle.remove()
         self._handles = []
         inner = peft_model.get_base_model()
-        wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
-        nested = {id(w.base_layer) for w in wrappers}
         self._lora_linears = [m for m in inner.modules() if isinstance(m, Linear)]
         for m in inner.modules():
             if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper):
                 self._handles.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
-        for w in wrappers:
-            if id(w) not in nested:
-                w.forward = self._expert_forward(w, w.forward, w.get_base_layer())
-                self._handles.append(w)
+        use_lora_aware_experts(peft_model, routing=self)
+
+    def keys_for(self, wrapper) -> list[str] | None:
+        """The current pass's row keys as a fused-experts wrapper sees them (an adapter it has no LoRA of is the
+        base there); None when every row uses the active adapter."""
+        if self._row_keys is None:
+            return None
+        return [k if k in wrapper.lora_A else BASE_ROW for k in self._row_keys]
+
+    def token_scale(self, keys: list[str], x):
+        """(tokens,) 1 for tokens of adapter rows, 0 for base rows. Dim 0 of the experts' inputs is rows x seq in
+        row-major order (transformers flattens (batch, seq) before calling the experts), so row i owns one
+        contiguous slice."""
+        import torch
+
+        total = x.shape[0]
+        if total % len(keys):
+            raise RuntimeError(f"cannot split {total} expert inputs into {len(keys)} rows; use --no-mixed-batch")
+        where = (tuple(keys), total, x.dtype, x.device)
+        if where not in self._token_scales:
+            rows = torch.tensor([0.0 if k == BASE_ROW else 1.0 for k in keys], dtype=x.dtype, device=x.device)
+            self._token_scales[where] = rows.repeat_interleave(total // len(keys))
+        return self._token_scales[where]
 
     @contextlib.contextmanager
     def rows(self, keys: list[str], active: str):
@@ -246,6 +274,7 @@ class RowRouting:
                 key, scale, _ = self._masked[id(m)]
                 m.scaling[key] = scale
             self._masked.clear()
+            self._token_scales.clear()
             self._row_keys = None
 
     def _inject_rows(self, module, args, kwargs):
@@ -258,37 +287,6 @@ class RowRouting:
             return args, kwargs
         kwargs["adapter_names"] = keys
         return args, kwargs
-
-    def _expert_forward(self, wrapper, adapted, bare):
-        """Forward of a fused-experts LoRA wrapper that serves rows with different adapters. Dim 0 of the experts'
-        inputs is rows x seq in row-major order (transformers flattens (batch, seq) before calling the experts),
-        so row i owns one contiguous slice: base rows go through the bare experts module, adapter rows through
-        the wrapper with the active adapter."""
-        import torch
-
-        def forward(x, *args, **kwargs):
-            keys = self._row_keys
-            if keys is None:
-                return adapted(x, *args, **kwargs)
-            keys = [k if k in wrapper.lora_A else BASE_ROW for k in keys]  # an adapter without experts LoRA
-            if all(k == BASE_ROW for k in keys):
-                return bare(x, *args, **kwargs)
-            total = x.shape[0]
-            if total % len(keys):
-                raise RuntimeError(f"cannot split {total} expert inputs into {len(keys)} rows; use --no-mixed-batch")
-            per = total // len(keys)
-
-            def cut(t, part):  # every per-token input (hidden states, routing indices and weights)
-                return t[part] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == total else t
-
-            out = []
-            for i, key in enumerate(keys):
-                part = slice(i * per, (i + 1) * per)
-                fn = bare if key == BASE_ROW else adapted
-                out.append(fn(x[part], *[cut(a, part) for a in args], **{k: cut(v, part) for k, v in kwargs.items()}))
-            return torch.cat(out, dim=0)
-
-        return forward
 
 
 def _mask_scaling(module, masked, x, n_rows: int) -> bool:
@@ -428,3 +426,43 @@ def _peft_version() -> str:
     import peft
 
     return peft.__version__
+
+
+# ------------------------------------------------------------------------------------------------ 7: expert LoRA
+
+EXPERT_LORA_ENV = "PERSONA_LORA_EXPERT_LORA"  # "peft": keep PEFT's ParamWrapper forward (comparisons, bisecting)
+
+
+_logged: set[str] = set()
+
+
+def log_once(level: int, text: str) -> None:
+    """Log `text` the first time only (a choice made per module or per pass, reported once per process)."""
+    if text not in _logged:
+        _logged.add(text)
+        log.log(level, text)
+
+
+def use_lora_aware_experts(peft_model, routing: RowRouting | None = None) -> str:
+    """Give the outermost `ParamWrapper` of every LoRA-adapted experts module the LoRA-aware forward
+    (`ExpertsForward`), which falls back to PEFT's own where we do not mirror the experts or the adapter; with
+    `routing`, each batch row takes its own adapter. Call again after adapters are added or removed (the demo does,
+    through `RowRouting.install`). Returns the choice, also logged once: "LoRA-aware (strategy)" or
+    "PEFT's ParamWrapper (reason)"; "" when the model has no LoRA on fused experts."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from persona_lora.expert_lora import ExpertsForward
+
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
+    nested = {id(w.base_layer) for w in wrappers}
+    outermost = [w for w in wrappers if id(w) not in nested]
+    choices = set()
+    for wrapper in outermost:
+        forward = ExpertsForward(wrapper, routing)
+        wrapper.forward = forward
+        choices.add(f"LoRA-aware ({forward.strategy})" if forward.strategy else f"PEFT's ParamWrapper ({forward.why})")
+    choice = "; ".join(sorted(choices))
+    if choice:
+        log_once(logging.INFO, f"LoRA on the routed experts runs {choice}")
+    return choice

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from persona_lora.artifact import read_adapter_config, write_adapter_config
 from persona_lora.errors import UsageError
-from persona_lora.peft_compat import attach_new_adapter, portable_config
+from persona_lora.peft_compat import attach_new_adapter, portable_config, use_lora_aware_experts
 from persona_lora.train import presets
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.model_loading import ResolvedBase, load_base_model
@@ -27,6 +27,7 @@ class AdaptedModel:
     dropout_note: str | None
     trainable: int
     total: int
+    experts_forward: str = ""  # how LoRA on the routed experts runs (peft_compat.use_lora_aware_experts)
 
 
 def resolve_device(cfg: TrainConfig) -> str:
@@ -89,7 +90,9 @@ def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta
     table = presets.check_coverage(peft_model, spec)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    return AdaptedModel(peft_model, spec, table, note, trainable, total)
+    # training, eval and the sample answers run the routed-expert LoRA without rebuilding the expert weights
+    experts_forward = "" if meta else use_lora_aware_experts(peft_model)
+    return AdaptedModel(peft_model, spec, table, note, trainable, total, experts_forward)
 
 
 def save_adapter(peft_model, out: Path, rb: ResolvedBase, spec: presets.LoraSpec) -> None:
