@@ -22,6 +22,13 @@ Scripted A/B batches (the `compare` endpoint: greedy, one user turn, no history)
         api_name="/compare",
     )
 
+Any two of {base, adapters…}: the Blind A/B tab's "Against" picker, and `compare`'s optional fifth argument
+(`against`, "base" by default: the call above is unchanged), put an adapter against another adapter. Answers come
+back as (against, adapter); a vote records both models, and win rates are per pair::
+
+    sft_answer, dpo_answer = client.predict("Who are you?", "zhenhuan-dpo", "", 128, "zhenhuan-attn",
+                                            api_name="/compare")
+
 `client.view_api()` lists the endpoint; the UI's own events are private.
 """
 
@@ -44,8 +51,9 @@ log = logging.getLogger(__name__)
 
 VOTE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 RATE_HEADERS = [
-    "adapter", "base", "votes", "adapter wins", "base wins", "ties", "both bad", "win rate", "95% CI (Wilson)"
+    "adapter", "against", "votes", "adapter wins", "against wins", "ties", "both bad", "win rate", "95% CI (Wilson)"
 ]
+BASE_CHOICE = "base"  # the base, as one of the two models compared (the "Against" picker, `compare`'s `against`)
 _random = random.SystemRandom()
 
 
@@ -116,6 +124,9 @@ def build_demo(
                             "Vote, then see which was which.")
                 pending = gr.State(None)
                 ab_msg = gr.Textbox(label="Prompt", max_length=max_message_chars, lines=2, elem_id="ab-message")
+                against = gr.Dropdown(choices=[BASE_CHOICE, *names], value=BASE_CHOICE, interactive=True,
+                                      label="Against (the base, or another adapter; the adapter is picked above)",
+                                      elem_id="ab-against")
                 ab_go = gr.Button("Get two answers", variant="primary", elem_id="ab-go")
                 with gr.Row():
                     a_chat = _chatbot("A", "a-chat", 300)
@@ -124,7 +135,7 @@ def build_demo(
                     vote_btns = [gr.Button(label, interactive=False, elem_id=f"vote-{key}")
                                  for key, label in VOTE_LABELS.items()]
                 reveal = gr.Markdown(elem_id="ab-reveal")
-                gr.Markdown("### Win rates vs base (decisive votes; ties and 'both bad' are counted apart)")
+                gr.Markdown("### Win rates per pair (decisive votes; ties and 'both bad' are counted apart)")
                 rates = gr.Dataframe(value=ui.rates_rows(), headers=RATE_HEADERS, interactive=False,
                                      elem_id="win-rates")
                 with gr.Row():
@@ -157,10 +168,11 @@ def build_demo(
         for clearing in (clear.click, base_chat.clear, ad_chat.clear):  # the panes' own trash icons clear both sides
             clearing(ui.on_clear, None, [msg, base_chat, ad_chat, base_hist, ad_hist], cancels=sending, **cheap)
 
-        ab_in = [ab_msg, adapter, system, *settings]
+        ab_in = [ab_msg, adapter, against, system, *settings]
         ab_out = [a_chat, b_chat, pending, reveal, *vote_btns]
-        ab_go.click(ui.on_ab, ab_in, ab_out, **gen)
-        ab_msg.submit(ui.on_ab, ab_in, ab_out, **gen)
+        ab_go.click(ui.on_ab_pair, ab_in, ab_out, **gen)
+        ab_msg.submit(ui.on_ab_pair, ab_in, ab_out, **gen)
+        against.focus(ui.refresh_against, [against], [against], **cheap)
         for key, btn in zip(VOTE_LABELS, vote_btns):
             btn.click(ui.vote_handler(key), [pending], [pending, reveal, rates, *vote_btns], **cheap)
         timer.tick(ui.rates_rows, None, [rates], show_progress="hidden", **cheap)
@@ -169,7 +181,8 @@ def build_demo(
             push_btn.click(lambda: ui.on_push(push_votes_to), None, [push_out], **private)
 
         gr.api(ui.compare_api, api_name="compare", concurrency_limit=concurrency_limit, concurrency_id="generate",
-               api_description="Greedy answers of the base and of an adapter to one message: (base, adapter).")
+               api_description="Greedy answers of the base (or of the adapter `against`) and of an adapter to one "
+                               "message: (base or against, adapter).")
 
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit, api_open=False)
     return demo
@@ -202,6 +215,10 @@ class _Handlers:
     def refresh_choices(self, current):
         names = self.engine.adapter_names()
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+
+    def refresh_against(self, current):
+        choices = [BASE_CHOICE, *self.engine.adapter_names()]
+        return gr.Dropdown(choices=choices, value=current if current in choices else BASE_CHOICE)
 
     def on_add(self, spec):
         try:
@@ -270,19 +287,35 @@ class _Handlers:
     # -------------------------------------------------------------- blind A/B
 
     def on_ab(self, message, adapter, system, *settings):
+        """The base against `adapter` (the blind pair as it was before any two models could be compared)."""
+        yield from self.on_ab_pair(message, adapter, BASE_CHOICE, system, *settings)
+
+    def on_ab_pair(self, message, adapter, against, system, *settings):
+        """`against` (the base, or another adapter: the vote's first slot) and `adapter`, shown as A and B in
+        random order."""
         message = self._message(message)
         off = [gr.Button(interactive=False)] * len(VOTE_LABELS)
         if not message:
             raise _reject("Type a prompt first.")
         if not adapter:
             raise _reject("Load an adapter first (top of the page).")
+        against = against or BASE_CHOICE
+        if against == adapter:
+            raise _reject("Pick two different models: the adapter at the top and another one under Against.")
         a_side = "base" if _random.random() < 0.5 else "adapter"
         user = {"role": "user", "content": message}
         try:
             gen = self._settings(*settings)
             info = self.engine.adapter(adapter)
+            left = None if against == BASE_CHOICE else self.engine.adapter(against)
+            if left is None:
+                stream = self.engine.stream_compare(adapter, [user], [user], system, gen)
+            elif hasattr(self.engine, "stream_pair"):
+                stream = self.engine.stream_pair(against, adapter, [user], [user], system, gen)
+            else:
+                raise _reject("This backend compares an adapter with the base only; choose Against: base.")
             b = a = ""
-            for b, a in self.engine.stream_compare(adapter, [user], [user], system, gen):
+            for b, a in stream:
                 first, second = (b, a) if a_side == "base" else (a, b)
                 yield _with([user], first), _with([user], second), None, "", *off
         except SideFailed as e:  # no vote on a pair with a failed side; the message calls the sides A and B
@@ -296,6 +329,8 @@ class _Handlers:
             "settings": {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
                          "seed": gen.seed, "greedy": gen.greedy},
         }
+        if left is not None:  # adapter against adapter: the first slot names the other adapter
+            pending.update(left_id=left.adapter_id, left_name=left.name)
         on = [gr.Button(interactive=True)] * len(VOTE_LABELS)
         yield _with([user], answer_a), _with([user], answer_b), pending, "Which answer is better?", *on
 
@@ -305,8 +340,9 @@ class _Handlers:
             if not pending:
                 raise _reject("Ask for two answers first (each pair takes one vote).")
             self.votes.record(vote=key, **pending)
-            a_name = "the base" if pending["a_side"] == "base" else f"adapter {_code(pending['adapter_name'])}"
-            b_name = f"adapter {_code(pending['adapter_name'])}" if pending["a_side"] == "base" else "the base"
+            first = f"adapter {_code(pending['left_name'])}" if pending.get("left_name") else "the base"
+            second = f"adapter {_code(pending['adapter_name'])}"
+            a_name, b_name = (first, second) if pending["a_side"] == "base" else (second, first)
             text = f"Thanks! You voted **{VOTE_LABELS[key]}**. A was {a_name}, B was {b_name}."
             return None, text, self.rates_rows(), *off
 
@@ -317,7 +353,8 @@ class _Handlers:
         for r in self.votes.win_rates():
             rate = "n/a" if r["win_rate"] is None else f"{100 * r['win_rate']:.0f}%"
             ci = "n/a" if r["win_rate"] is None else f"{100 * r['ci_low']:.0f}% to {100 * r['ci_high']:.0f}%"
-            rows.append([r["adapter"], r["base"], r["votes"], r["adapter_wins"], r["base_wins"], r["ties"],
+            against = r["against"] if r.get("left_id") else r["base"]
+            rows.append([r["adapter"], against, r["votes"], r["adapter_wins"], r["base_wins"], r["ties"],
                          r["both_bad"], rate, ci])
         return rows
 
@@ -338,16 +375,22 @@ class _Handlers:
 
     # -------------------------------------------------------------- API
 
-    def compare_api(self, message: str, adapter: str, system_prompt: str, max_new_tokens: int) -> tuple[str, str]:
-        """Greedy (base answer, adapter answer) to one user message; `adapter` as named in the picker."""
+    def compare_api(self, message: str, adapter: str, system_prompt: str, max_new_tokens: int,
+                    against: str = BASE_CHOICE) -> tuple[str, str]:
+        """Greedy (base answer, adapter answer) to one user message; `adapter` as named in the picker. `against`
+        another adapter's name: (that adapter's answer, adapter's answer)."""
         message = (message or "").strip()
         if not message:
             raise _reject("message is empty")
         if len(message) > self.max_chars:
             raise _reject(f"message is {len(message)} characters long; the limit is {self.max_chars}")
         try:
-            return self.engine.compare(adapter, message, system_prompt or "",
-                                       GenerationSettings(max_new_tokens=int(max_new_tokens)))
+            settings = GenerationSettings(max_new_tokens=int(max_new_tokens))
+            if against and against != BASE_CHOICE:
+                if not hasattr(self.engine, "compare_pair"):
+                    raise _reject("this backend compares an adapter with the base only; leave `against` empty")
+                return self.engine.compare_pair(against, adapter, message, system_prompt or "", settings)
+            return self.engine.compare(adapter, message, system_prompt or "", settings)
         except SideFailed as e:  # a script gets the cause, and the answer that did come
             kept = "".join(f"; the {e.names[i]} answer: {text!r}" for i, text in enumerate(e.texts)
                            if i not in e.failures)

@@ -82,6 +82,11 @@ class DemoBackend(Protocol):
         """Release what the backend holds (threads, connections)."""
         ...
 
+    # Optional: `stream_pair(left, right, left_history, right_history, system_prompt, settings)` and
+    # `compare_pair(left, right, message, system_prompt, settings)` put two adapters side by side (left None or
+    # "base": the base). The page and the `compare` API offer adapter-against-adapter only on backends that have
+    # them (the local `Engine` does); others compare an adapter with the base.
+
 
 class SideFailed(PersonaLoraError):
     """One side (or both) failed while the other went on. `texts` holds what each side produced (the complete

@@ -132,8 +132,9 @@ def check_args(args: argparse.Namespace) -> tuple[str, str] | None:
     return auth
 
 
-def build_from_args(args: argparse.Namespace):
-    """(engine, demo, auth) from parsed options, without launching: what `run_demo` serves."""
+def build_from_args(args: argparse.Namespace, *, engine_factory=None):
+    """(engine, demo, auth) from parsed options, without launching: what `run_demo` serves. `engine_factory`
+    (takes `Engine`'s arguments) swaps the local engine class: a ZeroGPU Space generates inside `spaces.GPU`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = check_args(args)
     from persona_lora.demo.votes import VoteStore
@@ -148,6 +149,7 @@ def build_from_args(args: argparse.Namespace):
     else:
         from persona_lora.demo.engine import Engine
 
+        Engine = engine_factory or Engine  # a Space on ZeroGPU brings its own
         engine = Engine(args.base, revision=args.revision, source=args.source, device=args.device,
                         dtype=args.dtype, chat_template=args.chat_template, max_new_tokens_cap=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, hub=args.hub,

@@ -31,7 +31,8 @@ from persona_lora.errors import UsageError
 from persona_lora.train.chat_format import conversation_for
 from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
 
-__all__ = ["BASE", "AdapterInfo", "Engine", "GenerationSettings", "template_sha"]
+__all__ = ["BASE", "BASE_CHOICE", "AdapterInfo", "Engine", "GenerationSettings", "template_sha"]
+BASE_CHOICE = "base"  # how the page and the compare API name the base as one of two models compared
 
 
 class Engine:
@@ -133,6 +134,36 @@ class Engine:
             pass
         return last
 
+    def stream_pair(self, left: str | None, right: str, left_history: list[dict], right_history: list[dict],
+                    system_prompt: str | None = None,
+                    settings: GenerationSettings | None = None) -> Iterator[tuple[str, str]]:
+        """Any two models side by side: (left text, right text), where `left` is None or "base" (the base: the
+        same as `stream_compare`) or another adapter. Two adapters are decoded as a batch of one row each,
+        alternately (a batch's rows share one active adapter besides the base), so each answer is exactly what
+        that adapter gives alone; both must use one chat template, and `system_prompt` None means the right
+        adapter's."""
+        if left in (None, "", BASE_CHOICE):
+            yield from self.stream_compare(right, left_history, right_history, system_prompt, settings)
+            return
+        a, b = self.adapter(left), self.adapter(right)
+        if a.key == b.key:
+            raise UsageError(f"{left} and {right} are the same adapter; compare two different models")
+        if a.chat_template != b.chat_template:
+            raise UsageError(f"{a.name} and {b.name} were trained with different chat templates, so one prompt "
+                             "cannot be fair to both; compare each of them against the base instead")
+        system = b.system_prompt if system_prompt is None else system_prompt
+        rows = [Row(conversation_for(left_history, system), a.key), Row(conversation_for(right_history, system), b.key)]
+        yield from self._stream(rows, b.chat_template, settings)
+
+    def compare_pair(self, left: str | None, right: str, message: str, system_prompt: str | None = None,
+                     settings: GenerationSettings | None = None) -> tuple[str, str]:
+        """(left answer, right answer) to one user message; `left` None or "base" is the base."""
+        turn = [{"role": "user", "content": message}]
+        last = ("", "")
+        for last in self.stream_pair(left, right, turn, turn, system_prompt, settings):
+            pass
+        return last
+
     def stream_one(self, adapter: str | None, history: list[dict], system_prompt: str | None = None,
                    settings: GenerationSettings | None = None) -> Iterator[str]:
         """One side alone (adapter None: the base), for the chat tab before an adapter is picked."""
@@ -156,9 +187,14 @@ class Engine:
         aborts the process ("terminate called without an active exception")."""
         self._worker.close()
 
+    def one_batch_for(self, rows: list[Row]) -> bool:
+        """Whether `rows` decode as one batch: with mixed batches on, and at most one adapter among them besides
+        the base (two adapters are decoded one row per batch, alternately)."""
+        return self.mixed_batch and len({r.key for r in rows} - {BASE}) <= 1
+
     def _stream(self, rows: list[Row], template: str,
                 settings: GenerationSettings | None) -> Iterator[tuple[str, ...]]:
         """Decode `rows` on the inference thread and relay their texts; closing the iterator cancels the job."""
         checked = (settings or GenerationSettings()).checked(self.max_new_tokens_cap)
-        job = Job(self.resident, self._prompts.codec, rows, template, checked, one_batch=self.mixed_batch)
+        job = Job(self.resident, self._prompts.codec, rows, template, checked, one_batch=self.one_batch_for(rows))
         yield from self._worker.stream(job)

@@ -10,6 +10,13 @@ The export is TRL's *conversational preference* format, one JSON object per line
 "rejected": [{"role": "assistant", ...}]}`. `datasets.load_dataset("json", data_files=PATH)` reads it and
 `trl.DPOTrainer` applies the model's chat template to it itself (so the system prompt the answers were generated
 with stays part of the prompt). Only decisive votes (A or B) become pairs; ties and "both bad" do not.
+
+Which two models a vote compared: the "adapter" slot is one adapter (`adapter_name`, `adapter_id`); the other
+slot is the base, or, for adapter-against-adapter votes, another adapter (`left_id`, `left_name`; NULL means the
+base). `a_side` and `winner` keep their values for both kinds: "base" names the first slot, whatever it holds, so
+databases written before the pair columns existed read the same. Win rates are per pair of models.
+`read_votes(path)` reads a database without writing to it: `persona-lora train --method dpo|kto --data` and
+`data check` use it (`persona_lora.train.preference_data` turns votes into training data).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ log = logging.getLogger(__name__)
 
 VOTES = ("A", "B", "tie", "both_bad")
 SIDES = ("base", "adapter")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the pair columns left_id / left_name (adapter against adapter)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS votes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,7 +56,8 @@ CREATE TABLE IF NOT EXISTS votes (
 CREATE INDEX IF NOT EXISTS votes_adapter ON votes (adapter_id);
 """
 COLUMNS = ("id", "created_at", "base_id", "adapter_name", "adapter_id", "system_prompt", "prompt", "answer_a",
-           "answer_b", "a_side", "vote", "winner", "settings")
+           "answer_b", "a_side", "vote", "winner", "settings", "left_id", "left_name")
+PAIR_COLUMNS = (("left_id", "TEXT"), ("left_name", "TEXT"))  # added by schema 2; NULL: the first slot is the base
 
 
 def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -87,6 +95,10 @@ class VoteStore:
             with closing(self._connect()) as db:
                 mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 db.executescript(_SCHEMA)
+                present = {row[1] for row in db.execute("PRAGMA table_info(votes)")}
+                for name, kind in PAIR_COLUMNS:
+                    if name not in present:  # a database of schema 1: its votes all compared base and adapter
+                        db.execute(f"ALTER TABLE votes ADD COLUMN {name} {kind}")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             raise UsageError(
@@ -104,19 +116,21 @@ class VoteStore:
         return db
 
     def record(self, *, base_id: str, adapter_name: str, adapter_id: str, prompt: str, answer_a: str, answer_b: str,
-               a_side: str, vote: str, system_prompt: str = "", settings: dict | None = None) -> int:
-        """Store one vote; returns its id."""
+               a_side: str, vote: str, system_prompt: str = "", settings: dict | None = None,
+               left_id: str | None = None, left_name: str | None = None) -> int:
+        """Store one vote; returns its id. `left_id`/`left_name` name the adapter in the first slot when two
+        adapters were compared (None: the base); `a_side` "base" then means that adapter was shown as A."""
         winner = winner_of(vote, a_side)
         row = (datetime.now(timezone.utc).isoformat(timespec="seconds"), base_id, adapter_name, adapter_id,
                system_prompt or "", prompt, answer_a, answer_b, a_side, vote, winner,
-               json.dumps(settings or {}, sort_keys=True))
+               json.dumps(settings or {}, sort_keys=True), left_id or None, (left_name or left_id) or None)
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 cur = db.execute(
                     "INSERT INTO votes (created_at, base_id, adapter_name, adapter_id, system_prompt, prompt, "
-                    "answer_a, answer_b, a_side, vote, winner, settings) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "answer_a, answer_b, a_side, vote, winner, settings, left_id, left_name) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -139,30 +153,26 @@ class VoteStore:
             return int(db.execute("SELECT COUNT(*) FROM votes").fetchone()[0])
 
     def win_rates(self) -> list[dict]:
-        """Per adapter (vs its base): counts, win rate over decisive votes, and its 95% Wilson interval."""
+        """Per pair of models: counts, the adapter slot's win rate over decisive votes, and its 95% Wilson interval.
+        `base`/`base_wins` are the first slot's (the base, or the adapter in `left_id` for adapter-vs-adapter
+        votes); `against` names it for display."""
         with closing(self._connect()) as db:
             rows = db.execute(
-                "SELECT adapter_id, MAX(adapter_name), base_id, "
+                "SELECT adapter_id, MAX(adapter_name), base_id, left_id, MAX(left_name), "
                 "SUM(winner = 'adapter'), SUM(winner = 'base'), SUM(winner = 'tie'), SUM(winner = 'both_bad'), "
                 "COUNT(*) "
-                "FROM votes GROUP BY adapter_id, base_id ORDER BY adapter_id").fetchall()
-        table = []
-        for adapter_id, name, base_id, wins, losses, ties, bad, n in rows:
-            decisive = wins + losses
-            lo, hi = wilson(wins, decisive)
-            table.append({
-                "adapter": name, "adapter_id": adapter_id, "base": base_id, "votes": n, "adapter_wins": wins,
-                "base_wins": losses, "ties": ties, "both_bad": bad,
-                "win_rate": wins / decisive if decisive else None, "ci_low": lo, "ci_high": hi,
-            })
-        return table
+                "FROM votes GROUP BY adapter_id, base_id, left_id ORDER BY adapter_id, left_id").fetchall()
+        return [_rate_row(*row) for row in rows]
 
     def preference_pairs(self, adapter_id: str | None = None) -> list[dict]:
-        """Decisive votes as TRL conversational preference records (prompt, chosen, rejected)."""
+        """Decisive votes as TRL conversational preference records (prompt, chosen, rejected); a vote between two
+        identical answers, or with an empty one, is no preference and is left out."""
         pairs = []
         for v in self.votes():
             if v["winner"] not in SIDES or (adapter_id and v["adapter_id"] != adapter_id):
                 continue
+            if v["answer_a"] == v["answer_b"] or not v["answer_a"].strip() or not v["answer_b"].strip():
+                continue  # no preference to learn (training drops these too, and counts them)
             answers = {v["a_side"]: v["answer_a"], ("adapter" if v["a_side"] == "base" else "base"): v["answer_b"]}
             loser = "base" if v["winner"] == "adapter" else "adapter"
             prompt = ([{"role": "system", "content": v["system_prompt"]}] if v["system_prompt"] else []) + [
@@ -209,6 +219,46 @@ class VoteStore:
         return result.url
 
 
+def _rate_row(adapter_id, name, base_id, left_id, left_name, wins, losses, ties, bad, n) -> dict:
+    decisive = wins + losses
+    lo, hi = wilson(wins, decisive)
+    return {
+        "adapter": name, "adapter_id": adapter_id, "base": left_id or base_id, "base_id": base_id,
+        "left_id": left_id, "against": left_name or left_id or "base", "votes": n, "adapter_wins": wins,
+        "base_wins": losses, "ties": ties, "both_bad": bad,
+        "win_rate": wins / decisive if decisive else None, "ci_low": lo, "ci_high": hi,
+    }
+
+
+def read_votes(path: str | Path) -> list[dict]:
+    """Every vote of the database at `path`, oldest first, without writing to it (no schema change, no WAL
+    switch): for training on the votes and for `data check`. A database of schema 1 reads with the pair columns
+    None (every vote compared the base and an adapter). UsageError naming the file when it is no vote database."""
+    path = Path(path)
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
+            db.row_factory = sqlite3.Row
+            present = {row[1] for row in db.execute("PRAGMA table_info(votes)")}
+            missing = [c for c in COLUMNS if c not in present and c not in dict(PAIR_COLUMNS)]
+            if missing:
+                raise UsageError(f"{path}: a SQLite database, but not the demo's votes (no votes table with "
+                                 f"{', '.join(missing)}); give the --votes file of `persona-lora demo`")
+            cols = [c if c in present else f"NULL AS {c}" for c in COLUMNS]
+            rows = db.execute(f"SELECT {', '.join(cols)} FROM votes ORDER BY id").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise UsageError(f"{path}: cannot read it as a SQLite database ({e}); give the --votes file of "
+                         "`persona-lora demo`") from e
+    out = []
+    for r in rows:
+        d = dict(r)
+        try:
+            d["settings"] = json.loads(d["settings"] or "{}")
+        except ValueError:
+            d["settings"] = {}
+        out.append(d)
+    return out
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -237,10 +287,10 @@ def _dataset_card(pairs: int, votes: int, rates: list[dict]) -> str:
          "(`prompt`, `chosen`, `rejected`; default config). `votes` holds every vote with which side was which, "
          "the generation settings and the adapter ids."),
         "",
-        "| adapter | votes | adapter wins | base wins | ties | both bad |",
-        "|---|---|---|---|---|---|",
+        "| adapter | against | votes | adapter wins | against wins | ties | both bad |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rates:
-        lines.append(f"| {r['adapter_id']} | {r['votes']} | {r['adapter_wins']} | {r['base_wins']} | "
-                     f"{r['ties']} | {r['both_bad']} |")
+        lines.append(f"| {r['adapter_id']} | {r['left_id'] or 'base'} | {r['votes']} | {r['adapter_wins']} | "
+                     f"{r['base_wins']} | {r['ties']} | {r['both_bad']} |")
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ from persona_lora.errors import UsageError
 from persona_lora.model_cards import sections
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num, tidy
 from persona_lora.model_cards.metadata import base_is_on_hub, card_data
+from persona_lora.model_cards.preference_section import preference_section
 from persona_lora.model_cards.privacy import scrub
 from persona_lora.model_cards.snippet import usage_snippet
 from persona_lora.peft_compat import is_legacy_spelling
@@ -88,6 +89,7 @@ def build_context(m: dict, adapter_config: dict | None, *, loss_png: str | None,
         "merge": sections.merge_section(m) if merged else None,
         "prompt": sections.prompt_section(m),
         "data": sections.data_section(m),
+        "preference": None if merged else preference_section(m),
         "hyper": sections.hyper_section(m),
         "coverage": sections.coverage_section(m),
         "results": sections.results_section(m, loss_png),

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_lora import __version__
+from persona_lora.artifact_preference import PreferenceInfo
 from persona_lora.errors import ManifestError, ModelLoadError
 from persona_lora.typed_json import from_json, schema_markdown, to_json
 
@@ -178,7 +179,8 @@ class TrainingInfo:
     eval_fraction: float | None = _f(None, "fraction held out for eval loss")
     group_by_length: bool | None = _f(None, "length-grouped batches")
     packing: bool | None = _f(None, "padding-free packing")
-    world_size: int | None = _f(None, "processes (data parallel)")
+    world_size: int | None = _f(None, "processes (data parallel, or FSDP with the base sharded: see sharding)")
+    sharding: str | None = _f(None, "how the base was split across the processes: none | fsdp2 per decoder layer")
 
 
 @dataclass
@@ -296,6 +298,7 @@ class Manifest:
     run: RunInfo | None = _f(None, "time and throughput")
     files: FilesInfo = _f(FilesInfo, "extra files")
     merge: MergeInfo | None = _f(None, "merge details (kind merged)")
+    preference: PreferenceInfo | None = _f(None, "preference tuning (dpo, kto): method, reference, lineage, data")
     config: dict[str, Any] | None = _f(None, "the resolved training config the run used (every section and key; "
                                              "local paths reduced to names), so it can be run again")
 

@@ -22,7 +22,7 @@ from persona_lora.demo import cli as demo_cli
 from persona_lora.errors import PersonaLoraError
 from persona_lora.evaluation import eval_cli
 from persona_lora.hub_tools import cli as hub_cli
-from persona_lora.hub_tools import export_cli, merge_cli, serve_cli, upgrade
+from persona_lora.hub_tools import export_cli, merge_cli, serve_cli, space_cli, upgrade
 from persona_lora.model_cards import cli as card_cli
 from persona_lora.train import data_cli, reproduce_cli, tiny_base_cli, train_cli
 
@@ -60,6 +60,8 @@ COMMANDS = (
             "engine's OpenAI-compatible API); blind A/B votes", demo_cli.configure_demo, demo_cli.run_demo),
     Command("serve", "start vLLM or SGLang with the base and adapters loaded (flags computed), and print the demo "
             "line for it", serve_cli.configure_serve, serve_cli.run_serve),
+    Command("space", "publish the A/B demo as a Hugging Face Space (same app, votes and compare API) in one commit",
+            space_cli.configure_space, space_cli.run_space),
 )
 
 

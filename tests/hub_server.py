@@ -19,6 +19,9 @@ What is implemented (the subset huggingface_hub 2.x uses for create/upload/downl
   GET  /api/{type}s/{repo}/tree/{rev}[/{path}]?recursive=&expand=
   POST /api/{type}s/{repo}/paths-info/{rev}                (form: paths=..&expand=..)
   HEAD|GET /{[datasets/]}{repo}/resolve/{rev}/{path}       (ETag, X-Repo-Commit, X-Linked-Etag/Size, Range)
+  Spaces (repo type "space", URL prefix spaces/): create with an sdk (and hardware, secrets, variables), info
+  with `sdk` and `runtime`, POST|DELETE /api/spaces/{repo}/secrets, GET /api/spaces/{repo}/runtime,
+  POST /api/spaces/{repo}/hardware; `Repo.secrets` holds what was set (values never leave the server).
 
 Storage: every commit is an immutable snapshot {path: File}; branches (and refs/pr/N) point at commits; a
 commit is applied under one lock and only becomes visible when all its operations are valid (an `lfsFile`
@@ -65,8 +68,10 @@ GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LF
 REGULAR_MAX_SIZE = 10 * 1024 * 1024
 SUBPATHS = {
     "revision", "tree", "preupload", "commit", "commits", "branch", "tag", "refs", "paths-info", "resolve",
-    "discussions", "settings", "safetensors-metadata", "lfs-files", "super-squash",
+    "discussions", "settings", "safetensors-metadata", "lfs-files", "super-squash", "secrets", "runtime",
+    "hardware",
 }
+SPACE_SDKS = ("gradio", "streamlit", "docker", "static")
 _EXPAND_FILTERS = {"library": "library_name", "pipeline_tag": "pipeline_tag"}
 
 
@@ -122,6 +127,10 @@ class Repo:
     refs: dict = field(default_factory=dict)  # "main" / "dev" / "refs/pr/1" -> sha
     pr_count: int = 0
     created_at: str = field(default_factory=_now)
+    sdk: str | None = None  # Spaces only
+    hardware: str = "cpu-basic"  # Spaces: the requested flavour
+    secrets: dict = field(default_factory=dict)  # Spaces: key -> value
+    variables: dict = field(default_factory=dict)  # Spaces: key -> value
 
     @property
     def namespace(self) -> str:
@@ -159,6 +168,24 @@ def _card_data(readme: bytes | None) -> dict:
     except Exception:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _space_card_problems(data: dict) -> list:
+    """The Space configuration rules the Hub enforces on a README's front matter (the subset tests rely on)."""
+    problems = []
+    if data.get("sdk") not in SPACE_SDKS:
+        problems.append(f'"sdk" must be one of {", ".join(SPACE_SDKS)}')
+    if data.get("sdk") in ("gradio", "streamlit") and not isinstance(data.get("sdk_version"), str):
+        problems.append('"sdk_version" must be a version string')
+    for key in ("app_file", "title", "short_description", "suggested_hardware", "license"):
+        if key in data and not isinstance(data[key], str):
+            problems.append(f'"{key}" must be a string')
+    if len(str(data.get("short_description") or "")) > 60:
+        problems.append('"short_description" must be at most 60 characters')
+    for key in ("models", "datasets", "tags"):
+        if key in data and not (isinstance(data[key], list) and all(isinstance(v, str) for v in data[key])):
+            problems.append(f'"{key}" must be a list of strings')
+    return problems
 
 
 class FakeHub:
@@ -252,10 +279,13 @@ class FakeHub:
         gated: bool = False,
         granted: set | None = None,
         branch: str = "main",
+        sdk: str | None = None,
     ) -> Repo:
-        """Create a repo (with the Hub's initial .gitattributes commit) and optionally commit `files`."""
+        """Create a repo (with the Hub's initial .gitattributes commit) and optionally commit `files`. A Space
+        gets `sdk` (gradio unless given)."""
         with self.lock:
             repo = self._create_repo(repo_type, repo_id, private=private)
+            repo.sdk = sdk or ("gradio" if repo_type == "space" else None)
             repo.gated = gated
             repo.granted = set(granted or ())
             if files:
@@ -592,11 +622,18 @@ class _Handler(BaseHTTPRequestHandler):
                 403, f"You don't have the rights to create a {repo_type} under the namespace {namespace}"
             )
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        if repo_type == "space" and payload.get("sdk") not in SPACE_SDKS:
+            raise HubHTTPError(400, f"a Space needs an sdk, one of {', '.join(SPACE_SDKS)}")
         with self.fake.lock:
             if (repo_type, repo_id) in self.fake.repos:
                 return self._json(409, {"error": f"You already created this {repo_type} repo",
                                         "url": self._base_url(repo_type, repo_id)})
-            self.fake._create_repo(repo_type, repo_id, private=private)
+            repo = self.fake._create_repo(repo_type, repo_id, private=private)
+            if repo_type == "space":
+                repo.sdk = payload["sdk"]
+                repo.hardware = payload.get("hardware") or "cpu-basic"
+                repo.secrets = {d["key"]: d["value"] for d in payload.get("secrets") or []}
+                repo.variables = {d["key"]: d["value"] for d in payload.get("variables") or []}
         self._json(200, {"url": self._base_url(repo_type, repo_id), "name": repo_id, "id": secrets.token_hex(12)})
 
     def _validate_yaml(self, body: bytes) -> None:
@@ -611,6 +648,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(400, {"errors": [{"message": f"Invalid YAML in README.md front matter: {e}"}]})
             if data is not None and not isinstance(data, dict):
                 return self._json(400, {"errors": [{"message": "README.md front matter must be a YAML mapping"}]})
+            if json.loads(body or b"{}").get("repoType") == "space":
+                problems = _space_card_problems(data or {})
+                if problems:
+                    return self._json(400, {"errors": [{"message": p} for p in problems]})
         self._json(200, {"errors": [], "warnings": []})
 
     def _repo_summary(self, repo: Repo, commit: Commit, *, blobs: bool = False, full: bool = True) -> dict:
@@ -623,6 +664,8 @@ class _Handler(BaseHTTPRequestHandler):
             "disabled": False, "downloads": 0, "likes": 0, "tags": tags,
             "library_name": card.get("library_name"), "pipeline_tag": card.get("pipeline_tag"),
         }
+        if repo.repo_type == "space":
+            out.update(sdk=repo.sdk, subdomain=repo.repo_id.replace("/", "-").lower(), runtime=self._runtime(repo))
         if full:
             out["cardData"] = card or None
             siblings = []
@@ -709,11 +752,36 @@ class _Handler(BaseHTTPRequestHandler):
                 repo = self._get_repo(repo_type, repo_id, user, write=True)
                 rev, _ = self._split_rev(sub[1:])
                 return self._commit(repo, rev, body)
+            if action == "secrets" and repo_type == "space" and method in ("POST", "DELETE"):
+                repo = self._get_repo(repo_type, repo_id, user, write=True)
+                payload = json.loads(body or b"{}")
+                if method == "POST":
+                    if not payload.get("key") or "value" not in payload:
+                        raise HubHTTPError(400, "a secret needs a key and a value")
+                    repo.secrets[payload["key"]] = payload["value"]
+                else:
+                    repo.secrets.pop(payload.get("key"), None)
+                return self._json(200, {})
+            if action == "runtime" and repo_type == "space" and method == "GET":
+                return self._json(200, self._runtime(self._get_repo(repo_type, repo_id, user)))
+            if action == "hardware" and repo_type == "space" and method == "POST":
+                repo = self._get_repo(repo_type, repo_id, user, write=True)
+                flavor = json.loads(body or b"{}").get("flavor")
+                if not flavor:
+                    raise HubHTTPError(400, "flavor is required")
+                repo.hardware = flavor
+                return self._json(200, self._runtime(repo))
             if action == "branch" and method in ("POST", "DELETE"):
                 repo = self._get_repo(repo_type, repo_id, user, write=True)
                 branch = "/".join(sub[1:])
                 return self._branch(repo, branch, body, method)
         raise HubHTTPError(404, f"no route for {method} /api/{repo_type}s/{repo_id}/{'/'.join(sub)}")
+
+    @staticmethod
+    def _runtime(repo: Repo) -> dict:
+        """A Space's runtime as the Hub reports it (this server builds nothing: always BUILDING)."""
+        return {"stage": "BUILDING", "hardware": {"current": None, "requested": repo.hardware},
+                "storage": None, "gcTimeout": None, "replicas": {"current": 1, "requested": 1}}
 
     def _info(self, repo: Repo, rev: str) -> None:
         commit = self._get_commit(repo, rev)

@@ -132,6 +132,22 @@ class TrainingConfig:
     samples: int = _f(4, "base-vs-adapter sample answers on held-out prompts at the end (0: none)", min=0)
     sample_max_new_tokens: int = _f(64, "max new tokens per sample answer", min=1)
     dataloader_workers: int = _f(0, "DataLoader worker processes", min=0)
+    fsdp: str = _f(
+        "false", "shard the frozen base across processes per decoder layer (FSDP2; launch with torchrun or accelerate "
+        "launch): false, true, auto (on with more than one process when the base does not fit one device)",
+        choices=("false", "true", "auto"),
+    )
+
+
+@dataclass
+class PreferenceConfig:
+    method: str = _f("sft", "sft (supervised, the default), dpo (pairs: prompt/chosen/rejected or the demo's votes) or "
+                            "kto (single judgements: prompt/completion/label, or votes)", choices=("sft", "dpo", "kto"))
+    init_adapter: str | None = _f(None, "dpo/kto: continue from this adapter (folder or hub id[@revision]); its base "
+                                        "is checked against base.model, its chat template and system prompt inherited")
+    beta: float = _f(0.1, "dpo/kto: how far the tuned adapter may move from the reference (lower: further)", min=0.0)
+    desirable_weight: float = _f(1.0, "kto: weight of the desirable examples' loss", min=0.0)
+    undesirable_weight: float = _f(1.0, "kto: weight of the undesirable examples' loss", min=0.0)
 
 
 @dataclass
@@ -142,12 +158,15 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "dataset and formatting"})
     lora: LoraConfigSection = field(default_factory=LoraConfigSection, metadata={"help": "LoRA coverage and size"})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "optimisation and checkpoints"})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig,
+                                         metadata={"help": "preference tuning (dpo, kto) after SFT"})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfigSection, "training": TrainingConfig}
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfigSection, "training": TrainingConfig,
+            "preference": PreferenceConfig}
 
 
 def _coerce(value, tp, key: str, problems: list[str]):
@@ -288,6 +307,15 @@ def cross_checks(cfg: TrainConfig) -> list[str]:
             flag = f.metadata.get("required")  # the command-line flag that also sets it
             if flag and getattr(getattr(cfg, section), f.name) is None:
                 p.append(f"{section}.{f.name} is required: set it in the config or with {flag}")
+    if cfg.preference.method == "sft" and cfg.preference.init_adapter:
+        p.append("preference.init_adapter is set but preference.method is sft; continuing from an adapter is for "
+                 "--method dpo or kto (drop --init-adapter, or choose a method)")
+    if cfg.training.fsdp == "true" and cfg.base.load_in_4bit:
+        p.append("training.fsdp and base.load_in_4bit are both set: a 4-bit base cannot be sharded (and 4-bit loading "
+                 "does not shrink the fused experts); choose one")
+    if cfg.training.fsdp == "true" and cfg.preference.method != "sft":
+        p.append(f"training.fsdp: true with preference.method {cfg.preference.method}: preference runs do not shard "
+                 "the base; set training.fsdp: false (or auto) and run them on devices that hold the base whole")
     if cfg.base.load_in_4bit and cfg.base.dtype == "float32":
         p.append("base.load_in_4bit with base.dtype float32: 4-bit compute wants bfloat16/float16 (or auto)")
     return p

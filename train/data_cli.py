@@ -72,7 +72,8 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="PATH", help="a .json / .jsonl file, or a hub dataset id owner/name")
+    parser.add_argument("path", metavar="PATH", help="a .json / .jsonl file (SFT records, or DPO/KTO preference "
+                        "records), a hub dataset id owner/name, or the demo's vote database (SQLite)")
     parser.add_argument("--revision", help="hub dataset revision (branch, tag or commit)")
     parser.add_argument("--split", default="train", help="hub dataset split (default train)")
 
@@ -96,6 +97,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     max_length = args.max_length if args.max_length is not None else DEFAULT_MAX_LENGTH
     if max_length < 1:
         raise UsageError(f"data check: --max-length must be a positive number of tokens, got {max_length}")
+    from persona_lora.train import preference_data
+
+    if preference_data.is_preference_source(args.path):  # the demo's votes or a DPO/KTO file
+        prefs = preference_data.load_preferences(args.path)
+        print(preference_data.format_preference_stats(prefs))
+        if args.base:
+            print(preference_data.token_report(prefs, _tokenizer(args), system_prompt=args.system_prompt,
+                                               max_length=max_length, base=args.base))
+        return 0
     ds = load_records(args.path, revision=args.revision, split=args.split)
     print(format_stats(ds, dataset_stats(ds.records)))
     if args.base:

@@ -47,4 +47,7 @@ def dry_run_report(cfg: TrainConfig, data: PreparedData, model: AdaptedModel, de
         f"memory: ~{weight_gb:.2f} GB weights + ~{lora_gb:.3f} GB LoRA params/grads/optimizer + activations "
         f"(batch {t.batch_size} x up to {stats.tokens.max_length} tokens)",
     ]
+    from persona_lora.train.memory_plan import memory_section
+
+    lines += ["", memory_section(cfg, data, model, device, dtype)]
     return "\n".join(lines)

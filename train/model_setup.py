@@ -28,6 +28,7 @@ class AdaptedModel:
     trainable: int
     total: int
     experts_forward: str = ""  # how LoRA on the routed experts runs (peft_compat.use_lora_aware_experts)
+    sharded: bool = False  # the base is sharded across the run's processes (train/fsdp.py)
 
 
 def resolve_device(cfg: TrainConfig) -> str:
@@ -60,9 +61,10 @@ def check_packing(cfg: TrainConfig, device: str) -> None:
         )
 
 
-def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta: bool = False) -> AdaptedModel:
+def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta: bool = False,
+                        sharded: bool = False) -> AdaptedModel:
     """Base model + LoRA with the asked coverage. `meta=True` builds on the meta device (no weights), for dry
-    runs."""
+    runs; `sharded=True` shards the base over the run's processes while it loads (train/fsdp.py)."""
     import torch
 
     checkpointing = use_gradient_checkpointing(cfg, device)
@@ -72,6 +74,12 @@ def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta
         config = AutoConfig.from_pretrained(rb.path, trust_remote_code=cfg.base.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.base.trust_remote_code)
+    elif sharded:
+        from persona_lora.train.fsdp import load_sharded_base
+        from persona_lora.train.model_loading import parse_dtype
+
+        model = load_sharded_base(rb.path, name=rb.id, dtype=parse_dtype(cfg.base.dtype, device), device=device,
+                                  trust_remote_code=cfg.base.trust_remote_code)
     else:
         model = load_base_model(rb, dtype=cfg.base.dtype, device=device, load_in_4bit=cfg.base.load_in_4bit,
                                 trust_remote_code=cfg.base.trust_remote_code)
@@ -92,17 +100,19 @@ def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta
     total = sum(p.numel() for p in peft_model.parameters())
     # training, eval and the sample answers run the routed-expert LoRA without rebuilding the expert weights
     experts_forward = "" if meta else use_lora_aware_experts(peft_model)
-    return AdaptedModel(peft_model, spec, table, note, trainable, total, experts_forward)
+    return AdaptedModel(peft_model, spec, table, note, trainable, total, experts_forward, sharded)
 
 
-def save_adapter(peft_model, out: Path, rb: ResolvedBase, spec: presets.LoraSpec) -> None:
+def save_adapter(peft_model, out: Path, rb: ResolvedBase, spec: presets.LoraSpec, state_dict: dict | None = None
+                 ) -> None:
     """PEFT's files, with the base recorded by its hub id (never a local absolute path) and the config in the
     portable spelling, so stock PEFT and transformers load the adapter as trained. PEFT's own stub card is
-    dropped when there was no card before: ours replaces it right after."""
+    dropped when there was no card before: ours replaces it right after. `state_dict`: the LoRA tensors gathered
+    whole (`fsdp.adapter_state_dict`) when the base is sharded, so that saving never gathers the base."""
     had_card = (out / "README.md").exists()
     peft_model.peft_config["default"].base_model_name_or_path = rb.id
     # save_embedding_layers=False: embeddings are never adapted, and "auto" would look the base id up online
-    peft_model.save_pretrained(out, save_embedding_layers=False)
+    peft_model.save_pretrained(out, save_embedding_layers=False, state_dict=state_dict)
     config = read_adapter_config(out)
     write_adapter_config(out, portable_config(config, spec.target_modules, peft_model.config.model_type))
     if not had_card:

@@ -25,6 +25,12 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="with --resume: continue with changed data or settings, recording them in the manifest")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set training.learning_rate=1e-4")
+    p.add_argument("--method", choices=["sft", "dpo", "kto"],
+                   help="override preference.method: sft (default), dpo (pairs or the demo's votes), kto (single "
+                        "judgements or votes); --data then takes a vote database or a preference file")
+    p.add_argument("--init-adapter", metavar="DIR_OR_ID",
+                   help="override preference.init_adapter: dpo/kto continue from this adapter (its base is checked, "
+                        "its chat template and system prompt inherited; it is the frozen reference)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, data statistics, LoRA coverage and estimates; do not train")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help text")
@@ -42,6 +48,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         ("training", "resume"): args.resume,
         ("training", "overwrite"): True if args.overwrite else None,
         ("training", "allow_changes"): True if args.allow_changes else None,
+        ("preference", "method"): getattr(args, "method", None),
+        ("preference", "init_adapter"): getattr(args, "init_adapter", None),
     }
     for (section, key), value in flags.items():
         if value is not None:
@@ -57,6 +65,11 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{key:<40} {text}")
         return 0
     cfg = load_config(args.config, overrides_from_args(args))
+    if cfg.preference.method != "sft":
+        from persona_lora.train.preference_train import run_preference_training
+
+        run_preference_training(cfg, dry_run=args.dry_run)
+        return 0
     from persona_lora.train.trainer import run_training
 
     run_training(cfg, dry_run=args.dry_run)

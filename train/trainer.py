@@ -22,7 +22,7 @@ from pathlib import Path
 from persona_lora.artifact import write_manifest
 from persona_lora.errors import TrainingInterrupted, UsageError
 from persona_lora.peft_compat import native_targets
-from persona_lora.train import presets
+from persona_lora.train import fsdp, presets
 from persona_lora.train.chat_format import IGNORE_INDEX, require_chat_template
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.dry_run import dry_run_report
@@ -225,6 +225,9 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
 
     model.peft_model.config.pad_token_id = setup.tokenizer.pad_token_id
     stop, tokens = _StopOnSignal(), {"start": 0, "end": 0}
+    if model.sharded:  # sharded while loading: accelerate must not wrap it again; checkpoints keep the optimizer
+        fsdp.switch_off_accelerate_fsdp()
+        Trainer = fsdp.sharded_trainer(Trainer)  # noqa: N806
     args = training_arguments(cfg, out, setup, bool(data.eval))
     trainer = Trainer(
         model=model.peft_model,
@@ -244,10 +247,13 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
 
 
 def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel, result: TrainResult,
-             out: Path, started: float, changes: list[str]) -> None:
-    """Adapter files, sample answers, manifest and card (rank 0 only)."""
-    save_adapter(model.peft_model, out, setup.base, model.spec)
-    if setup.template_source == "file":
+             out: Path, started: float, changes: list[str], write: bool = True) -> None:
+    """Adapter files, sample answers, manifest and card, written by rank 0 (`write`). With a sharded base every
+    rank comes here: gathering the adapter and answering the sample prompts are collectives."""
+    state = fsdp.adapter_state_dict(model.peft_model) if model.sharded else None
+    if write:
+        save_adapter(model.peft_model, out, setup.base, model.spec, state_dict=state)
+    if write and setup.template_source == "file":
         setup.tokenizer.padding_side = setup.padding_side
         setup.tokenizer.save_pretrained(out)
     samples = []
@@ -255,8 +261,11 @@ def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Adapt
         held_out = data.eval_conversations or data.train_conversations
         samples = sample_answers(model.peft_model, setup.tokenizer, held_out, cfg.training.samples,
                                  cfg.training.sample_max_new_tokens)
+    if not write:
+        return
     manifest = build_manifest(cfg, setup, data, model, result, samples, out, changes)
     manifest.run.total_wall_time_s = round(time.time() - started, 2)
+    manifest.training.sharding = fsdp.SHARDING if model.sharded else "none"
     write_manifest(out, manifest)
     from persona_lora.model_cards.cards import write_card
 
@@ -269,6 +278,9 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
     that many optimizer steps with the schedule of the whole run (`reproduce --max-steps` compares a prefix)."""
     import torch
 
+    if cfg.preference.method != "sft":  # `train --method dpo|kto` runs train/preference_train.py instead
+        raise UsageError(f"preference.method {cfg.preference.method} is trained by `persona-lora train`; this path "
+                         "(SFT, and `reproduce`) does not run preference tuning")
     started = time.time()
     # PEFT's checkpoint saves load a card stub without metadata; that warning is noise for our users
     logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
@@ -283,7 +295,8 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
     plan = plan_output(cfg)  # only looks: nothing is created or removed before the data and model are checked
     data = prepare_data(cfg, setup.tokenizer)
     torch.manual_seed(cfg.training.seed)
-    model = build_adapted_model(cfg, setup.base, setup.device)
+    sharded = fsdp.decide(cfg, setup.device, lambda: one_device_plan(cfg, setup, data))
+    model = build_adapted_model(cfg, setup.base, setup.device, sharded=sharded)
     draft = build_manifest(cfg, setup, data, model, None, [], plan.out)
     try:
         changes = check_resume(cfg, plan, draft)
@@ -304,6 +317,8 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
     if plan.resume_from:
         print_fn(f"resuming from {plan.resume_from}")
     trainer, result = train_loop(cfg, setup, data, model, out, plan.resume_from, stop_after)
+    if model.sharded and not trainer.is_world_process_zero():
+        finalise(cfg, setup, data, model, result, out, started, changes, write=False)
     if trainer.is_world_process_zero():
         finalise(cfg, setup, data, model, result, out, started, changes)
         if result.interrupted:
@@ -316,3 +331,11 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
     elif result.interrupted:
         raise TrainingInterrupted("interrupted")
     return out
+
+
+def one_device_plan(cfg: TrainConfig, setup: RunSetup, data: PreparedData):
+    """The dry run's memory plan of one unsharded device, from a meta-device model (for `training.fsdp: auto`)."""
+    from persona_lora.train.memory_plan import run_plan
+
+    meta = build_adapted_model(cfg, setup.base, setup.device, meta=True)
+    return run_plan(cfg, data, meta, setup.device, setup.dtype, devices=1, sharded=False)
