@@ -184,8 +184,11 @@ def _grouped(experts, x, top_k_index, top_k_weights, lora, token_scale):
     num_tokens, top_k = top_k_index.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     token_of_pair = perm // top_k
-    xg = x[token_of_pair]
-    weights_g = top_k_weights.reshape(-1)[perm]
+    # Gathers as `index_select` of a permutation: their backward is a plain scatter of distinct rows, where advanced
+    # indexing (`x[idx]`) backpropagates through an accumulating index_put that sorts the indices (slow on CPU).
+    # The token copies per pair are made by repeat_interleave, whose backward is a deterministic sum.
+    xg = x.repeat_interleave(top_k, dim=0).index_select(0, perm)
+    weights_g = top_k_weights.reshape(-1).index_select(0, perm)
     counts = torch.histc(expert_ids.float() if x.device.type in ("cpu", "mps") else expert_ids.int(),
                          bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
@@ -212,7 +215,7 @@ def _grouped(experts, x, top_k_index, top_k_weights, lora, token_scale):
     out = project(h, experts.down_proj, lora.get("down_proj") or ()) * weights_g.unsqueeze(-1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.size(0), device=perm.device)
-    return out[inverse].view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+    return out.index_select(0, inverse).view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
 def _gathered(inp, d: LowRank, expert_ids, dtype, pair_scale):

@@ -205,6 +205,7 @@ class RowRouting:
         self._lora_linears: list = []
         self._masked: dict[int, tuple] = {}
         self._token_scales: dict[tuple, object] = {}
+        self._row_scales: dict[tuple, object] = {}  # per pass: the masks `_mask_scaling` made, by scale and shape
 
     def install(self, peft_model) -> None:
         """(Re)install the hooks on the LoRA modules present now: linear LoRA layers get a pre-hook that gives
@@ -275,6 +276,7 @@ class RowRouting:
                 m.scaling[key] = scale
             self._masked.clear()
             self._token_scales.clear()
+            self._row_scales.clear()
             self._row_keys = None
 
     def _inject_rows(self, module, args, kwargs):
@@ -283,23 +285,31 @@ class RowRouting:
         if keys is None or self._active not in getattr(module, "lora_A", (self._active,)):
             return args, kwargs
         masked = self._masked.get(id(module))
-        if masked is not None and args and _mask_scaling(module, masked, args[0], len(keys)):
+        if masked is not None and args and _mask_scaling(module, masked, args[0], len(keys), self._row_scales):
             return args, kwargs
         kwargs["adapter_names"] = keys
         return args, kwargs
 
 
-def _mask_scaling(module, masked, x, n_rows: int) -> bool:
-    """Give `module.scaling` the per-row mask shaped for this input: (rows, 1, 1) for (rows, seq, in),
-    (rows*seq, 1) for flattened (rows*seq, in). False (PEFT's mixed-batch path instead) for other shapes."""
+def _mask_scaling(module, masked, x, n_rows: int, made: dict) -> bool:
+    """Give `module.scaling` the per-row mask shaped for this input: (rows, 1, …, 1) for inputs led by the rows
+    ((rows, seq, in); MLA's kv_b_proj sees (rows, 1, cached positions, rank)), (rows*seq, 1) for flattened
+    (rows*seq, in). False (PEFT's mixed-batch path instead) for other shapes. `made` keeps the masks of this pass:
+    the modules of one adapter share a few scales and shapes, so each mask is made once per pass."""
     key, scale, rows = masked
-    if x.dim() == 3 and x.shape[0] == n_rows:
-        module.scaling[key] = rows.view(-1, 1, 1) * scale
+    if x.dim() >= 3 and x.shape[0] == n_rows:
+        shape = (-1, *[1] * (x.dim() - 1))
+        where = (id(rows), scale, shape)
+        if where not in made:
+            made[where] = rows.view(shape) * scale
     elif x.dim() == 2 and x.shape[0] % n_rows == 0:
-        module.scaling[key] = rows.repeat_interleave(x.shape[0] // n_rows).view(-1, 1) * scale
+        where = (id(rows), scale, x.shape[0])
+        if where not in made:
+            made[where] = rows.repeat_interleave(x.shape[0] // n_rows).view(-1, 1) * scale
     else:
         module.scaling[key] = scale
         return False
+    module.scaling[key] = made[where]
     return True
 
 
