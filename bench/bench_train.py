@@ -93,7 +93,11 @@ def worker_tutorial(base: Path, data: Path, n: int) -> dict:
 def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "all") -> dict:
     """The whole `persona-lora train` command in this process, its phases timed by wrapping the trainer's steps."""
     started = time.time()
+    import datasets  # noqa: F401  (the libraries the command imports anyway, timed as imports, not as "other")
+    import peft  # noqa: F401
+    import torch  # noqa: F401
     import transformers
+    from transformers import Trainer  # noqa: F401
 
     import persona_lora.model_cards.cards as cards
     import persona_lora.train.trainer as trainer
