@@ -359,8 +359,11 @@ def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_pat
 
 
 @pytest.mark.slow
-def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, small_persona_data, tmp_path):
-    """`accelerate launch` runs the same command data-parallel (2 CPU processes, gloo)."""
+@pytest.mark.parametrize("late_rank", [False, True], ids=["together", "rank-1-late"])
+def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, small_persona_data, tmp_path,
+                                                                    late_rank):
+    """`accelerate launch` runs the same command data-parallel (2 CPU processes, gloo), also when rank 1 starts
+    seconds after rank 0 has claimed the output folder."""
     out = tmp_path / "ddp"
     args = train_args(tiny_base, small_persona_data, out, "--max-steps", "3", "--set", "training.batch_size=4",
                       "--set", "training.samples=0", "--set", "training.report_to=none")
@@ -368,7 +371,7 @@ def test_accelerate_launch_runs_data_parallel_on_two_cpu_processes(tiny_base, sm
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        "-m", "persona_lora", *args,
+        *(["tests/fixtures/late_rank.py"] if late_rank else ["-m", "persona_lora"]), *args,
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -53,6 +53,20 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
 
 
+def all_ranks_planned(device: str) -> None:
+    """Wait until every process of a multi-process run has looked at the output folder, so that none sees the folder
+    rank 0 claims for this very run and refuses it as "exists and is not empty" (a slow rank would). The process
+    group is the one Trainer uses (accelerate's `PartialState`, made here first), with the long timeout
+    transformers gives sharded loading, whose ranks can be minutes apart on a 16B base."""
+    if world_size() < 2:
+        return
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    PartialState(cpu=device == "cpu", timeout=timedelta(hours=2)).wait_for_everyone()
+
+
 def accelerate_asked_fsdp() -> bool:
     """`accelerate launch` with an FSDP config exports ACCELERATE_USE_FSDP=true to every process."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")

@@ -327,6 +327,7 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     """Train with DPO or KTO and write the adapter folder; with dry_run, print the plan and return None."""
     import torch
 
+    from persona_lora.train.fsdp import all_ranks_planned
     from persona_lora.train.model_setup import save_adapter
     from persona_lora.train.prepare import PreparedData
     from persona_lora.train.provenance import build_manifest
@@ -354,6 +355,7 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
         print_fn(dry_run_summary(cfg, setup, init, run))
         return None
     plan = plan_output(cfg)
+    all_ranks_planned(setup.device)
     torch.manual_seed(cfg.training.seed)
     model = build_policy(cfg, setup, init)
     loaded = SimpleNamespace(name=run.prefs.name, source=run.prefs.source, sha256=run.prefs.sha256,

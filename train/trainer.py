@@ -293,6 +293,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
         print_fn(dry_run_report(cfg, data, model, setup.device, setup.dtype))
         return None
     plan = plan_output(cfg)  # only looks: nothing is created or removed before the data and model are checked
+    fsdp.all_ranks_planned(setup.device)
     data = prepare_data(cfg, setup.tokenizer)
     torch.manual_seed(cfg.training.seed)
     sharded = fsdp.decide(cfg, setup.device, lambda: one_device_plan(cfg, setup, data))
