@@ -14,7 +14,7 @@ the side that failed and why.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from persona_lora.demo.decode import GenerationSettings
 from persona_lora.errors import PersonaLoraError
@@ -28,6 +28,17 @@ class AdapterView(Protocol):
     name: str  # as shown in the picker, and as the compare API takes it
     adapter_id: str  # what a vote records: stable across restarts (hub id@commit, folder name, served name)
     system_prompt: str  # the adapter's training system prompt: the page's default for both sides
+
+
+T = TypeVar("T")
+
+
+def final(stream: Iterator[T], empty: T) -> T:
+    """The last value a streaming call yields: the whole answer(s), what the non-streaming calls return."""
+    last = empty
+    for last in stream:
+        pass
+    return last
 
 
 class DemoBackend(Protocol):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from persona_lora.demo.backend import final
 from persona_lora.demo.decode import GenerationSettings, Job, Row
 from persona_lora.demo.prompts import PromptFormatter
 from persona_lora.demo.registry import AdapterInfo, AdapterRegistry, template_sha
@@ -129,10 +130,7 @@ class Engine:
                 settings: GenerationSettings | None = None) -> tuple[str, str]:
         """(base answer, adapter answer) to one user message."""
         turn = [{"role": "user", "content": message}]
-        last = ("", "")
-        for last in self.stream_compare(adapter, turn, turn, system_prompt, settings):
-            pass
-        return last
+        return final(self.stream_compare(adapter, turn, turn, system_prompt, settings), ("", ""))
 
     def stream_pair(self, left: str | None, right: str, left_history: list[dict], right_history: list[dict],
                     system_prompt: str | None = None,
@@ -159,10 +157,7 @@ class Engine:
                      settings: GenerationSettings | None = None) -> tuple[str, str]:
         """(left answer, right answer) to one user message; `left` None or "base" is the base."""
         turn = [{"role": "user", "content": message}]
-        last = ("", "")
-        for last in self.stream_pair(left, right, turn, turn, system_prompt, settings):
-            pass
-        return last
+        return final(self.stream_pair(left, right, turn, turn, system_prompt, settings), ("", ""))
 
     def stream_one(self, adapter: str | None, history: list[dict], system_prompt: str | None = None,
                    settings: GenerationSettings | None = None) -> Iterator[str]:
@@ -177,10 +172,7 @@ class Engine:
     def answer(self, adapter: str | None, message: str, system_prompt: str | None = None,
                settings: GenerationSettings | None = None) -> str:
         """One side's whole answer to one user message (CLI checks and benchmarks)."""
-        last = ""
-        for last in self.stream_one(adapter, [{"role": "user", "content": message}], system_prompt, settings):
-            pass
-        return last
+        return final(self.stream_one(adapter, [{"role": "user", "content": message}], system_prompt, settings), "")
 
     def close(self) -> None:
         """Stop the inference thread and wait for it: a thread still inside torch when the interpreter exits

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from persona_lora.demo.backend import SideFailed
+from persona_lora.demo.backend import SideFailed, final
 from persona_lora.demo.decode import GenerationSettings
 from persona_lora.errors import UsageError
 
@@ -241,17 +241,11 @@ class OpenAIBackend:
     def compare(self, adapter: str, message: str, system_prompt: str | None = None,
                 settings: GenerationSettings | None = None) -> tuple[str, str]:
         turn = [{"role": "user", "content": message}]
-        last = ("", "")
-        for last in self.stream_compare(adapter, turn, turn, system_prompt, settings):
-            pass
-        return last
+        return final(self.stream_compare(adapter, turn, turn, system_prompt, settings), ("", ""))
 
     def answer(self, adapter: str | None, message: str, system_prompt: str | None = None,
                settings: GenerationSettings | None = None) -> str:
-        last = ""
-        for last in self.stream_one(adapter, [{"role": "user", "content": message}], system_prompt, settings):
-            pass
-        return last
+        return final(self.stream_one(adapter, [{"role": "user", "content": message}], system_prompt, settings), "")
 
     def close(self) -> None:
         self._client.close()

@@ -328,12 +328,10 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     import torch
 
     from persona_lora.train.fsdp import all_ranks_planned
-    from persona_lora.train.model_setup import save_adapter
     from persona_lora.train.prepare import PreparedData
     from persona_lora.train.provenance import build_manifest
     from persona_lora.train.run_folder import CHECKPOINTS, claim_output, complete_output, plan_output
-    from persona_lora.train.samples import sample_answers
-    from persona_lora.train.trainer import TrainResult, _callbacks, _StopOnSignal, set_up
+    from persona_lora.train.trainer import TrainResult, _callbacks, _StopOnSignal, finalise, set_up
 
     started = time.time()
     method = cfg.preference.method
@@ -386,22 +384,8 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     if REF in model.peft_model.peft_config:
         model.peft_model.delete_adapter(REF)  # the folder holds the tuned adapter only
         model.peft_model.set_adapter("default")
-    save_adapter(model.peft_model, out, setup.base, model.spec)
-    if setup.template_source == "file":
-        setup.tokenizer.padding_side = setup.padding_side
-        setup.tokenizer.save_pretrained(out)
-    samples = []
-    if cfg.training.samples and not result.interrupted:
-        held_out = run.eval_conversations or run.train_conversations
-        samples = sample_answers(model.peft_model, setup.tokenizer, held_out, cfg.training.samples,
-                                 cfg.training.sample_max_new_tokens)
-    manifest = build_manifest(cfg, setup, data, model, result, samples, out)
-    manifest.preference = preference_info(cfg, init, run, result.history)
-    manifest.run.total_wall_time_s = round(time.time() - started, 2)
-    write_manifest(out, manifest)
-    from persona_lora.model_cards.cards import write_card
-
-    write_card(out)
+    finalise(cfg, setup, data, model, result, out, started, [],
+             extend_manifest=lambda m: setattr(m, "preference", preference_info(cfg, init, run, result.history)))
     if result.interrupted:
         raise TrainingInterrupted(f"interrupted: the adapter in {out} is from the last step reached (its card says "
                                   f"so); checkpoints under {out / CHECKPOINTS}")

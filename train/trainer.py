@@ -247,9 +247,10 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
 
 
 def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel, result: TrainResult,
-             out: Path, started: float, changes: list[str], write: bool = True) -> None:
+             out: Path, started: float, changes: list[str], write: bool = True, extend_manifest=None) -> None:
     """Adapter files, sample answers, manifest and card, written by rank 0 (`write`). With a sharded base every
-    rank comes here: gathering the adapter and answering the sample prompts are collectives."""
+    rank comes here: gathering the adapter and answering the sample prompts are collectives. `extend_manifest`
+    adds a method's own section (preference tuning) before the manifest and card are written."""
     state = fsdp.adapter_state_dict(model.peft_model) if model.sharded else None
     if write:
         save_adapter(model.peft_model, out, setup.base, model.spec, state_dict=state)
@@ -266,6 +267,8 @@ def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Adapt
     manifest = build_manifest(cfg, setup, data, model, result, samples, out, changes)
     manifest.run.total_wall_time_s = round(time.time() - started, 2)
     manifest.training.sharding = fsdp.SHARDING if model.sharded else "none"
+    if extend_manifest is not None:
+        extend_manifest(manifest)
     write_manifest(out, manifest)
     from persona_lora.model_cards.cards import write_card
 
