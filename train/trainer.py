@@ -23,6 +23,7 @@ from persona_lora.artifact import write_manifest
 from persona_lora.errors import TrainingInterrupted, UsageError
 from persona_lora.peft_compat import native_targets
 from persona_lora.train import fsdp, presets
+from persona_lora.train.answer_logits import answer_logits_trainer
 from persona_lora.train.chat_format import IGNORE_INDEX, require_chat_template
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.dry_run import dry_run_report
@@ -182,6 +183,7 @@ def training_arguments(cfg: TrainConfig, out: Path, setup: RunSetup, has_eval: b
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
+        prediction_loss_only=True,  # eval passes report the loss; gathering their logits would only cost time
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -225,6 +227,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
 
     model.peft_model.config.pad_token_id = setup.tokenizer.pad_token_id
     stop, tokens = _StopOnSignal(), {"start": 0, "end": 0}
+    Trainer = answer_logits_trainer(Trainer)  # noqa: N806
     if model.sharded:  # sharded while loading: accelerate must not wrap it again; checkpoints keep the optimizer
         fsdp.switch_off_accelerate_fsdp()
         Trainer = fsdp.sharded_trainer(Trainer)  # noqa: N806
