@@ -224,6 +224,13 @@ class RowRouting:
                 self._handles.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
         use_lora_aware_experts(peft_model, routing=self)
 
+    def uninstall(self, peft_model) -> None:
+        """Remove the hooks; the fused experts keep the LoRA-aware forward, without per-row routing."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._lora_linears = [], []
+        use_lora_aware_experts(peft_model)
+
     def keys_for(self, wrapper) -> list[str] | None:
         """The current pass's row keys as a fused-experts wrapper sees them (an adapter it has no LoRA of is the
         base there); None when every row uses the active adapter."""

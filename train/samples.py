@@ -34,7 +34,12 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_t
 
 
 def sample_answers(peft_model, tokenizer, conversations: list[list[dict]], n: int, max_new_tokens: int) -> list[Sample]:
-    """Base vs adapter greedy answers on held-out prompts (the last user turn of each conversation)."""
+    """Base vs adapter greedy answers on held-out prompts (the last user turn of each conversation).
+
+    Both sides decode as one batch, as the demo's side-by-side answers do: the base rows get no LoRA
+    (`RowRouting`), so each side answers exactly as it would alone, for little more than one side's time."""
+    from persona_lora.peft_compat import BASE_ROW, RowRouting
+
     prompts = []
     for conv in conversations[:n]:
         last_user = max(i for i, m in enumerate(conv) if m["role"] == "user")
@@ -43,7 +48,13 @@ def sample_answers(peft_model, tokenizer, conversations: list[list[dict]], n: in
         return []
     peft_model.eval()
     peft_model.config.use_cache = True
-    with peft_model.disable_adapter():
-        base = generate_greedy(peft_model, tokenizer, prompts, max_new_tokens, batched=True)
-    tuned = generate_greedy(peft_model, tokenizer, prompts, max_new_tokens, batched=True)
+    active = peft_model.active_adapter
+    routing = RowRouting()
+    routing.install(peft_model)
+    try:
+        with routing.rows([BASE_ROW] * len(prompts) + [active] * len(prompts), active):
+            answers = generate_greedy(peft_model, tokenizer, prompts + prompts, max_new_tokens, batched=True)
+    finally:
+        routing.uninstall(peft_model)
+    base, tuned = answers[: len(prompts)], answers[len(prompts):]
     return [Sample(prompt=p[-1]["content"], base=b, adapter=a) for p, b, a in zip(prompts, base, tuned)]
