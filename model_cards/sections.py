@@ -129,6 +129,7 @@ _PROVENANCE_ROWS: list[Row] = [
     ("Total wall time", "run.total_wall_time_s", as_duration),
     ("Trained tokens", "run.trained_tokens", as_number),
     ("Throughput", "run.tokens_per_second", _tokens_per_second),
+    ("Throughput of the training steps (eval passes excluded)", "run.step_tokens_per_second", _tokens_per_second),
     ("Resumed from a checkpoint", "run.resumed", as_yes_no),
 ]
 

@@ -235,6 +235,9 @@ class RunInfo:
     total_wall_time_s: float | None = _f(None, "time of the whole command")
     trained_tokens: int | None = _f(None, "non-padding tokens seen in training")
     tokens_per_second: float | None = _f(None, "trained_tokens / wall_time_s")
+    eval_time_s: float | None = _f(None, "of wall_time_s, the eval passes")
+    step_tokens_per_second: float | None = _f(None, "trained_tokens / (wall_time_s - eval_time_s): the training "
+                                                     "steps alone")
     resumed: bool | None = _f(None, "continued from a checkpoint")
     interrupted: bool | None = _f(None, "stopped early by Ctrl-C: the weights are from the last step reached")
     changes: list[str] = _f([], "settings changed when the run was resumed (--allow-changes), with the step")

@@ -94,7 +94,11 @@ def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data
     hist = m["metrics"]["history"]
     assert any("eval_loss" in h for h in hist) and any("loss" in h for h in hist)
     assert m["metrics"]["final_train_loss"] < m["metrics"]["first_train_loss"] / 4, "loss went down"
-    assert m["run"]["trained_tokens"] > 0 and m["run"]["tokens_per_second"] > 0 and m["run"]["wall_time_s"] > 0
+    run = m["run"]
+    assert run["trained_tokens"] > 0 and run["tokens_per_second"] > 0 and run["wall_time_s"] > 0
+    assert 0 < run["eval_time_s"] < run["wall_time_s"]  # the run has eval passes (see history above)
+    assert run["step_tokens_per_second"] == pytest.approx(
+        run["trained_tokens"] / (run["wall_time_s"] - run["eval_time_s"]), rel=0.01)
     assert {"torch", "transformers", "peft"} <= set(m["environment"]["libraries"])
     assert len(m["samples"]) == 2 and all(s["base"] != s["adapter"] for s in m["samples"])
 

@@ -376,7 +376,7 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
         trainer.train()
     result = TrainResult(history=trainer.state.log_history, wall_time_s=time.time() - t0,
                          tokens=max(tokens["end"] - tokens["start"], 0), world_size=trainer.args.world_size,
-                         resumed=False, interrupted=stop.interrupted)
+                         resumed=False, interrupted=stop.interrupted, eval_time_s=tokens.get("eval_s", 0.0))
     if not trainer.is_world_process_zero():
         if result.interrupted:
             raise TrainingInterrupted("interrupted")

@@ -88,6 +88,9 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
             wall_time_s=round(result.wall_time_s, 2),
             trained_tokens=result.tokens,
             tokens_per_second=round(result.tokens / result.wall_time_s, 1) if result.wall_time_s > 0 else None,
+            eval_time_s=round(result.eval_time_s, 2),
+            step_tokens_per_second=(round(result.tokens / (result.wall_time_s - result.eval_time_s), 1)
+                                    if result.wall_time_s > result.eval_time_s else None),
             resumed=result.resumed,
             interrupted=result.interrupted,
             changes=list(changes or []),

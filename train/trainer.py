@@ -69,6 +69,7 @@ class TrainResult:
     world_size: int
     resumed: bool
     interrupted: bool
+    eval_time_s: float = 0.0  # of wall_time_s, the eval passes
 
 
 def set_up(cfg: TrainConfig) -> RunSetup:
@@ -150,6 +151,9 @@ def _callbacks(stop: _StopOnSignal, tokens: dict, stop_after: int | None = None)
                 control.should_training_stop = True
             if stop_after is not None and st.global_step >= stop_after:  # `reproduce --max-steps`: the run's own
                 control.should_training_stop = True  # schedule, cut short (a lower max_steps would change it)
+
+        def on_evaluate(self, args, st, control, metrics=None, **kw):
+            tokens["eval_s"] = tokens.get("eval_s", 0.0) + float((metrics or {}).get("eval_runtime") or 0.0)
 
         def on_train_end(self, args, st, control, **kw):
             tokens["end"] = st.num_input_tokens_seen or 0
@@ -246,7 +250,8 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, TrainResult(history=trainer.state.log_history, wall_time_s=time.time() - started,
                                 tokens=max(tokens["end"] - tokens["start"], 0), world_size=args.world_size,
-                                resumed=resume_from is not None, interrupted=stop.interrupted)
+                                resumed=resume_from is not None, interrupted=stop.interrupted,
+                                eval_time_s=tokens.get("eval_s", 0.0))
 
 
 def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel, result: TrainResult,
