@@ -27,6 +27,7 @@ from persona_lora.train.answer_logits import answer_logits_trainer
 from persona_lora.train.chat_format import IGNORE_INDEX, require_chat_template
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.dry_run import dry_run_report
+from persona_lora.train.length_batches import length_bucket_trainer
 from persona_lora.train.model_loading import ResolvedBase, load_tokenizer, parse_dtype, resolve_base
 from persona_lora.train.model_setup import (
     AdaptedModel,
@@ -231,7 +232,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
 
     model.peft_model.config.pad_token_id = setup.tokenizer.pad_token_id
     stop, tokens = _StopOnSignal(), {"start": 0, "end": 0}
-    Trainer = answer_logits_trainer(Trainer)  # noqa: N806
+    Trainer = length_bucket_trainer(answer_logits_trainer(Trainer))  # noqa: N806
     if model.sharded:  # sharded while loading: accelerate must not wrap it again; checkpoints keep the optimizer
         fsdp.switch_off_accelerate_fsdp()
         Trainer = fsdp.sharded_trainer(Trainer)  # noqa: N806
