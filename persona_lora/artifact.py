@@ -179,6 +179,7 @@ class TrainingInfo:
     eval_fraction: float | None = _f(None, "fraction held out for eval loss")
     group_by_length: bool | None = _f(None, "length-grouped batches")
     packing: bool | None = _f(None, "padding-free packing")
+    batch_order: str | None = _f(None, "how batches are formed: length buckets | random | sequential | packed")
     world_size: int | None = _f(None, "processes (data parallel, or FSDP with the base sharded: see sharding)")
     sharding: str | None = _f(None, "how the base was split across the processes: none | fsdp2 per decoder layer")
 

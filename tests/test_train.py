@@ -90,7 +90,7 @@ def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data
     assert m["lora"]["trainable_params"] == sum(r["params"] for r in groups.values())
     t = m["training"]
     assert (t["learning_rate"] == 2e-3 and t["per_device_batch_size"] == 8 and t["dtype"] == "float32"
-            and t["seed"] == 42)
+            and t["seed"] == 42 and t["batch_order"] == "length buckets")
     hist = m["metrics"]["history"]
     assert any("eval_loss" in h for h in hist) and any("loss" in h for h in hist)
     assert m["metrics"]["final_train_loss"] < m["metrics"]["first_train_loss"] / 4, "loss went down"

@@ -281,6 +281,12 @@ def reference_kind(cfg: TrainConfig) -> str:
     return "init-adapter" if cfg.preference.init_adapter else "base"
 
 
+def _preference_section(manifest, cfg: TrainConfig, init, run: PreferenceRun, history: list[dict]) -> None:
+    """The manifest's preference section; TRL's trainers draw their batches themselves (KTO in order)."""
+    manifest.preference = preference_info(cfg, init, run, history)
+    manifest.training.batch_order = "sequential" if cfg.preference.method == "kto" else "random"
+
+
 def preference_info(cfg: TrainConfig, init: InitAdapter | None, run: PreferenceRun, history: list[dict]):
     steps = [PreferenceStep(step=h.get("step"), loss=h.get("loss"),
                             **{ours: h[theirs] for theirs, ours in METRIC_KEYS.items() if theirs in h})
@@ -360,7 +366,7 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
                              hub_id=run.prefs.name if run.prefs.source == "hub" else None)
     data = PreparedData([], [], run.eval_conversations, run.train_conversations, dataset_stats(run), loaded)
     draft = build_manifest(cfg, setup, data, model, None, [], plan.out)
-    draft.preference = preference_info(cfg, init, run, [])
+    _preference_section(draft, cfg, init, run, [])
     out = plan.work
     if setup.rank == 0:  # only rank 0 writes the folder (data parallel runs)
         claim_output(plan, model.trainable * (4 + 12 * cfg.training.save_total_limit))
@@ -385,7 +391,7 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
         model.peft_model.delete_adapter(REF)  # the folder holds the tuned adapter only
         model.peft_model.set_adapter("default")
     finalise(cfg, setup, data, model, result, out, started, [],
-             extend_manifest=lambda m: setattr(m, "preference", preference_info(cfg, init, run, result.history)))
+             extend_manifest=lambda m: _preference_section(m, cfg, init, run, result.history))
     if result.interrupted:
         raise TrainingInterrupted(f"interrupted: the adapter in {out} is from the last step reached (its card says "
                                   f"so); checkpoints under {out / CHECKPOINTS}")

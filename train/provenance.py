@@ -132,6 +132,7 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
             device=setup.device, load_in_4bit=cfg.base.load_in_4bit,
             gradient_checkpointing=setup.gradient_checkpointing, eval_fraction=cfg.data.eval_fraction,
             group_by_length=t.group_by_length, packing=t.packing, world_size=world_size,
+            batch_order="packed" if t.packing else "length buckets" if t.group_by_length else "random",
         ),
         metrics=metrics,
         samples=samples,
@@ -150,6 +151,7 @@ RUN_DEFINING = (
     "training.weight_decay", "training.max_grad_norm", "training.epochs", "training.max_steps",
     "training.per_device_batch_size", "training.gradient_accumulation_steps", "training.seed", "training.dtype",
     "training.eval_fraction", "training.group_by_length", "training.packing", "training.world_size",
+    "training.batch_order",
 )
 
 
