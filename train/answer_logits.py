@@ -62,19 +62,16 @@ def answer_logits_trainer(trainer_cls):
     training and in its eval passes, for models that `supports`; everything else goes through unchanged."""
 
     class AnswerLogitsTrainer(trainer_cls):
+        _answer_logits_supported: bool | None = None  # decided on the first loss, from the model being trained
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self._answer_logits_supported is None:
+                self._answer_logits_supported = supports(self.accelerator.unwrap_model(model))
             labels = inputs.get("labels")
             if (labels is not None and "logits_to_keep" not in inputs and self.label_smoother is None
-                    and self.compute_loss_func is None and _supported(self, model)):
+                    and self.compute_loss_func is None and self._answer_logits_supported):
                 inputs = {**inputs, **answer_positions(labels)}
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
     return AnswerLogitsTrainer
-
-
-def _supported(trainer, model) -> bool:
-    cached = getattr(trainer, "_answer_logits_supported", None)
-    if cached is None:
-        cached = trainer._answer_logits_supported = supports(trainer.accelerator.unwrap_model(model))
-    return cached

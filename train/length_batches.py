@@ -16,6 +16,16 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+LENGTH_BUCKETS = "length buckets"
+
+
+def batch_order(training) -> str:
+    """How an SFT run's batches are formed, from its `training` settings: what the trainer does and the manifest
+    records (`packed`: one flattened row per batch, `length buckets`: `LengthBucketSampler`, `random`)."""
+    if training.packing:
+        return "packed"
+    return LENGTH_BUCKETS if training.group_by_length else "random"
+
 
 class LengthBucketSampler(Sampler[int]):
     """Indices of one epoch, in consecutive groups of `batch_size` records of near-equal length."""

@@ -337,7 +337,7 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     from persona_lora.train.prepare import PreparedData
     from persona_lora.train.provenance import build_manifest
     from persona_lora.train.run_folder import CHECKPOINTS, claim_output, complete_output, plan_output
-    from persona_lora.train.trainer import TrainResult, _callbacks, _StopOnSignal, finalise, set_up
+    from persona_lora.train.trainer import _callbacks, _StopOnSignal, _tally, finalise, loop_result, set_up
 
     started = time.time()
     method = cfg.preference.method
@@ -375,14 +375,12 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
         print_fn = lambda *a, **k: None  # noqa: E731
     print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total) + "\n"
              + coverage_note(cfg))
-    stop, tokens = _StopOnSignal(), {"start": 0, "end": 0}
-    trainer = preference_trainer(cfg, setup, model, run, out, _callbacks(stop, tokens))
+    stop, tally = _StopOnSignal(), _tally()
+    trainer = preference_trainer(cfg, setup, model, run, out, _callbacks(stop, tally))
     t0 = time.time()
     with stop, native_targets():
         trainer.train()
-    result = TrainResult(history=trainer.state.log_history, wall_time_s=time.time() - t0,
-                         tokens=max(tokens["end"] - tokens["start"], 0), world_size=trainer.args.world_size,
-                         resumed=False, interrupted=stop.interrupted, eval_time_s=tokens.get("eval_s", 0.0))
+    result = loop_result(trainer, tally, t0, resumed=False, interrupted=stop.interrupted)
     if not trainer.is_world_process_zero():
         if result.interrupted:
             raise TrainingInterrupted("interrupted")

@@ -76,6 +76,8 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
                    changes: list[str] | None = None) -> Manifest:
     """The run's manifest; with `result` None, the one written before the first step (state "running"), which
     makes the folder recognisably ours and lets a resume compare its settings."""
+    from persona_lora.train.length_batches import batch_order  # imports torch: not at module level
+
     t = cfg.training
     base = base_model_info(setup, model.total - model.trainable)
     metrics = metrics_from_history(result.history) if result is not None else None
@@ -132,7 +134,7 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
             device=setup.device, load_in_4bit=cfg.base.load_in_4bit,
             gradient_checkpointing=setup.gradient_checkpointing, eval_fraction=cfg.data.eval_fraction,
             group_by_length=t.group_by_length, packing=t.packing, world_size=world_size,
-            batch_order="packed" if t.packing else "length buckets" if t.group_by_length else "random",
+            batch_order=batch_order(t),
         ),
         metrics=metrics,
         samples=samples,

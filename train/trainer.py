@@ -27,7 +27,7 @@ from persona_lora.train.answer_logits import answer_logits_trainer
 from persona_lora.train.chat_format import IGNORE_INDEX, require_chat_template
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.dry_run import dry_run_report
-from persona_lora.train.length_batches import length_bucket_trainer
+from persona_lora.train.length_batches import LENGTH_BUCKETS, batch_order, length_bucket_trainer
 from persona_lora.train.model_loading import ResolvedBase, load_tokenizer, parse_dtype, resolve_base
 from persona_lora.train.model_setup import (
     AdaptedModel,
@@ -70,7 +70,7 @@ class TrainResult:
     world_size: int
     resumed: bool
     interrupted: bool
-    eval_time_s: float = 0.0  # of wall_time_s, the eval passes
+    eval_time_s: float  # of wall_time_s, the eval passes
 
 
 def set_up(cfg: TrainConfig) -> RunSetup:
@@ -139,12 +139,24 @@ class _StopOnSignal:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _callbacks(stop: _StopOnSignal, tokens: dict, stop_after: int | None = None):
+def _tally() -> dict:
+    """What the callbacks count during the loop: tokens seen at its start and end, seconds of eval passes."""
+    return {"start": 0, "end": 0, "eval_s": 0.0}
+
+
+def loop_result(trainer, tally: dict, started: float, *, resumed: bool, interrupted: bool) -> TrainResult:
+    """The TrainResult of a finished `trainer.train()` that ran with `_callbacks(..., tally)`."""
+    return TrainResult(history=trainer.state.log_history, wall_time_s=time.time() - started,
+                       tokens=max(tally["end"] - tally["start"], 0), world_size=trainer.args.world_size,
+                       resumed=resumed, interrupted=interrupted, eval_time_s=tally["eval_s"])
+
+
+def _callbacks(stop: _StopOnSignal, tally: dict, stop_after: int | None = None):
     from transformers import TrainerCallback
 
     class RunCallback(TrainerCallback):
         def on_train_begin(self, args, st, control, **kw):
-            tokens["start"] = st.num_input_tokens_seen or 0
+            tally["start"] = st.num_input_tokens_seen or 0
 
         def on_step_end(self, args, st, control, **kw):
             if stop.interrupted:
@@ -154,10 +166,10 @@ def _callbacks(stop: _StopOnSignal, tokens: dict, stop_after: int | None = None)
                 control.should_training_stop = True  # schedule, cut short (a lower max_steps would change it)
 
         def on_evaluate(self, args, st, control, metrics=None, **kw):
-            tokens["eval_s"] = tokens.get("eval_s", 0.0) + float((metrics or {}).get("eval_runtime") or 0.0)
+            tally["eval_s"] += float((metrics or {}).get("eval_runtime") or 0.0)
 
         def on_train_end(self, args, st, control, **kw):
-            tokens["end"] = st.num_input_tokens_seen or 0
+            tally["end"] = st.num_input_tokens_seen or 0
 
     return [RunCallback()]
 
@@ -194,7 +206,7 @@ def training_arguments(cfg: TrainConfig, out: Path, setup: RunSetup, has_eval: b
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=report or "none",
-        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
+        train_sampling_strategy="group_by_length" if batch_order(t) == LENGTH_BUCKETS else "random",
         include_num_input_tokens_seen="non_padding",
         bf16=dtype == torch.bfloat16 and device.startswith("cuda"),
         fp16=dtype == torch.float16 and device.startswith("cuda"),
@@ -231,7 +243,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
     from transformers import Trainer
 
     model.peft_model.config.pad_token_id = setup.tokenizer.pad_token_id
-    stop, tokens = _StopOnSignal(), {"start": 0, "end": 0}
+    stop, tally = _StopOnSignal(), _tally()
     Trainer = length_bucket_trainer(answer_logits_trainer(Trainer))  # noqa: N806
     if model.sharded:  # sharded while loading: accelerate must not wrap it again; checkpoints keep the optimizer
         fsdp.switch_off_accelerate_fsdp()
@@ -244,15 +256,13 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
         eval_dataset=_to_dataset(data.eval) if data.eval else None,
         data_collator=_collator(cfg, setup.tokenizer, setup.device),
         processing_class=setup.tokenizer,
-        callbacks=_callbacks(stop, tokens, stop_after),
+        callbacks=_callbacks(stop, tally, stop_after),
     )
     started = time.time()
     with stop, native_targets():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    return trainer, TrainResult(history=trainer.state.log_history, wall_time_s=time.time() - started,
-                                tokens=max(tokens["end"] - tokens["start"], 0), world_size=args.world_size,
-                                resumed=resume_from is not None, interrupted=stop.interrupted,
-                                eval_time_s=tokens.get("eval_s", 0.0))
+    return trainer, loop_result(trainer, tally, started, resumed=resume_from is not None,
+                                interrupted=stop.interrupted)
 
 
 def finalise(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: AdaptedModel, result: TrainResult,
