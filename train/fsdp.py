@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 
-from persona_lora.errors import ModelLoadError, UsageError
+from persona_lora.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -115,23 +115,13 @@ def decide(cfg, device: str, plan_one_device=None) -> bool:
 
 def load_sharded_base(path: str, *, name: str, dtype, device: str, trust_remote_code: bool = False):
     """The base, sharded over this run's processes while it loads (each process reads only its shard)."""
-    from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    from persona_lora.train.model_loading import attention_implementation
+    from persona_lora.train.model_loading import from_pretrained
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
               "distributed_config": DistributedConfig(fsdp_size=world_size())}
-    if device.startswith("cuda"):
-        kwargs["attn_implementation"] = attention_implementation()
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ModelLoadError(f"{name} needs remote code; set trust_remote_code: true only if you trust it") from e
-        raise ModelLoadError(f"cannot load {name} sharded over {world_size()} processes: {e}") from e
-    except OSError as e:
-        raise ModelLoadError(f"cannot load {name}: {e}") from e
+    return from_pretrained(path, name, kwargs, device, f" sharded over {world_size()} processes")
 
 
 def adapter_state_dict(peft_model) -> dict:

@@ -145,6 +145,23 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def from_pretrained(path, name: str, kwargs: dict, device: str, how: str = ""):
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` (plus our attention kernel on CUDA), its failures as
+    one ModelLoadError naming `name`; `how` says how it was being loaded (e.g. " sharded over 2 processes")."""
+    from transformers import AutoModelForCausalLM
+
+    if device.startswith("cuda"):
+        kwargs = {**kwargs, "attn_implementation": attention_implementation()}
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(f"{name} needs remote code; set trust_remote_code: true only if you trust it") from e
+        raise ModelLoadError(f"cannot load {name}{how}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"cannot load {name}: {e}") from e
+
+
 def load_base_model(
     base: str | ResolvedBase,
     *,
@@ -157,7 +174,6 @@ def load_base_model(
 ):
     """Load the base causal LM. Never runs remote code unless asked; DeepSeek-V2 is native in transformers 5."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     rb = base if isinstance(base, ResolvedBase) else resolve_base(base, revision=revision, source=source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,16 +191,7 @@ def load_base_model(
             bnb_4bit_use_double_quant=True,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if device.startswith("cuda"):
-        kwargs["attn_implementation"] = attention_implementation()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(rb.path, **kwargs)
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ModelLoadError(f"{rb.id} needs remote code; set trust_remote_code: true only if you trust it") from e
-        raise ModelLoadError(f"cannot load {rb.id}: {e}") from e
-    except OSError as e:
-        raise ModelLoadError(f"cannot load {rb.id}: {e}") from e
+    model = from_pretrained(rb.path, rb.id, kwargs, device)
     if not load_in_4bit and device != "cpu":
         model.to(device)
     return model
