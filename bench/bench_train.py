@@ -13,7 +13,8 @@ on its target list, given to
   checkpointing on CPU, the default 5% eval split, eval passes and end-of-training sample answers, card) at r=8:
   preset `all` (attention, dense MLP, shared experts, routed experts) with the LoRA-aware expert forward, the same
   with PEFT's `ParamWrapper` (PERSONA_LORA_EXPERT_LORA=peft: what it was before), and our default preset
-  `attention+mlp` (no routed experts).
+  `attention+mlp` (no routed experts). `--only ours-all-stock-malloc` adds `all` with the C library's allocator
+  defaults (PERSONA_LORA_HOST_MALLOC=stock), to see what keeping freed memory for reuse is worth.
 
 Every recipe runs --repeats times (default 2), in interleaved rounds, and the best round counts (a shared machine
 only ever adds time); the spread is printed too. Trained tokens/s = non-padding tokens trained / time. "loop" is
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import peak_rss_mb  # noqa: E402
+from persona_lora.host_memory import HOST_MALLOC_ENV  # noqa: E402
 from persona_lora.peft_compat import EXPERT_LORA_ENV  # noqa: E402
 
 HUANHUAN = REPO.parent / "shared" / "data" / "huanhuan.json"
@@ -146,14 +148,18 @@ def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "
             "peak_rss_mb": peak_rss_mb(), "trainable": m["lora"]["trainable_params"], "phases": phases}
 
 
-WORKERS = ("tutorial", "ours-all", "ours-all-peft", "ours-attention+mlp")
+WORKERS = ("tutorial", "ours-all", "ours-all-peft", "ours-attention+mlp", "ours-all-stock-malloc")
+DEFAULT_WORKERS = WORKERS[:4]  # the last only with --only: ours-all with the C library's allocator defaults
 
 
 def run_worker(name: str, base: Path, data: Path, examples: int, batch: int) -> dict:
     env = dict(os.environ)
     env.pop(EXPERT_LORA_ENV, None)
+    env.pop(HOST_MALLOC_ENV, None)
     if name.endswith("-peft"):
         env[EXPERT_LORA_ENV] = "peft"
+    if name.endswith("-stock-malloc"):
+        env[HOST_MALLOC_ENV] = "stock"
     started = time.time()
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--base", str(base), "--data", str(data),
                            "--examples", str(examples), "--batch-size", str(batch)],
@@ -177,14 +183,14 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         if args.worker.startswith("ours-"):
-            preset = args.worker.removeprefix("ours-").removesuffix("-peft")
+            preset = args.worker.removeprefix("ours-").removesuffix("-peft").removesuffix("-stock-malloc")
             result = worker_ours(args.base, args.data, args.examples, args.batch_size, preset)
         else:
             result = worker_tutorial(args.base, args.data, args.examples)
         print("RESULT " + json.dumps(result))
         return 0
 
-    names = ["tutorial", *[w for w in WORKERS[1:] if not args.only or w in args.only]]
+    names = ["tutorial", *[w for w in WORKERS[1:] if (w in args.only if args.only else w in DEFAULT_WORKERS)]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = args.base
@@ -231,6 +237,10 @@ def print_results(results: dict, args, source: str) -> None:
         a, p = rate["ours-all"], rate["ours-all-peft"]
         print(f"LoRA-aware experts / ParamWrapper (ours-all / ours-all-peft): loop {a['loop'] / p['loop']:.2f}x, "
               f"command {a['command'] / p['command']:.2f}x")
+    if "ours-all" in rate and "ours-all-stock-malloc" in rate:
+        a, p = rate["ours-all"], rate["ours-all-stock-malloc"]
+        print(f"freed memory kept for reuse / C library defaults (ours-all / ours-all-stock-malloc): loop "
+              f"{a['loop'] / p['loop']:.2f}x, command {a['command'] / p['command']:.2f}x")
     print("tutorial: attention + routed experts (its list, as PEFT 0.21 rewrites it); ours-all: attention + dense MLP "
           "+ shared + routed experts; ours-attention+mlp (our default preset): no routed experts.\n"
           "goals (ours-all): loop >= 6x and command >= 4x the tutorial; loop >= 4,725 tokens/s")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from persona_lora.artifact import write_manifest
 from persona_lora.errors import TrainingInterrupted, UsageError
+from persona_lora.host_memory import keep_freed_memory
 from persona_lora.peft_compat import native_targets
 from persona_lora.train import fsdp, presets
 from persona_lora.train.answer_logits import answer_logits_trainer
@@ -75,6 +76,7 @@ class TrainResult:
 
 def set_up(cfg: TrainConfig) -> RunSetup:
     device = resolve_device(cfg)
+    keep_freed_memory(device)  # CPU steps reuse freed activation memory instead of faulting in new pages
     check_packing(cfg, device)
     rb = resolve_base(cfg.base.model, revision=cfg.base.revision, source=cfg.base.source)
     tokenizer = load_tokenizer(rb, chat_template_file=cfg.base.chat_template)
