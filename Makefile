@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
 
-.PHONY: install quickstart lint test test-fast test-gpu test-vllm-cpu browser-deps bench schema-docs clean
+.PHONY: install quickstart lint test test-fast test-gpu test-vllm-cpu browser-deps bench bench-peers schema-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,18 @@ schema-docs: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+# Optional, not in CI: training throughput against ms-swift (a tuned peer), which pins other transformers/PEFT
+# versions than ours, so it gets its own environment outside the work tree (torch first: the CPU build).
+PEERS_VENV ?= $(HOME)/.venvs/persona-lora-peers
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q "$(TORCH)"
+	$(PEERS_VENV)/bin/pip install -q "ms-swift==4.6.0"
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_VENV)/.installed
+	$(BIN)/python bench/peers.py --swift-python $(PEERS_VENV)/bin/python
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache
