@@ -25,21 +25,20 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 STEP_MIB = (40, 10, 64, 20)  # one "step": activations of several sizes, allocated, written, freed
 LOOP = """
 import resource, sys, torch
-from tests.test_host_memory import STEP_MIB
 from persona_lora.host_memory import keep_freed_memory
 print(keep_freed_memory(sys.argv[1]))
 for step in range(20):
     if step == 10:  # the first steps grow the heap; count the steady state
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tensors = [torch.empty(mib << 18).fill_(1.0) for mib in STEP_MIB]
+    tensors = [torch.empty(int(mib) << 18).fill_(1.0) for mib in sys.argv[2:]]
     del tensors
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 def faults(device: str, **env) -> tuple[str, int]:
-    run = subprocess.run([sys.executable, "-c", LOOP, device], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, **env}, timeout=120)
+    run = subprocess.run([sys.executable, "-c", LOOP, device, *map(str, STEP_MIB)], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, **env}, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     said, count = run.stdout.strip().splitlines()[-2:]
     return said, int(count)
