@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
 
-.PHONY: install quickstart lint test test-fast test-gpu test-vllm-cpu browser-deps bench bench-peers schema-docs clean
+.PHONY: install quickstart lint test test-fast test-gpu test-vllm-cpu browser-deps bench bench-peers schema-docs arch-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ test-vllm-cpu: $(STAMP) $(VLLM_CPU_VENV)/.installed
 # docs/ARCHITECTURE.md's manifest schema is generated from persona_lora/artifact.py (a test compares them)
 schema-docs: $(STAMP)
 	$(BIN)/python -c "from persona_lora.artifact import write_schema_doc; write_schema_doc('docs/ARCHITECTURE.md')"
+
+# docs/ARCHITECTURE.md's layer picture and long-module list are drawn by tests/import_graph.py (a test compares them)
+arch-docs: $(STAMP)
+	$(BIN)/python -c "from pathlib import Path; from tests.import_graph import write_docs; write_docs(Path('.'))"
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

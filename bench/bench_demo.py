@@ -104,7 +104,7 @@ def _hf_generate_time(engine, name: str, turn, new_tokens: int, repeats: int) ->
     """`generate` on the resident PEFT model with the adapter active (run on the engine's inference thread)."""
     import torch
 
-    from persona_lora.train.chat_format import conversation_for, encode_prompt
+    from persona_lora.chat_format import conversation_for, encode_prompt
 
     info = engine.adapter(name)
 
@@ -150,8 +150,8 @@ def child(kind: str, base: Path, adapters: list[Path], threads: int) -> dict:
         engine.close()
         return out
     # two copies: the base, and a second copy with the adapter merged into it (what a two-model demo holds)
+    from persona_lora.model_loading import load_base_model
     from persona_lora.peft_compat import load_adapter
-    from persona_lora.train.model_loading import load_base_model
 
     base_model = load_base_model(str(base), device="cpu")
     tuned = load_adapter(load_base_model(str(base), device="cpu"), adapters[0]).merge_and_unload()

@@ -111,7 +111,7 @@ def main() -> int:
     from persona_lora.demo.app import _Handlers
     from persona_lora.demo.decode import GenerationSettings
     from persona_lora.demo.openai_backend import OpenAIBackend
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     settings = GenerationSettings(max_new_tokens=args.tokens)
     turn = [{"role": "user", "content": PROMPT}]

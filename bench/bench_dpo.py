@@ -55,9 +55,10 @@ def make_trainer(base: Path, init: Path | None, rows: list[dict], *, copy: bool,
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from persona_lora.peft_compat import attach_new_adapter, load_adapter, native_targets, use_lora_aware_experts
-    from persona_lora.train import presets
-    from persona_lora.train.model_loading import load_base_model, load_tokenizer
+    from persona_lora import presets
+    from persona_lora.expert_lora import use_lora_aware_experts
+    from persona_lora.model_loading import load_base_model, load_tokenizer
+    from persona_lora.peft_compat import attach_new_adapter, load_adapter, native_targets
 
     def base_model():
         model = load_base_model(str(base), device=device, dtype="float32")
@@ -122,7 +123,7 @@ def main() -> int:
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
-    from persona_lora.train.model_loading import load_tokenizer
+    from persona_lora.model_loading import load_tokenizer
     from persona_lora.train.preference_data import encode_preferences, load_preferences
     from persona_lora.train.synthetic import make_random_adapter
     from persona_lora.train.tiny_base import TinySpec, build_tiny_base

@@ -63,7 +63,7 @@ def main() -> int:
 
     from persona_lora.evaluation.plan import EvalOptions, make_plan
     from persona_lora.evaluation.scoring import Models
-    from persona_lora.train.model_loading import load_tokenizer, resolve_base
+    from persona_lora.model_loading import load_tokenizer, resolve_base
     from persona_lora.train.synthetic import make_random_adapter
 
     torch.set_num_threads(args.threads)

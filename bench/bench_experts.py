@@ -55,8 +55,9 @@ def moe_layers(base: Path, strategy: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from persona_lora.peft_compat import attach_new_adapter, use_lora_aware_experts
-    from persona_lora.train import presets
+    from persona_lora import presets
+    from persona_lora.expert_lora import use_lora_aware_experts
+    from persona_lora.peft_compat import attach_new_adapter
 
     def load():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

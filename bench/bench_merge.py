@@ -40,15 +40,15 @@ def child_baseline(args) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import persona_lora.hub_tools.merge
-    import persona_lora.hub_tools.merge_math  # noqa: F401
+    import persona_lora.hub_tools.merge.deltas  # noqa: F401
+    import persona_lora.hub_tools.merge.run
     import persona_lora.peft_compat  # noqa: F401
 
     return {}
 
 
 def child_ours(args) -> dict:
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     t = time.perf_counter()
     merge_adapter(args.adapter, args.base, args.out)

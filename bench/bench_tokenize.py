@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoTokenizer
 
-    from persona_lora.train.chat_format import _tokenize, conversation_for, encode_examples, segments
-    from persona_lora.train.data import load_records
+    from persona_lora.chat_format import _tokenize, conversation_for, encode_examples, segments
+    from persona_lora.dataset.reading import load_records
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

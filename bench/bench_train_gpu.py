@@ -94,8 +94,9 @@ def run(recipe: str, scale: str, steps: int, warmup: int) -> dict:
         model = get_peft_model(model, lora_config)
         batch, accum, group = 1, 8, False
     else:
-        from persona_lora.peft_compat import attach_new_adapter, use_lora_aware_experts
-        from persona_lora.train import presets
+        from persona_lora import presets
+        from persona_lora.expert_lora import use_lora_aware_experts
+        from persona_lora.peft_compat import attach_new_adapter
 
         spec = presets.resolve(model, "all")
         model, _ = attach_new_adapter(model, presets.lora_config_for(spec, r=16, alpha=32, dropout=0.0))

@@ -44,8 +44,8 @@ import gradio as gr
 
 from persona_lora.demo.backend import DemoBackend, SideFailed
 from persona_lora.demo.decode import GenerationSettings
-from persona_lora.demo.votes import VoteStore
 from persona_lora.errors import PersonaLoraError
+from persona_lora.votes import VoteStore
 
 log = logging.getLogger(__name__)
 

@@ -137,7 +137,7 @@ def build_from_args(args: argparse.Namespace, *, engine_factory=None):
     (takes `Engine`'s arguments) swaps the local engine class: a ZeroGPU Space generates inside `spaces.GPU`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = check_args(args)
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     votes_path = Path(args.votes) if args.votes else default_votes_path()
     votes = VoteStore(votes_path, hub=args.hub)

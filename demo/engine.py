@@ -22,15 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from persona_lora.chat_format import conversation_for
 from persona_lora.demo.backend import final
 from persona_lora.demo.decode import GenerationSettings, Job, Row
 from persona_lora.demo.prompts import PromptFormatter
 from persona_lora.demo.registry import AdapterInfo, AdapterRegistry, template_sha
-from persona_lora.demo.resident import BASE, ResidentModel
 from persona_lora.demo.worker import Worker
 from persona_lora.errors import UsageError
-from persona_lora.train.chat_format import conversation_for
-from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
+from persona_lora.model_loading import load_base_model, load_tokenizer, resolve_base
+from persona_lora.resident import BASE, ResidentModel
 
 __all__ = ["BASE", "BASE_CHOICE", "AdapterInfo", "Engine", "GenerationSettings", "template_sha"]
 BASE_CHOICE = "base"  # how the page and the compare API name the base as one of two models compared

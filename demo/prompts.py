@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 
+from persona_lora.chat_format import encode_prompt
 from persona_lora.errors import UsageError
-from persona_lora.train.chat_format import encode_prompt
 
 
 class TemplateCodec:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_lora.artifact import MANIFEST_NAME, ChatInfo, read_manifest, require_adapter_files
+from persona_lora.chat_format import require_chat_template
 from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 from persona_lora.hub_ids import is_commit
 from persona_lora.peft_compat import has_expert_lora
-from persona_lora.train.chat_format import require_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class AdapterRegistry:
 
     def _locate(self, spec: str, revision: str | None):
         """(folder, repo_id, revision, commit, source) of `spec`: an existing local folder, else a hub id, pulled."""
-        from persona_lora.hub_tools.pull import local_or_pulled
+        from persona_lora.hubs.pull import local_or_pulled
 
         folder, ref, commit = local_or_pulled(spec, hub=self.hub, revision=revision, what="adapter")
         if ref is None:
@@ -151,7 +151,7 @@ class AdapterRegistry:
 
     def _check_base(self, folder: Path, warnings: list[str]) -> None:
         """An adapter trained on another base may still load (same shapes) but means little: say so, visibly."""
-        from persona_lora.hub_tools.verify import check_base
+        from persona_lora.hubs.verify import check_base
 
         try:
             check_base(folder, str(self.base.path))

@@ -1,6 +1,6 @@
 """Evaluation: base vs adapters over a whole prompt set (`persona-lora eval`), with a report a person can read.
 
-- `eval_cli`: the command and its options; `runner.evaluate` runs it: `plan` (what runs, checked before any model
+- `cli`: the command and its options; `runner.evaluate` runs it: `plan` (what runs, checked before any model
   is loaded) → `sets` (the user's data, an adapter's held-out split, the forgetting guard) → `scoring` (one base
   model with every adapter: loss on the reference answers, batched greedy answers) → `store` (rows appended as
   they finish; a rerun continues) → `judge` (optional) → `report` (`report.json`) and `html_report`

@@ -11,7 +11,7 @@ follow from the rows alone, and a test can check each figure by hand.
   visible character another, so Chinese and English answers are measured alike and any base's tokenizer gives
   the same figure;
 - marker rate: the share of answers that hold at least one persona marker (`data.markers` or `--markers`);
-- judge win rate: a win is 1, a tie 1/2, with a Wilson interval (the demo's, `persona_lora.demo.votes.wilson`).
+- judge win rate: a win is 1, a tie 1/2, with a Wilson interval (the demo's, `persona_lora.votes.wilson`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 import statistics
 from collections.abc import Iterable
 
-from persona_lora.demo.votes import wilson
+from persona_lora.votes import wilson
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _UNITS = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]", re.UNICODE)

@@ -19,7 +19,7 @@ from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 from persona_lora.evaluation.sets import EvalSet, guard_set, main_set, training_split
 from persona_lora.hashing import sha256_file
-from persona_lora.train.model_loading import ResolvedBase
+from persona_lora.model_loading import ResolvedBase
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ def _unique_name(wanted: str, taken: set[str]) -> str:
 
 def resolve_adapters(specs: list[str], base: ResolvedBase, hub: str) -> list[Adapter]:
     """Each ADAPTER (folder or hub id) located, checked like every command checks a folder, and named."""
-    from persona_lora.hub_tools.pull import local_or_pulled
-    from persona_lora.hub_tools.verify import check_base
+    from persona_lora.hubs.pull import local_or_pulled
+    from persona_lora.hubs.verify import check_base
 
     out: list[Adapter] = []
     taken: set[str] = {BASE}

@@ -87,7 +87,7 @@ def evaluate(o: EvalOptions, stream=None) -> dict:
     """Run (or continue) the evaluation `o` describes; returns the report (also written under `o.out`)."""
     from persona_lora.evaluation.html_report import write_html
     from persona_lora.evaluation.judge import Judge
-    from persona_lora.train.model_loading import load_tokenizer, resolve_base
+    from persona_lora.model_loading import load_tokenizer, resolve_base
 
     stream = stream or sys.stderr
     started = time.perf_counter()

@@ -20,9 +20,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+from persona_lora.chat_format import IGNORE_INDEX, encode_examples, encode_prompt
 from persona_lora.errors import ModelLoadError
 from persona_lora.evaluation.plan import BASE, Plan
-from persona_lora.train.chat_format import IGNORE_INDEX, encode_examples, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ class Models:
     """The loaded base with the plan's adapters, and the tokenizer formatting prompts for all of them."""
 
     def __init__(self, plan: Plan):
-        from persona_lora.demo.resident import eos_ids
+        from persona_lora.model_loading import load_base_model, load_tokenizer
         from persona_lora.peft_compat import load_adapter
-        from persona_lora.train.model_loading import load_base_model, load_tokenizer
+        from persona_lora.resident import eos_ids
 
         o = plan.options
         self.tokenizer = load_tokenizer(plan.base)

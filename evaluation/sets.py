@@ -3,7 +3,7 @@ split rebuilt from its manifest, and the forgetting guard we ship.
 
 Why rebuild the held-out split rather than store it: the manifest already records everything the split depends
 on (the data's sha256, `training.seed`, `data.eval_fraction`), and training draws it with
-`persona_lora.train.prepare.split_indices`, the function used here. The data's sha256 must equal the
+`persona_lora.dataset.split.split_indices`, the function used here. The data's sha256 must equal the
 manifest's, or the split is refused: the same seed over other records would hold out other prompts, and figures
 on them could include the adapter's own training records.
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_lora.artifact import Manifest
+from persona_lora.chat_format import conversation_for
+from persona_lora.dataset.reading import LoadedDataset, load_records
+from persona_lora.dataset.split import split_indices
 from persona_lora.errors import DataError, UsageError
-from persona_lora.train.chat_format import conversation_for
-from persona_lora.train.data import LoadedDataset, load_records
-from persona_lora.train.prepare import split_indices
 
 log = logging.getLogger(__name__)
 

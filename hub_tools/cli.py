@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from persona_lora.errors import UsageError
-from persona_lora.hub_ids import add_hub_option
-from persona_lora.hub_tools import merge_cli
+from persona_lora.hub_ids import SOURCES, add_hub_option
+from persona_lora.hub_tools.merge import cli as merge_cli
 
 
 def configure_push(p: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def configure_pull(p: argparse.ArgumentParser) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from persona_lora.hub_tools.pull import pull
+    from persona_lora.hubs.pull import pull
 
     print(pull(args.repo_id, hub=args.hub, revision=args.revision, base=args.base, allow_pickle=args.allow_pickle,
                local_dir=args.local_dir, force=args.force))
@@ -94,11 +94,33 @@ def configure_list(p: argparse.ArgumentParser) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from persona_lora.hub_tools.pull import list_adapters
+    from persona_lora.hubs.pull import list_adapters
 
     ids = list_adapters(args.base, hub=args.hub)
     for repo_id in ids:
         print(repo_id)
     if not ids:
         print(f"no adapters found for {args.base}", file=sys.stderr)
+    return 0
+
+
+def configure_upgrade_adapter(p: argparse.ArgumentParser) -> None:
+    from persona_lora.hub_tools.upgrade import LEGACY_BACKUP
+
+    p.description = ("Rewrite an adapter's adapter_config.json from persona-lora's legacy spelling (MLP layers of a "
+                     "MoE model named in target_modules, which PEFT re-targets onto the fused experts) into the "
+                     "portable one that stock PEFT, transformers and `persona-lora export` read as trained. The "
+                     f"tensors do not change; the old config is kept as {LEGACY_BACKUP} and the card is rewritten.")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="the adapter folder")
+    p.add_argument("--base", metavar="BASE",
+                   help="the base model folder or hub id (default: the one the manifest records; only its "
+                        "config.json is read)")
+    p.add_argument("--base-source", choices=SOURCES, default="auto", help="where --base lives")
+
+
+def run_upgrade_adapter(args: argparse.Namespace) -> int:
+    from persona_lora.hub_tools.upgrade import upgrade_adapter
+
+    changed = upgrade_adapter(args.adapter_dir, base=args.base, base_source=args.base_source)
+    print(f"{args.adapter_dir}: {'rewritten in the portable spelling' if changed else 'already portable'}")
     return 0

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_lora import __version__
-from persona_lora.artifact import MANIFEST_NAME, folder_kind, read_adapter_config, read_manifest
+from persona_lora.artifact import MANIFEST_NAME, folder_kind, is_pickle, read_adapter_config, read_manifest
 from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hub_ids import check_repo_id
-from persona_lora.hub_tools.backends import backend
-from persona_lora.hub_tools.files import is_pickle, select_files
+from persona_lora.hubs.backends import backend
+from persona_lora.hubs.files import select_files
 from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def plan_push(folder: str | Path, include_extra: list[str] | None = None) -> Pus
 
 def refuse_legacy_spelling(folder: Path) -> None:
     """UsageError for an adapter of ours whose config is in the legacy spelling, naming the fix."""
-    from persona_lora.hub_tools.upgrade import adapter_model_type
+    from persona_lora.artifact import adapter_model_type
 
     if is_legacy_spelling(read_adapter_config(folder), adapter_model_type(folder)):
         raise UsageError(

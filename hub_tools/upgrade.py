@@ -9,7 +9,6 @@ parameters; the tensors do not change, so the upgraded adapter gives identical o
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -17,13 +16,13 @@ from pathlib import Path
 from persona_lora.artifact import (
     ADAPTER_CONFIG,
     MANIFEST_NAME,
+    adapter_model_type,
     read_adapter_config,
     read_manifest,
     require_adapter_files,
     write_adapter_config,
 )
 from persona_lora.errors import ModelLoadError
-from persona_lora.hub_ids import SOURCES
 from persona_lora.peft_compat import is_legacy_spelling, portable_config
 
 log = logging.getLogger(__name__)
@@ -31,26 +30,13 @@ log = logging.getLogger(__name__)
 LEGACY_BACKUP = "adapter_config.legacy.json"
 
 
-def adapter_model_type(folder: Path, base_dir: Path | None = None) -> str | None:
-    """The base's model_type, from the adapter's manifest or else from a base config folder."""
-    if (folder / MANIFEST_NAME).is_file():
-        model_type = read_manifest(folder).base_model.model_type
-        if model_type:
-            return model_type
-    if base_dir is not None:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(base_dir).model_type
-    return None
-
-
 def upgrade_adapter(folder: str | Path, *, base: str | None = None, base_source: str = "auto") -> bool:
     """Rewrite `folder`'s adapter_config.json in the portable spelling; False when it already is portable.
 
     The modules the adapter adapts are read off the base's architecture (its config.json only: `base`, or the
     base the manifest records), so the rewrite names exactly the layers the adapter was trained on."""
-    from persona_lora.hub_tools.merge_math import discover_layers
-    from persona_lora.train.model_loading import resolve_base_config
+    from persona_lora.hub_tools.merge.deltas import discover_layers
+    from persona_lora.model_loading import resolve_base_config
 
     folder = require_adapter_files(Path(folder).expanduser())
     config = read_adapter_config(folder)
@@ -78,21 +64,3 @@ def upgrade_adapter(folder: str | Path, *, base: str | None = None, base_source:
         write_card(folder)
     log.info("%s rewritten in the portable spelling (the old config is kept as %s)", folder, LEGACY_BACKUP)
     return True
-
-
-def configure_upgrade_adapter(p: argparse.ArgumentParser) -> None:
-    p.description = ("Rewrite an adapter's adapter_config.json from persona-lora's legacy spelling (MLP layers of a "
-                     "MoE model named in target_modules, which PEFT re-targets onto the fused experts) into the "
-                     "portable one that stock PEFT, transformers and `persona-lora export` read as trained. The "
-                     f"tensors do not change; the old config is kept as {LEGACY_BACKUP} and the card is rewritten.")
-    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="the adapter folder")
-    p.add_argument("--base", metavar="BASE",
-                   help="the base model folder or hub id (default: the one the manifest records; only its "
-                        "config.json is read)")
-    p.add_argument("--base-source", choices=SOURCES, default="auto", help="where --base lives")
-
-
-def run_upgrade_adapter(args: argparse.Namespace) -> int:
-    changed = upgrade_adapter(args.adapter_dir, base=args.base, base_source=args.base_source)
-    print(f"{args.adapter_dir}: {'rewritten in the portable spelling' if changed else 'already portable'}")
-    return 0

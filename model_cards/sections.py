@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from persona_lora.hub_tools.export_engines import ENGINES, KV_B_ISSUE
+from persona_lora.engines import ENGINES, KV_B_ISSUE
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num
 from persona_lora.model_cards.rows import (
     Row,

@@ -23,7 +23,7 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from persona_lora import __version__
@@ -405,10 +405,16 @@ def require_adapter_files(folder: str | Path) -> Path:
     return folder
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def is_pickle(path: str) -> bool:
+    """A file whose loading runs code (torch/pickle formats): never pushed or pulled unless named, never loaded."""
+    return PurePosixPath(path).suffix.lower() in PICKLE_SUFFIXES
+
+
 def folder_kind(folder: str | Path) -> str:
     """'adapter' (PEFT files) or 'model' (transformers folder: config.json + *.safetensors); else ModelLoadError."""
-    from persona_lora.hub_tools.files import is_pickle
-
     folder = Path(folder)
     if (folder / ADAPTER_CONFIG).is_file():
         return "adapter"
@@ -495,3 +501,16 @@ def write_schema_doc(path: str | Path) -> None:
     """Regenerate the schema section of the document at `path` (`make schema-docs`)."""
     path = Path(path)
     path.write_text(with_schema_doc(path.read_text(encoding="utf-8")), encoding="utf-8")
+
+
+def adapter_model_type(folder: Path, base_dir: Path | None = None) -> str | None:
+    """The base's model_type, from the adapter's manifest or else from a base config folder."""
+    if (folder / MANIFEST_NAME).is_file():
+        model_type = read_manifest(folder).base_model.model_type
+        if model_type:
+            return model_type
+    if base_dir is not None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(base_dir).model_type
+    return None

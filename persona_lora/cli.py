@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from persona_lora import __version__
 from persona_lora.demo import cli as demo_cli
 from persona_lora.errors import PersonaLoraError
-from persona_lora.evaluation import eval_cli
+from persona_lora.evaluation import cli as eval_cli
 from persona_lora.hub_tools import cli as hub_cli
-from persona_lora.hub_tools import export_cli, merge_cli, serve_cli, space_cli, upgrade
+from persona_lora.hub_tools.export import cli as export_cli
+from persona_lora.hub_tools.merge import cli as merge_cli
+from persona_lora.hub_tools.serve import cli as serve_cli
+from persona_lora.hub_tools.space import cli as space_cli
 from persona_lora.model_cards import cli as card_cli
-from persona_lora.train import data_cli, reproduce_cli, tiny_base_cli, train_cli
+from persona_lora.train import cli as train_cli
+from persona_lora.train.data import cli as data_cli
+from persona_lora.train.reproduce import cli as reproduce_cli
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class Command:
 
 COMMANDS = (
     Command("tiny-base", "build a toy base model with the real DeepSeek-V2 architecture and checkpoint layout",
-            tiny_base_cli.configure_tiny_base, tiny_base_cli.run_tiny_base),
+            train_cli.configure_tiny_base, train_cli.run_tiny_base),
     Command("data", "validate and preview datasets", data_cli.configure_data, data_cli.run_data),
     Command("train", "train a LoRA adapter from a YAML config", train_cli.configure_train, train_cli.run_train),
     Command("reproduce", "train an adapter again from its manifest alone and show whether it comes out the same",
@@ -55,7 +60,7 @@ COMMANDS = (
     Command("export", "write an adapter in the layout vLLM or SGLang serves, with the command that serves it",
             export_cli.configure_export, export_cli.run_export),
     Command("upgrade-adapter", "rewrite an adapter's config in the portable spelling stock PEFT loads as trained",
-            upgrade.configure_upgrade_adapter, upgrade.run_upgrade_adapter),
+            hub_cli.configure_upgrade_adapter, hub_cli.run_upgrade_adapter),
     Command("demo", "chat with a base model and its adapters side by side (in this process or on a serving "
             "engine's OpenAI-compatible API); blind A/B votes", demo_cli.configure_demo, demo_cli.run_demo),
     Command("serve", "start vLLM or SGLang with the base and adapters loaded (flags computed), and print the demo "

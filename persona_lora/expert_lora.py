@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from persona_lora.peft_compat import BASE_ROW, EXPERT_LORA_ENV, is_param_wrapper, log_once
+from persona_lora.peft_compat import BASE_ROW, EXPERT_LORA_ENV, is_param_wrapper, log_once, outermost_param_wrappers
 
 STRATEGIES = ("grouped_mm", "batched_mm", "eager")
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -346,3 +346,20 @@ def _eager(experts, x, top_k_index, top_k_weights, lora, token_scale):
         out = project(h, experts.down_proj, lora.get("down_proj") or (), e, tokens)
         final.index_add_(0, tokens, out.to(final.dtype))
     return final
+
+
+def use_lora_aware_experts(peft_model, routing=None) -> str:
+    """Give the outermost `ParamWrapper` of every LoRA-adapted experts module the LoRA-aware forward
+    (`ExpertsForward`), which falls back to PEFT's own where we do not mirror the experts or the adapter; with
+    `routing`, each batch row takes its own adapter. Call again after adapters are added or removed (the demo does,
+    through `row_routing.RowRouting.install`). Returns the choice, also logged once: "LoRA-aware (strategy)" or
+    "PEFT's ParamWrapper (reason)"; "" when the model has no LoRA on fused experts."""
+    choices = set()
+    for wrapper in outermost_param_wrappers(peft_model):
+        forward = ExpertsForward(wrapper, routing)
+        wrapper.forward = forward
+        choices.add(f"LoRA-aware ({forward.strategy})" if forward.strategy else f"PEFT's ParamWrapper ({forward.why})")
+    choice = "; ".join(sorted(choices))
+    if choice:
+        log_once(logging.INFO, f"LoRA on the routed experts runs {choice}")
+    return choice

@@ -192,132 +192,28 @@ def is_plain_lora_linear(module) -> bool:
 # ------------------------------------------------------------------------------------------------ 4: per-row LoRA
 
 
-class RowRouting:
-    """Give each row of a batch its own adapter (or none) in one forward pass of a PeftModel.
+def row_hook_targets(peft_model) -> tuple[list, list]:
+    """(PEFT's linear LoRA layers, every module that takes PEFT's `adapter_names` per row except the fused-expert
+    wrappers) of `peft_model` as it is now: what `row_routing.RowRouting` hooks."""
+    from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    `install(peft_model)` after every adapter load or delete; then `with routing.rows(keys, active):` around each
-    forward, where `keys` has one entry per batch row (`BASE_ROW` or the active adapter's name)."""
-
-    def __init__(self):
-        self._row_keys: list[str] | None = None
-        self._active: str | None = None
-        self._handles: list = []
-        self._lora_linears: list = []
-        self._masked: dict[int, tuple] = {}
-        self._token_scales: dict[tuple, object] = {}
-        self._row_scales: dict[tuple, object] = {}  # per pass: the masks `_mask_scaling` made, by scale and shape
-
-    def install(self, peft_model) -> None:
-        """(Re)install the hooks on the LoRA modules present now: linear LoRA layers get a pre-hook that gives
-        them the per-row scaling (or PEFT's `adapter_names`); the fused-experts modules get the LoRA-aware forward
-        (`use_lora_aware_experts`), which reads the rows of the current pass from here."""
-        from peft.tuners.lora.layer import Linear, LoraLayer, ParamWrapper
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        inner = peft_model.get_base_model()
-        self._lora_linears = [m for m in inner.modules() if isinstance(m, Linear)]
-        for m in inner.modules():
-            if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper):
-                self._handles.append(m.register_forward_pre_hook(self._inject_rows, with_kwargs=True))
-        use_lora_aware_experts(peft_model, routing=self)
-
-    def uninstall(self, peft_model) -> None:
-        """Remove the hooks; the fused experts keep the LoRA-aware forward, without per-row routing."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._lora_linears = [], []
-        use_lora_aware_experts(peft_model)
-
-    def keys_for(self, wrapper) -> list[str] | None:
-        """The current pass's row keys as a fused-experts wrapper sees them (an adapter it has no LoRA of is the
-        base there); None when every row uses the active adapter."""
-        if self._row_keys is None:
-            return None
-        return [k if k in wrapper.lora_A else BASE_ROW for k in self._row_keys]
-
-    def token_scale(self, keys: list[str], x):
-        """(tokens,) 1 for tokens of adapter rows, 0 for base rows. Dim 0 of the experts' inputs is rows x seq in
-        row-major order (transformers flattens (batch, seq) before calling the experts), so row i owns one
-        contiguous slice."""
-        import torch
-
-        total = x.shape[0]
-        if total % len(keys):
-            raise RuntimeError(f"cannot split {total} expert inputs into {len(keys)} rows; use --no-mixed-batch")
-        where = (tuple(keys), total, x.dtype, x.device)
-        if where not in self._token_scales:
-            rows = torch.tensor([0.0 if k == BASE_ROW else 1.0 for k in keys], dtype=x.dtype, device=x.device)
-            self._token_scales[where] = rows.repeat_interleave(total // len(keys))
-        return self._token_scales[where]
-
-    @contextlib.contextmanager
-    def rows(self, keys: list[str], active: str):
-        """Route the next forward pass: row i uses `keys[i]` (`BASE_ROW` or `active`, the PeftModel's active
-        adapter). A batch with no base row runs on PEFT's plain path."""
-        import torch
-
-        self._active = active
-        self._row_keys = None if BASE_ROW not in keys else list(keys)
-        if self._row_keys is None:
-            yield
-            return
-        masked = []
-        by_device = {}
-        for m in self._lora_linears:
-            if active in m.lora_A and active not in m.lora_variant:
-                weight = m.lora_B[active].weight
-                where = (weight.dtype, weight.device)
-                if where not in by_device:
-                    by_device[where] = torch.tensor([0.0 if k == BASE_ROW else 1.0 for k in keys],
-                                                    dtype=weight.dtype, device=weight.device)
-                self._masked[id(m)] = (active, m.scaling[active], by_device[where])
-                masked.append(m)
-        try:
-            yield
-        finally:
-            for m in masked:
-                key, scale, _ = self._masked[id(m)]
-                m.scaling[key] = scale
-            self._masked.clear()
-            self._token_scales.clear()
-            self._row_scales.clear()
-            self._row_keys = None
-
-    def _inject_rows(self, module, args, kwargs):
-        keys = self._row_keys
-        # A layer without the active adapter computes the base for every row on PEFT's plain path.
-        if keys is None or self._active not in getattr(module, "lora_A", (self._active,)):
-            return args, kwargs
-        masked = self._masked.get(id(module))
-        if masked is not None and args and _mask_scaling(module, masked, args[0], len(keys), self._row_scales):
-            return args, kwargs
-        kwargs["adapter_names"] = keys
-        return args, kwargs
+    inner = peft_model.get_base_model()
+    linears = [m for m in inner.modules() if isinstance(m, Linear)]
+    hooked = [m for m in inner.modules()
+              if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) and not isinstance(m, ParamWrapper)]
+    return linears, hooked
 
 
-def _mask_scaling(module, masked, x, n_rows: int, made: dict) -> bool:
-    """Give `module.scaling` the per-row mask shaped for this input: (rows, 1, …, 1) for inputs led by the rows
-    ((rows, seq, in); MLA's kv_b_proj sees (rows, 1, cached positions, rank)), (rows*seq, 1) for flattened
-    (rows*seq, in). False (PEFT's mixed-batch path instead) for other shapes. `made` keeps the masks of this pass:
-    the modules of one adapter share a few scales and shapes, so each mask is made once per pass."""
-    key, scale, rows = masked
-    if x.dim() >= 3 and x.shape[0] == n_rows:
-        shape = (-1, *[1] * (x.dim() - 1))
-        where = (id(rows), scale, shape)
-        if where not in made:
-            made[where] = rows.view(shape) * scale
-    elif x.dim() == 2 and x.shape[0] % n_rows == 0:
-        where = (id(rows), scale, x.shape[0])
-        if where not in made:
-            made[where] = rows.repeat_interleave(x.shape[0] // n_rows).view(-1, 1) * scale
-    else:
-        module.scaling[key] = scale
-        return False
-    module.scaling[key] = made[where]
-    return True
+def outermost_param_wrappers(model) -> list:
+    """The outermost `ParamWrapper` of every LoRA-adapted fused-experts module (PEFT nests one per targeted
+    parameter): where `expert_lora.use_lora_aware_experts` installs its forward."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
+    nested = {id(w.base_layer) for w in wrappers}
+    return [w for w in wrappers if id(w) not in nested]
 
 
 # ------------------------------------------------------------------------------------------------ 5: model types
@@ -458,28 +354,3 @@ def log_once(level: int, text: str) -> None:
     if text not in _logged:
         _logged.add(text)
         log.log(level, text)
-
-
-def use_lora_aware_experts(peft_model, routing: RowRouting | None = None) -> str:
-    """Give the outermost `ParamWrapper` of every LoRA-adapted experts module the LoRA-aware forward
-    (`ExpertsForward`), which falls back to PEFT's own where we do not mirror the experts or the adapter; with
-    `routing`, each batch row takes its own adapter. Call again after adapters are added or removed (the demo does,
-    through `RowRouting.install`). Returns the choice, also logged once: "LoRA-aware (strategy)" or
-    "PEFT's ParamWrapper (reason)"; "" when the model has no LoRA on fused experts."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    from persona_lora.expert_lora import ExpertsForward
-
-    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    wrappers = [m for m in inner.modules() if isinstance(m, ParamWrapper)]
-    nested = {id(w.base_layer) for w in wrappers}
-    outermost = [w for w in wrappers if id(w) not in nested]
-    choices = set()
-    for wrapper in outermost:
-        forward = ExpertsForward(wrapper, routing)
-        wrapper.forward = forward
-        choices.add(f"LoRA-aware ({forward.strategy})" if forward.strategy else f"PEFT's ParamWrapper ({forward.why})")
-    choice = "; ".join(sorted(choices))
-    if choice:
-        log_once(logging.INFO, f"LoRA on the routed experts runs {choice}")
-    return choice

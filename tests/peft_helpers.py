@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
 from persona_lora.peft_compat import attach_new_adapter
-from persona_lora.train.presets import lora_config_for, resolve
+from persona_lora.presets import lora_config_for, resolve
 
 IDS = torch.tensor([[0, 11, 250, 37, 902, 4, 1500, 1]])
 

@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from persona_lora.chat_format import IGNORE_INDEX
 from persona_lora.train.answer_logits import answer_logits_trainer, answer_positions, supports
-from persona_lora.train.chat_format import IGNORE_INDEX
 from tests.peft_helpers import attach, fresh
 
 TOL = 1e-6

@@ -1,4 +1,4 @@
-"""The one formatting path (train/chat_format.py): every invariant, on single-turn (Alpaca-style), multi-turn and
+"""The one formatting path (persona_lora/chat_format.py): every invariant, on single-turn (Alpaca-style), multi-turn and
 system-prompt conversations, with the tiny DeepSeek-V2 base's tokenizer and the tiny llama's.
 
 (a) the tokens before each answer are exactly what inference feeds (`encode_prompt` and the tokenizer's own
@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from persona_lora.errors import ConfigError, DataError, ModelLoadError
-from persona_lora.train.chat_format import (
+from persona_lora.chat_format import (
     IGNORE_INDEX,
     conversation_for,
     encode_example,
@@ -28,7 +27,8 @@ from persona_lora.train.chat_format import (
     render_marked,
     segments,
 )
-from persona_lora.train.data import load_records
+from persona_lora.dataset.reading import load_records
+from persona_lora.errors import ConfigError, DataError, ModelLoadError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 U, A, S = "user", "assistant", "system"

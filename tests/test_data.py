@@ -1,4 +1,4 @@
-"""Dataset loading and validation (train/data.py) and `persona-lora data check` without a tokenizer.
+"""Dataset loading and validation (persona_lora/dataset/reading.py) and `persona-lora data check` without a tokenizer.
 
 Every bad input must give a DataError whose message names the place (file and line/record) and the problem;
 every accepted format must normalize to exactly the same message list.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from persona_lora.cli import main
+from persona_lora.dataset.reading import MAX_LISTED_PROBLEMS, dataset_stats, load_records
 from persona_lora.errors import DataError
-from persona_lora.train.data import MAX_LISTED_PROBLEMS, dataset_stats, load_records
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 PERSONA = EXAMPLES / "persona_zh.json"
@@ -173,10 +173,10 @@ def test_problem_list_in_message_is_capped(tmp_path):
 def test_unknown_keys_warn_once(tmp_path, caplog):
     path = tmp_path / "extra.jsonl"
     path.write_text(jl({**GOOD, "id": 1}, {**GOOD, "id": 2, "tag": "x"}, GOOD))
-    with caplog.at_level(logging.WARNING, logger="persona_lora.train.data"):
+    with caplog.at_level(logging.WARNING, logger="persona_lora.dataset.reading"):
         ds = load_records(str(path))
     assert len(ds.records) == 3
-    warnings = [r.getMessage() for r in caplog.records if r.name == "persona_lora.train.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "persona_lora.dataset.reading"]
     assert len(warnings) == 1
     assert "extra.jsonl" in warnings[0] and "'id' (2 records)" in warnings[0] and "'tag' (1 record)" in warnings[0]
 

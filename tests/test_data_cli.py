@@ -1,7 +1,7 @@
 """`persona-lora data check --base` and `data preview`: token statistics and the exact training text.
 
-These go through the one formatting path (train/chat_format.py) and the base's tokenizer
-(train/model_loading.py). The base here is a folder holding only a tiny byte-level BPE tokenizer trained inside
+These go through the one formatting path (persona_lora/chat_format.py) and the base's tokenizer
+(persona_lora/model_loading.py). The base here is a folder holding only a tiny byte-level BPE tokenizer trained inside
 the test, with DeepSeek-V2's special tokens and chat template, plus a minimal config.json.
 """
 
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from persona_lora.cli import main
-from persona_lora.train.data_cli import MARK_CLOSE, MARK_OPEN, mark_trained, trained_spans
+from persona_lora.train.data.cli import MARK_CLOSE, MARK_OPEN, mark_trained, trained_spans
 
 EOS = "<｜end▁of▁sentence｜>"
 BOS = "<｜begin▁of▁sentence｜>"
@@ -32,7 +32,7 @@ def base_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from persona_lora.train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
+    from persona_lora.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 
     out = tmp_path_factory.mktemp("base")
     tok = Tokenizer(models.BPE())
@@ -55,8 +55,8 @@ def chat_file(tmp_path):
 
 
 def _lengths(base_dir, system_prompt=None):
-    from persona_lora.train.chat_format import conversation_for, encode_example
-    from persona_lora.train.model_loading import load_tokenizer
+    from persona_lora.chat_format import conversation_for, encode_example
+    from persona_lora.model_loading import load_tokenizer
 
     tok = load_tokenizer(str(base_dir))
     return [len(encode_example(tok, conversation_for(r["messages"], system_prompt), max_length=10**6).input_ids)

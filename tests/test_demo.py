@@ -65,9 +65,9 @@ ADAPTER_HISTORY = [user("Hello"), assistant("Greetings to you, I am the consort 
 @pytest.fixture(scope="module")
 def expected(tiny_base, adapters) -> dict:
     """Standalone greedy answers: {(side, case): text}, side "base" or an adapter name."""
+    from persona_lora.chat_format import conversation_for
+    from persona_lora.model_loading import load_base_model, load_tokenizer
     from persona_lora.peft_compat import load_adapter
-    from persona_lora.train.chat_format import conversation_for
-    from persona_lora.train.model_loading import load_base_model, load_tokenizer
     from persona_lora.train.samples import generate_greedy
 
     tok = load_tokenizer(str(tiny_base))
@@ -119,7 +119,7 @@ def observe_forwards(engine, monkeypatch) -> list[tuple[str, ...]]:
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
     from persona_lora.demo.app import build_demo
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     votes = VoteStore(tmp_path_factory.mktemp("votes") / "votes.sqlite")
     app = build_demo(engine, votes=votes, max_message_chars=200, concurrency_limit=8, queue_size=64)
@@ -219,8 +219,8 @@ def test_sampling_settings_change_the_answer_and_a_seed_repeats_it(tiny_base, ad
 
 def test_long_history_keeps_the_newest_turns(tokenizer):
     """Past --max-prompt-tokens the oldest exchanges go first; the system prompt and the newest turns stay."""
+    from persona_lora.chat_format import encode_prompt
     from persona_lora.demo.prompts import TemplateCodec
-    from persona_lora.train.chat_format import encode_prompt
 
     system, new = [{"role": "system", "content": SYSTEM}], [user("And today?")]
     exchanges = [[user(f"Question {i}: what happened on day {i}?"), assistant(f"Day {i} was quiet, my lord.")]
@@ -315,7 +315,7 @@ def test_auth(engine, tmp_path):
     from gradio_client import Client
 
     from persona_lora.demo.app import build_demo
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     app = build_demo(engine, votes=VoteStore(tmp_path / "votes.sqlite"))
     _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
@@ -375,7 +375,7 @@ def _greedy():
 def test_chat_handlers_multi_turn_and_retry(engine, expected, tmp_path):
     """The Chat tab's handlers keep one history per side and retry the last turn."""
     from persona_lora.demo.app import _Handlers
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     ui = _Handlers(engine, VoteStore(tmp_path / "votes.sqlite"), 200)
     settings = (N, 0, 1, 0)
@@ -398,7 +398,7 @@ def test_blind_vote_round_trip_and_preference_export(engine, expected, tmp_path)
     from datasets import load_dataset
 
     from persona_lora.demo.app import _Handlers
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     store = VoteStore(tmp_path / "votes.sqlite")
     ui = _Handlers(engine, store, 200)
@@ -441,7 +441,7 @@ def _check_trl_format(example, tokenizer):
 
 
 def test_win_rates_wilson_and_concurrent_voters(tmp_path):
-    from persona_lora.demo.votes import VoteStore, wilson
+    from persona_lora.votes import VoteStore, wilson
 
     lo, hi = wilson(8, 10)
     assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)
@@ -470,7 +470,7 @@ def test_win_rates_wilson_and_concurrent_voters(tmp_path):
 
 
 def test_push_votes_as_dataset_repo(tmp_path, hub_server):
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
     from tests.hub_fixtures import DEFAULT_USER
 
     store = VoteStore(tmp_path / "v.sqlite")
@@ -493,8 +493,8 @@ def test_export_trains_one_dpo_step(tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from persona_lora.demo.votes import VoteStore
-    from persona_lora.train.model_loading import load_tokenizer
+    from persona_lora.model_loading import load_tokenizer
+    from persona_lora.votes import VoteStore
 
     store = VoteStore(tmp_path / "v.sqlite")
     for i in range(2):
@@ -643,7 +643,7 @@ def test_refused_requests_give_one_log_line_and_never_an_empty_message(engine, a
     import gradio as gr
 
     from persona_lora.demo.app import _Handlers
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     ui = _Handlers(engine, VoteStore(tmp_path / "votes.sqlite"), 200)
     broken = shutil.copytree(next(iter(adapters.values())), tmp_path / "broken")

@@ -68,7 +68,7 @@ def app_url(sync_api, tiny_base, tmp_path_factory):
 
     from persona_lora.demo.app import build_demo
     from persona_lora.demo.engine import Engine
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
     from tests.conftest import free_port
     from tests.test_demo import make_adapter
 

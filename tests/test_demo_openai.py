@@ -232,7 +232,7 @@ def test_start_up_checks_name_the_option_to_fix(engine_server, monkeypatch):
 def test_page_handlers_votes_and_export_on_the_openai_backend(backend, engine_server, tmp_path):
     """The page's own handlers: multi-turn chat and retry, a blind pair, a vote, the preference export."""
     from persona_lora.demo.app import _Handlers
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     store = VoteStore(tmp_path / "votes.sqlite")
     ui = _Handlers(backend, store, 200)
@@ -265,7 +265,7 @@ def test_page_keeps_the_other_answer_when_a_side_fails(backend, engine_server, t
     import gradio as gr
 
     from persona_lora.demo.app import _Handlers
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     ui = _Handlers(backend, VoteStore(tmp_path / "votes.sqlite"), 200)
     engine_server.fail("error_event", model="persona-attn")
@@ -288,7 +288,7 @@ def test_page_keeps_the_other_answer_when_a_side_fails(backend, engine_server, t
 @pytest.fixture
 def app_url(backend, tmp_path):
     from persona_lora.demo.app import build_demo
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     app = build_demo(backend, votes=VoteStore(tmp_path / "votes.sqlite"), concurrency_limit=20, queue_size=64)
     _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)

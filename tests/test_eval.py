@@ -309,7 +309,7 @@ def test_loss_is_trainings_loss_on_the_answer_tokens(run_dir, tiny_base):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from persona_lora.train.chat_format import conversation_for, encode_example
+    from persona_lora.chat_format import conversation_for, encode_example
 
     r = report_of(run_dir)
     tok = AutoTokenizer.from_pretrained(tiny_base)

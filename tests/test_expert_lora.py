@@ -18,15 +18,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from persona_lora import peft_compat
-from persona_lora.expert_lora import ExpertsForward
-from persona_lora.peft_compat import (
-    BASE_ROW,
-    EXPERT_LORA_ENV,
-    RowRouting,
-    is_param_wrapper,
-    use_lora_aware_experts,
-)
-from persona_lora.train.presets import LEAF_TARGETS
+from persona_lora.expert_lora import ExpertsForward, use_lora_aware_experts
+from persona_lora.peft_compat import BASE_ROW, EXPERT_LORA_ENV, is_param_wrapper
+from persona_lora.presets import LEAF_TARGETS
+from persona_lora.row_routing import RowRouting
 from tests.peft_helpers import attach, fresh
 
 RTOL = 1e-5
@@ -187,8 +182,8 @@ def test_unhandled_adapters_and_states_run_on_peft(tiny_base, monkeypatch, caplo
 
 
 def test_training_setup_uses_it(tiny_base, tmp_path):
+    from persona_lora.model_loading import resolve_base
     from persona_lora.train.config import config_from_dict
-    from persona_lora.train.model_loading import resolve_base
     from persona_lora.train.model_setup import build_adapted_model
 
     cfg = config_from_dict({"base": {"model": str(tiny_base), "device": "cpu"}, "data": {"path": "x.json"},

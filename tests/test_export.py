@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from persona_lora.engines import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 from persona_lora.errors import UsageError
-from persona_lora.hub_tools.export import export_adapter
-from persona_lora.hub_tools.export_engines import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+from persona_lora.hub_tools.export.run import export_adapter
 from persona_lora.train.synthetic import make_random_adapter
 
 TOL = 1e-5
@@ -139,7 +139,7 @@ def adapters(tiny_base, work):
 
 @pytest.fixture(scope="module")
 def merged(tiny_base, adapters, work):
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     return merge_adapter(adapters["all"], tiny_base, work / "merged-all", dtype="float32")
 
@@ -270,10 +270,10 @@ def test_allow_dropped_kv_b_writes_the_warning_and_no_kv_b_tensors(exports):
 
 
 def test_no_kv_b_preset_exports_for_vllm_without_the_flag(tiny_base, tmp_path):
-    from persona_lora.train import presets
+    from persona_lora import presets
 
     if "all-no-kv-b" not in presets.PRESETS["moe"]:
-        pytest.skip("the no-kv-b presets are not in train/presets.py")
+        pytest.skip("the no-kv-b presets are not in persona_lora/presets.py")
     adapter = make_random_adapter(tiny_base, tmp_path / "ad", "all-no-kv-b", r=8, alpha=16)
     export = export_adapter(adapter, engine="vllm", out_dir=tmp_path / "out", base=tiny_base)
     check_vllm_reads(export, n_experts=16)
@@ -345,7 +345,7 @@ def test_hub_base_downloads_only_its_config(adapters, tiny_base, tmp_path, monke
             shutil.copy(tiny_base / "config.json", folder / "config.json")
             return folder
 
-    monkeypatch.setattr("persona_lora.hub_tools.backends.backend", lambda hub: FakeHub())
+    monkeypatch.setattr("persona_lora.hubs.backends.backend", lambda hub: FakeHub())
     monkeypatch.chdir(tmp_path)
     export = export_adapter(adapters["attention"], engine="sglang", out_dir=tmp_path / "out", base="owner/tiny-ds")
     assert calls == [("owner/tiny-ds", ["config.json"])]
@@ -391,7 +391,7 @@ def test_per_module_alpha_is_folded_into_one_scaling(adapters, tiny_base, tmp_pa
 
 
 def test_missing_expert_projections_are_zero_filled_with_their_shapes():
-    from persona_lora.hub_tools.export_layout import ModuleLora, fill_expert_projections
+    from persona_lora.hub_tools.export.layout import ModuleLora, fill_expert_projections
 
     r, hidden, inter = 4, 12, 6
     gate = ModuleLora("model.layers.1.mlp.experts.0.gate_proj", torch.randn(r, hidden), torch.randn(inter, r), 2.0,
@@ -407,7 +407,7 @@ def test_missing_expert_projections_are_zero_filled_with_their_shapes():
 
 
 def test_uniform_rank_pads_and_folds_without_changing_a_delta():
-    from persona_lora.hub_tools.export_layout import ModuleLora, uniform_rank
+    from persona_lora.hub_tools.export.layout import ModuleLora, uniform_rank
 
     mods = [ModuleLora(f"m{i}", torch.randn(rank, 10), torch.randn(7, rank), scaling, "x")
             for i, (rank, scaling) in enumerate([(8, 2.0), (8, 2.0), (4, 4.0), (2, 1.0)])]

@@ -64,13 +64,13 @@ def test_only_the_cpu_asks_and_the_opt_out_is_named(monkeypatch):
 
 
 def test_training_on_the_cpu_asks_for_it(monkeypatch, tiny_base, small_persona_data, tmp_path):
-    import persona_lora.train.trainer as trainer
+    import persona_lora.train.steps as steps
     from persona_lora.train.config import load_config
 
     asked = []
-    monkeypatch.setattr(trainer, "keep_freed_memory", lambda device: asked.append(device) or "")
+    monkeypatch.setattr(steps, "keep_freed_memory", lambda device: asked.append(device) or "")
     cfg = load_config(REPO / "configs" / "tiny.yaml", {"base": {"model": str(tiny_base), "device": "cpu"},
                                                         "data": {"path": str(small_persona_data)},
                                                         "training": {"output_dir": str(tmp_path / "out")}})
-    assert trainer.set_up(cfg).device == "cpu"
+    assert steps.set_up(cfg).device == "cpu"
     assert asked == ["cpu"]

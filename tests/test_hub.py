@@ -110,7 +110,7 @@ def push(folder, repo=REPO, **kw):
 
 
 def pull(repo=REPO, **kw):
-    from persona_lora.hub_tools.pull import pull as _pull
+    from persona_lora.hubs.pull import pull as _pull
 
     return _pull(repo, **kw)
 
@@ -482,7 +482,7 @@ def test_base_given_as_hub_id_is_checked_against_remote_headers(hub_server, run_
 
 
 def test_shape_check_understands_fused_and_per_expert_moe_layouts():
-    from persona_lora.hub_tools.verify import shape_problems
+    from persona_lora.hubs.verify import shape_problems
 
     adapter = {
         "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight": [8, 32],
@@ -505,7 +505,7 @@ def test_shape_check_understands_fused_and_per_expert_moe_layouts():
 
 # ------------------------------------------------------------------------------------------------ listing
 def test_list_adapters_by_base(hub_server, run_dir, tiny_models):
-    from persona_lora.hub_tools.pull import list_adapters
+    from persona_lora.hubs.pull import list_adapters
 
     push(run_dir)
     other = run_dir.parent / "other"
@@ -611,7 +611,7 @@ def test_modelscope_push_needs_token_and_has_no_prs(modelscope_env, run_dir):
 
 
 def test_modelscope_list_is_refused(modelscope_env):
-    from persona_lora.hub_tools.pull import list_adapters
+    from persona_lora.hubs.pull import list_adapters
 
     with pytest.raises(HubError, match="Hugging Face Hub only"):
         list_adapters(BASE_ID, hub="modelscope")
@@ -619,7 +619,7 @@ def test_modelscope_list_is_refused(modelscope_env):
 
 
 def test_modelscope_network_down_is_reported(modelscope_env, run_dir, monkeypatch):
-    from persona_lora.hub_tools.ms_backend import ms_endpoint
+    from persona_lora.hubs.ms_backend import ms_endpoint
 
     assert ms_endpoint() == modelscope_env
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-test-token-abcdefgh")

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from persona_lora.artifact import ADAPTER_CONFIG, read_adapter_config, write_adapter_config
 from persona_lora.errors import UsageError
 from persona_lora.peft_compat import LINEAR_WEIGHT, is_legacy_spelling, load_adapter, module_regex
-from persona_lora.train.presets import LEAF_TARGETS
+from persona_lora.presets import LEAF_TARGETS
 from persona_lora.train.synthetic import make_random_adapter
 
 PRESETS = ["attention", "attention+mlp", "all"]
@@ -84,7 +84,7 @@ def test_the_leaf_target_list_and_dense_models_load_as_trained_too(adapters, tin
 def test_every_loader_gives_the_trained_model(adapters, tiny_base, tmp_path, monkeypatch, preset):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     adapter = adapters[preset]
     config = read_adapter_config(adapter)
@@ -153,21 +153,21 @@ def test_upgrade_adapter_command(adapters, tiny_base, tmp_path, capsys):
 
 
 def test_push_refuses_a_legacy_adapter_and_pull_says_how_to_upgrade(hub_server, adapters, tmp_path, caplog):
-    from persona_lora.hub_tools.pull import pull
     from persona_lora.hub_tools.push import push_folder
+    from persona_lora.hubs.pull import pull
 
     legacy = legacy_copy(adapters["attention+mlp"], tmp_path / "legacy")
     with pytest.raises(UsageError, match=re.escape(f"persona-lora upgrade-adapter {legacy}")):
         push_folder(legacy, "tester/legacy")
     push_folder(legacy, "tester/legacy", legacy=True)
-    with caplog.at_level(logging.WARNING, logger="persona_lora.hub_tools.pull"):
+    with caplog.at_level(logging.WARNING, logger="persona_lora.hubs.pull"):
         folder = pull("tester/legacy")
     assert any("legacy adapter spelling" in r.getMessage() and "upgrade-adapter" in r.getMessage()
                for r in caplog.records)
     assert (folder / ADAPTER_CONFIG).is_file()
     caplog.clear()
     push_folder(adapters["attention+mlp"], "tester/portable")
-    with caplog.at_level(logging.WARNING, logger="persona_lora.hub_tools.pull"):
+    with caplog.at_level(logging.WARNING, logger="persona_lora.hubs.pull"):
         pull("tester/portable")
     assert not any("legacy" in r.getMessage() for r in caplog.records)
 

@@ -91,7 +91,7 @@ def attention_adapter(tiny_base, work):
 @pytest.mark.parametrize("preset", ["attention", "attention+mlp", "all"])
 def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path, preset, request):
     from persona_lora.artifact import read_manifest
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     adapter = (request.getfixturevalue("all_adapter") if preset == "all"
                else make_adapter(tiny_base, preset, tmp_path / "adapter", seed=3))
@@ -121,7 +121,7 @@ def test_merge_matches_peft_and_keeps_the_base_layout(tiny_base, work, tmp_path,
 @pytest.mark.slow
 def test_merge_dense_llama(tiny_llama, tmp_path):
     from persona_lora.artifact import read_manifest
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     adapter = make_adapter(tiny_llama, "attention+mlp", tmp_path / "adapter", seed=4)
     out = merge_adapter(adapter, tiny_llama, tmp_path / "merged")
@@ -141,7 +141,7 @@ def test_merge_into_a_fused_layout_checkpoint(tiny_base, all_adapter, tmp_path):
     from safetensors.torch import load_file
 
     from persona_lora.artifact import read_manifest
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
     from persona_lora.train.tiny_base import save_sharded
 
     state = {}
@@ -177,7 +177,7 @@ def test_reshard_and_bfloat16(tiny_base, all_adapter, tmp_path):
     import torch
     from safetensors import safe_open
 
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     ref = merge_adapter(all_adapter, tiny_base, tmp_path / "ref")
     out = merge_adapter(all_adapter, tiny_base, tmp_path / "bf16", dtype="bfloat16", max_shard_size="4MB")
@@ -199,7 +199,7 @@ def test_reshard_and_bfloat16(tiny_base, all_adapter, tmp_path):
 def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapter, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     tampered = tmp_path / "tampered"
     shutil.copytree(attention_adapter, tampered)
@@ -223,7 +223,7 @@ def test_leftover_or_missing_adapter_keys_are_errors(tiny_base, attention_adapte
 @pytest.mark.slow
 def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_path):
     from persona_lora.artifact import read_manifest
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     other = tmp_path / "other-base"
     shutil.copytree(tiny_base, other)
@@ -238,7 +238,7 @@ def test_other_base_is_refused_unless_forced(tiny_base, attention_adapter, tmp_p
 
 @pytest.mark.slow
 def test_out_folder_rules(tiny_base, attention_adapter, tmp_path):
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -258,7 +258,7 @@ def test_out_folder_rules(tiny_base, attention_adapter, tmp_path):
 
 
 def test_pickled_base_and_full_disk_are_refused(tiny_base, attention_adapter, tmp_path, monkeypatch):
-    from persona_lora.hub_tools import merge
+    from persona_lora.hub_tools.merge import run as merge
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -274,7 +274,7 @@ def test_pickled_base_and_full_disk_are_refused(tiny_base, attention_adapter, tm
 
 
 def test_adapter_folder_is_required(tiny_base, tmp_path):
-    from persona_lora.hub_tools.merge import merge_adapter
+    from persona_lora.hub_tools.merge.run import merge_adapter
 
     with pytest.raises(ModelLoadError, match="adapter_config.json is missing"):
         merge_adapter(tmp_path, tiny_base, tmp_path / "out")

@@ -1,4 +1,4 @@
-"""Finding and loading a base (train/model_loading.py): local folders, Hugging Face ids (against the local
+"""Finding and loading a base (persona_lora/model_loading.py): local folders, Hugging Face ids (against the local
 FakeHub, or a closed port for "no network") and ModelScope ids (against the FakeModelScope)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
+from persona_lora.chat_templates import DEEPSEEK_V2
 from persona_lora.errors import ModelLoadError, UsageError
 from persona_lora.hashing import sha256_file
-from persona_lora.train.chat_templates import DEEPSEEK_V2
-from persona_lora.train.model_loading import (
+from persona_lora.model_loading import (
     BASE_PATTERNS,
     default_dtype,
     load_base_model,

@@ -10,9 +10,9 @@ import peft
 import pytest
 import torch.nn as nn
 
+from persona_lora import presets
 from persona_lora.peft_compat import VERIFIED_PEFT, attach_new_adapter, is_param_wrapper, rewrite_is_safe
-from persona_lora.train import presets
-from persona_lora.train.presets import check_coverage
+from persona_lora.presets import check_coverage
 from tests.peft_helpers import IDS, adapted, attach, fresh
 
 MLP = ("gate_proj", "up_proj", "down_proj")

@@ -54,7 +54,7 @@ def persona_pairs(data: Path, out: Path, *, unpaired: bool = False) -> Path:
 
 def demo_votes(path: Path):
     """Votes as the demo writes them (`VoteStore.record`, the call behind the vote buttons)."""
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.votes import VoteStore
 
     store = VoteStore(path)
     kw = dict(base_id="tiny-base", adapter_name="ad", adapter_id="ad", system_prompt=SYSTEM)
@@ -96,7 +96,7 @@ def test_votes_become_the_expected_pairs_and_counts(tmp_path, capsys):
 
 
 def test_pairs_are_tokenized_by_the_one_formatting_path(tiny_base, tokenizer, tmp_path):
-    from persona_lora.train.chat_format import conversation_for, encode_example, encode_prompt
+    from persona_lora.chat_format import conversation_for, encode_example, encode_prompt
     from persona_lora.train.preference_data import encode_preferences, load_preferences
 
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": turn("user", "你是谁？"), "chosen": turn("assistant", "本宫"),
@@ -327,9 +327,9 @@ def test_coverage_check_catches_a_reference_adapter_peft_re_targeted(tiny_base):
     """TRL adds the reference with `add_adapter`, which runs PEFT's MoE rewrite: the check sees the difference."""
     from transformers import AutoModelForCausalLM
 
+    from persona_lora import presets
     from persona_lora.errors import ConfigError
     from persona_lora.peft_compat import native_targets
-    from persona_lora.train import presets
     from persona_lora.train.preference_train import REF, adapter_coverage, check_both_adapters
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
@@ -358,14 +358,14 @@ PAIR_N = 8  # new tokens per answer
 def test_adapter_against_adapter_equals_standalone_greedy_and_votes_record_the_pair(tiny_base, tmp_path):
     from gradio_client import Client
 
+    from persona_lora.chat_format import conversation_for
     from persona_lora.demo.app import _Handlers, build_demo
     from persona_lora.demo.engine import Engine, GenerationSettings
-    from persona_lora.demo.votes import VoteStore
+    from persona_lora.model_loading import load_base_model, load_tokenizer
     from persona_lora.peft_compat import load_adapter
-    from persona_lora.train.chat_format import conversation_for
-    from persona_lora.train.model_loading import load_base_model, load_tokenizer
     from persona_lora.train.samples import generate_greedy
     from persona_lora.train.synthetic import make_random_adapter
+    from persona_lora.votes import VoteStore
     from tests.conftest import free_port
 
     paths = {name: make_random_adapter(tiny_base, tmp_path / name, "all", seed=seed, system_prompt=SYSTEM)
@@ -480,8 +480,8 @@ def test_a_vote_database_of_schema_1_reads_and_upgrades(tmp_path):
     opens them."""
     import sqlite3
 
-    from persona_lora.demo.votes import VoteStore, read_votes
     from persona_lora.train.preference_data import load_preferences
+    from persona_lora.votes import VoteStore, read_votes
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:

@@ -1,4 +1,4 @@
-"""LoRA coverage per preset (train/presets.py + persona_lora/peft_compat.py), checked module by module on the tiny
+"""LoRA coverage per preset (persona_lora/presets.py, persona_lora/peft_compat.py), checked per module on the tiny
 DeepSeek-V2 base by walking the PEFT model ourselves (independently of `coverage_table`), then against it.
 The PEFT behaviours the compat module guards against are in tests/test_peft_compat.py.
 """
@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from persona_lora import presets
 from persona_lora.errors import ConfigError, ModelLoadError
 from persona_lora.peft_compat import load_adapter
-from persona_lora.train import presets
-from persona_lora.train.presets import LEAF_TARGETS, check_coverage, resolve
+from persona_lora.presets import LEAF_TARGETS, check_coverage, resolve
 from tests.peft_helpers import IDS, adapted, attach, fresh
 
 ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

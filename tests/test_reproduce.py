@@ -18,8 +18,8 @@ import pytest
 from persona_lora.artifact import MANIFEST_NAME, SCHEMA, parse_manifest, read_manifest
 from persona_lora.cli import main
 from persona_lora.hashing import sha256_file
-from persona_lora.train.reproduce import REPORT_NAME, Original, Plan, compare, decide
-from persona_lora.train.reproduce_record import config_dict
+from persona_lora.train.reproduce.record import config_dict
+from persona_lora.train.reproduce.run import REPORT_NAME, Original, Plan, compare, decide
 from tests.conftest import train_args
 from tests.hub_fixtures import DEFAULT_USER
 
@@ -264,7 +264,7 @@ def test_library_versions_are_reported_not_refused(tiny_base, small_persona_data
 
 
 def test_a_long_history_prints_its_ends_and_its_largest_difference_and_the_verdict_last():
-    from persona_lora.train.reproduce_cli import format_report
+    from persona_lora.train.reproduce.cli import format_report
 
     rows = [{"step": s, "original": 2.0, "reproduced": 2.0, "diff": 0.0} for s in range(1, 101)]
     rows[49] = {"step": 50, "original": 2.0, "reproduced": 2.003, "diff": 0.003}

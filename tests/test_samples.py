@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_lora.peft_compat import use_lora_aware_experts
+from persona_lora.expert_lora import use_lora_aware_experts
 from persona_lora.train.samples import generate_greedy, sample_answers
 from tests.peft_helpers import attach, fresh
 

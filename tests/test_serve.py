@@ -2,7 +2,7 @@
 through the engine's own Python followed by the matching demo line.
 
 vLLM and SGLang cannot run here (other torch/transformers pins, GPUs), so the dry runs are checked flag by flag
-against what the engines read (hub_tools/export_engines.py names the source files), and the start is checked
+against what the engines read (persona_lora/engines.py names the source files), and the start is checked
 with a stand-in engine: an interpreter whose `vllm`/`sglang` modules start the OpenAI-protocol test server
 (tests/openai_server.py) with the models the flags name, so the printed demo line is run against it.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from persona_lora.cli import main
-from persona_lora.hub_tools.export_engines import VLLM_MAX_LORA_RANKS, adapter_max_rank, serve_argv
+from persona_lora.engines import VLLM_MAX_LORA_RANKS, adapter_max_rank, serve_argv
 from tests.conftest import REPO, free_port
 
 SYSTEM = "You are Zhen Huan, a consort in the imperial palace."
@@ -154,7 +154,7 @@ def test_chat_templates_and_rank_facts(tiny_base, adapters, tmp_path, capsys):
 
     assert adapter_max_rank({"r": 8, "rank_pattern": {"a": 40, "b": 4}}) == 40 and adapter_max_rank({}) == 8
     assert VLLM_MAX_LORA_RANKS == (1, 8, 16, 32, 64, 128, 256, 320, 512)
-    from persona_lora.hub_tools.export_engines import ENGINES, needs_mixed_moe_format
+    from persona_lora.engines import ENGINES, needs_mixed_moe_format
 
     assert needs_mixed_moe_format({"target_parameters": ["mlp.experts.gate_up_proj"]})
     assert not needs_mixed_moe_format({"target_modules": ["q_proj"]})
@@ -217,7 +217,7 @@ def test_serve_starts_the_engine_and_prints_a_demo_line_that_works(engine, tiny_
                                                                    monkeypatch):
     from persona_lora.cli import build_parser
     from persona_lora.demo.openai_backend import OpenAIBackend
-    from persona_lora.hub_tools import serve
+    from persona_lora.hub_tools.serve import run as serve
 
     python = fake_engine_python(tmp_path / "env", engine)
     log = tmp_path / "engine.json"

@@ -30,7 +30,7 @@ N = 24
 
 
 def start_vllm(model: Path, name: str, log: Path) -> tuple[subprocess.Popen, str]:
-    from persona_lora.hub_tools.export_engines import ENGINES, engine_program
+    from persona_lora.engines import ENGINES, engine_program
 
     port = free_port()
     argv = [*engine_program(ENGINES["vllm"], str(model), PYTHON), "--served-model-name", name, "--port", str(port),

@@ -43,7 +43,7 @@ def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """persona-lora's wheel, built once from this checkout (`pip wheel --no-deps`, as the command does)."""
-    from persona_lora.hub_tools.space_files import build_wheel
+    from persona_lora.hub_tools.space.files import build_wheel
 
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 
@@ -68,7 +68,7 @@ def test_dry_run_writes_a_valid_space_folder_and_pushes_nothing(tiny_base, adapt
     from huggingface_hub import SpaceCard
 
     from persona_lora.cli import main
-    from persona_lora.hub_tools.space_app import SpaceSettings
+    from persona_lora.hub_tools.space.app import SpaceSettings
 
     out = tmp_path / "space"
     assert main(space_argv(tiny_base, adapters, wheel, "--dry-run", str(out))) == 0
@@ -120,7 +120,7 @@ def test_dry_run_refuses_a_non_empty_folder_and_a_wheel_of_another_version(tiny_
 
 
 def test_hardware_is_chosen_from_the_base_size_and_a_base_too_big_is_refused():
-    from persona_lora.hub_tools.space import check_hardware, memory_gib, suggest_hardware
+    from persona_lora.hub_tools.space.spec import check_hardware, memory_gib, suggest_hardware
 
     tiny, lite = 8_600_000, 15_700_000_000  # the embedded base; DeepSeek-Coder-V2-Lite
     assert suggest_hardware(tiny, zerogpu=False) == "cpu-basic"
@@ -292,7 +292,7 @@ def test_push_adapters_references_them_as_hub_models(tiny_base, adapters, wheel,
 
 
 def test_votes_path_prefers_the_variable_then_the_persistent_volume(tmp_path, monkeypatch):
-    from persona_lora.hub_tools import space_app
+    from persona_lora.hub_tools.space import app as space_app
 
     monkeypatch.setattr(space_app, "PERSISTENT_ROOT", tmp_path / "no-volume")
     monkeypatch.delenv(space_app.VOTES_ENV, raising=False)
@@ -308,8 +308,8 @@ def test_votes_path_prefers_the_variable_then_the_persistent_volume(tmp_path, mo
 
 
 def test_votes_are_committed_to_the_dataset_on_schedule(tmp_path, hub_server):
-    from persona_lora.demo.votes import VoteStore
-    from persona_lora.hub_tools.space_votes import VotesScheduler
+    from persona_lora.hub_tools.space.votes import VotesScheduler
+    from persona_lora.votes import VoteStore
 
     store = VoteStore(tmp_path / "votes" / "votes.sqlite")
 
@@ -418,8 +418,8 @@ def test_zerogpu_engine_decodes_in_a_fork_with_the_same_answers(tiny_base, adapt
                                                                monkeypatch):
     from persona_lora.cli import main
     from persona_lora.demo.engine import Engine, GenerationSettings
-    from persona_lora.hub_tools.space_app import build
-    from persona_lora.hub_tools.space_gpu import ZeroGPUEngine
+    from persona_lora.hub_tools.space.app import build
+    from persona_lora.hub_tools.space.gpu import ZeroGPUEngine
 
     greedy = GenerationSettings(max_new_tokens=N)
     reference = Engine(str(tiny_base), device="cpu", dtype="float32")

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from persona_lora.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 from persona_lora.cli import main
 from persona_lora.errors import UsageError
-from persona_lora.train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 from persona_lora.train.tiny_base import TinySpec, build_tiny_base, validate_spec
 
 # Small enough to build in well under a second; big enough to keep the real structure (dense layer 0, MoE after).

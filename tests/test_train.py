@@ -48,7 +48,7 @@ def checkpoints(out: Path) -> list[str]:
 
 
 def greedy(model, tokenizer, messages, n=40):
-    from persona_lora.train.chat_format import encode_prompt
+    from persona_lora.chat_format import encode_prompt
 
     ids = torch.tensor([encode_prompt(tokenizer, messages)])
     with torch.no_grad():
@@ -107,9 +107,9 @@ def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data
 def test_base_unchanged_adapter_changed_and_reloads_in_persona(trained_adapter, tiny_base, small_persona_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from persona_lora.chat_format import conversation_for
+    from persona_lora.dataset.reading import load_records
     from persona_lora.peft_compat import load_adapter
-    from persona_lora.train.chat_format import conversation_for
-    from persona_lora.train.data import load_records
 
     weights = load_file(str(trained_adapter / "adapter_model.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]

@@ -21,7 +21,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from persona_lora.train.chat_format import IGNORE_INDEX
+from persona_lora.chat_format import IGNORE_INDEX
 
 
 def answer_positions(labels: torch.Tensor) -> dict:

@@ -323,7 +323,7 @@ def cross_checks(cfg: TrainConfig) -> list[str]:
 
 def preset_names() -> list[str]:
     """Every preset name of any architecture (whether it fits the base is checked once the base is known)."""
-    from persona_lora.train.presets import PRESETS
+    from persona_lora.presets import PRESETS
 
     return list(dict.fromkeys(name for family in PRESETS.values() for name in family))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from persona_lora.train import presets
+from persona_lora import presets
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.model_setup import AdaptedModel
 from persona_lora.train.prepare import PreparedData

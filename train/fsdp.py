@@ -117,7 +117,7 @@ def load_sharded_base(path: str, *, name: str, dtype, device: str, trust_remote_
     """The base, sharded over this run's processes while it loads (each process reads only its shard)."""
     from transformers.distributed import DistributedConfig
 
-    from persona_lora.train.model_loading import from_pretrained
+    from persona_lora.model_loading import from_pretrained
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
               "distributed_config": DistributedConfig(fsdp_size=world_size())}

@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from persona_lora import presets
 from persona_lora.artifact import read_adapter_config, write_adapter_config
 from persona_lora.errors import UsageError
-from persona_lora.peft_compat import attach_new_adapter, portable_config, use_lora_aware_experts
-from persona_lora.train import presets
+from persona_lora.expert_lora import use_lora_aware_experts
+from persona_lora.model_loading import ResolvedBase, load_base_model
+from persona_lora.peft_compat import attach_new_adapter, portable_config
 from persona_lora.train.config import TrainConfig
-from persona_lora.train.model_loading import ResolvedBase, load_base_model
 
 
 @dataclass
@@ -51,7 +52,7 @@ def check_packing(cfg: TrainConfig, device: str) -> None:
     """Packing puts several examples in one row; only flash-attention separates them by position_ids. With SDPA
     the packed examples attend to each other (their logits differ from the unpacked ones), so packing is refused
     unless flash-attention 2 will be used."""
-    from persona_lora.train.model_loading import attention_implementation
+    from persona_lora.model_loading import attention_implementation
 
     if cfg.training.packing and not (device.startswith("cuda") and attention_implementation() == "flash_attention_2"):
         raise UsageError(
@@ -75,8 +76,8 @@ def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.base.trust_remote_code)
     elif sharded:
+        from persona_lora.model_loading import parse_dtype
         from persona_lora.train.fsdp import load_sharded_base
-        from persona_lora.train.model_loading import parse_dtype
 
         model = load_sharded_base(rb.path, name=rb.id, dtype=parse_dtype(cfg.base.dtype, device), device=device,
                                   trust_remote_code=cfg.base.trust_remote_code)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persona_lora.dataset.records import ROLES, chat_turn, check_structure, data_error, json_type
 from persona_lora.errors import DataError
-from persona_lora.train.records import ROLES, _chat_turn, _check_structure, _json_type, data_error
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -106,14 +106,14 @@ def is_preference_source(path: str) -> bool:
 def load_preferences(source: str, *, revision: str | None = None) -> PreferenceSet:
     """Read a vote database, a preference file or a hub dataset of preference records (e.g. the votes the demo
     pushed: its default config is the pairs); DataError listing every problem (file, line, field, fix)."""
-    from persona_lora.train.data import _check_path, _looks_like_hub_id
+    from persona_lora.dataset.reading import check_path, looks_like_hub_id
 
     path = Path(source).expanduser()
     if path.is_file() and path.read_bytes()[:16] == SQLITE_MAGIC:
         return _from_votes(path)
-    if not path.exists() and _looks_like_hub_id(source):
+    if not path.exists() and looks_like_hub_id(source):
         return _from_hub(source, revision)
-    _check_path(path, source)
+    check_path(path, source)
     return _from_file(path, source)
 
 
@@ -121,7 +121,7 @@ def load_preferences(source: str, *, revision: str | None = None) -> PreferenceS
 
 
 def _from_votes(path: Path) -> PreferenceSet:
-    from persona_lora.demo.votes import read_votes
+    from persona_lora.votes import read_votes
 
     raw = path.read_bytes()
     votes = read_votes(path)
@@ -175,12 +175,9 @@ def _win_rates(votes: list[dict]) -> list[dict]:
 
 
 def _from_file(path: Path, display: str) -> PreferenceSet:
-    from persona_lora.train.data import _decode, _parse_json_array, _parse_jsonl
+    from persona_lora.dataset.reading import read_json_items
 
-    raw = path.read_bytes()
-    text = _decode(raw, path.name, display)
-    parse = _parse_json_array if path.suffix.lower() == ".json" else _parse_jsonl
-    items = parse(text, path.name, display)
+    raw, items = read_json_items(path, display)
     return _validated(items, path.name, display, hashlib.sha256(raw).hexdigest())
 
 
@@ -238,13 +235,13 @@ def _validated(items: list, name: str, display: str, sha256: str) -> PreferenceS
 
 def _record(item: Any, place: str, problems: list[str]) -> tuple[str | None, dict | None]:
     """One record -> (pairs | unpaired, normalized example or None), appending its problems."""
-    from persona_lora.train.data import _BadLine
+    from persona_lora.dataset.reading import BadLine
 
-    if isinstance(item, _BadLine):
+    if isinstance(item, BadLine):
         problems.append(item.problem)
         return None, None
     if not isinstance(item, dict):
-        problems.append(f"{place}: expected a record object {{...}}, got {_json_type(item)}; fix: write each record "
+        problems.append(f"{place}: expected a record object {{...}}, got {json_type(item)}; fix: write each record "
                         "as an object with prompt, chosen and rejected (or prompt, completion and label)")
         return None, None
     if "chosen" in item or "rejected" in item:
@@ -267,7 +264,7 @@ def _record(item: Any, place: str, problems: list[str]) -> tuple[str | None, dic
     if kind == "unpaired":
         completion = _answer(item["completion"], place, "completion", problems)
         if not isinstance(item["label"], bool):
-            problems.append(f"{place}, field 'label': expected true or false, got {_json_type(item['label'])}; "
+            problems.append(f"{place}, field 'label': expected true or false, got {json_type(item['label'])}; "
                             "fix: true for a desirable answer, false for an undesirable one")
         answers = {"completion": completion}
     else:
@@ -277,7 +274,7 @@ def _record(item: Any, place: str, problems: list[str]) -> tuple[str | None, dic
     for key, text in answers.items():
         msgs = [*prompt, {"role": "assistant", "content": text}]
         labels = [f"prompt[{i}]" for i in range(len(prompt))] + [f"{key}[0]"]
-        problems += _check_structure(msgs, labels, place)
+        problems += check_structure(msgs, labels, place)
     if len(problems) > before:
         return kind, None
     if kind == "pairs":
@@ -287,11 +284,11 @@ def _record(item: Any, place: str, problems: list[str]) -> tuple[str | None, dic
 
 def _messages(value: Any, place: str, key: str, problems: list[str]) -> list[dict] | None:
     if not isinstance(value, list) or not value:
-        what = "an empty list" if value == [] else _json_type(value)
+        what = "an empty list" if value == [] else json_type(value)
         problems.append(f"{place}, field {key!r}: expected a list of messages, got {what}; fix: write "
                         f'"{key}": [{{"role": "user", "content": "..."}}] (TRL\'s conversational format)')
         return None
-    out = [_chat_turn(turn, place, f"{key}[{i}]", "role", "content", _ROLE_MAP, problems)
+    out = [chat_turn(turn, place, f"{key}[{i}]", "role", "content", _ROLE_MAP, problems)
            for i, turn in enumerate(value)]
     return None if any(m is None for m in out) else out
 
@@ -328,7 +325,7 @@ def encode_preferences(tokenizer, examples: list[dict], method: str, *, system_p
     """Each example through the one formatting path: prompt ids as inference feeds them, answer ids the answer and
     its EOS. Over-long examples are cut from the left of the prompt (keeping its first token), or dropped with
     `overlong: drop` or when even the answers do not fit; both are counted."""
-    from persona_lora.train.chat_format import conversation_for, encode_examples
+    from persona_lora.chat_format import conversation_for, encode_examples
 
     answers = ("chosen", "rejected") if method == "dpo" else ("completion",)
     convs = [conversation_for([*ex["prompt"], {"role": "assistant", "content": ex[a]}], system_prompt)
@@ -362,7 +359,7 @@ def encode_preferences(tokenizer, examples: list[dict], method: str, *, system_p
 
 def _split(enc, origin: str) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) of one encoded conversation: the answer is its last trained span."""
-    from persona_lora.train.chat_format import IGNORE_INDEX
+    from persona_lora.chat_format import IGNORE_INDEX
 
     trained = [i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX]
     if not trained:

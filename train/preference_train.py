@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from persona_lora import presets
 from persona_lora.artifact import DatasetStats, TokenStats, read_manifest, write_manifest
 from persona_lora.artifact_preference import (
     InitAdapterInfo,
@@ -35,9 +36,9 @@ from persona_lora.artifact_preference import (
     WinRateRow,
 )
 from persona_lora.errors import ModelLoadError, TrainingInterrupted, UsageError
+from persona_lora.expert_lora import use_lora_aware_experts
 from persona_lora.hashing import sha256_file
-from persona_lora.peft_compat import load_adapter, lora_module_label, native_targets, use_lora_aware_experts
-from persona_lora.train import presets
+from persona_lora.peft_compat import load_adapter, lora_module_label, native_targets
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.preference_data import EncodedPreferences, PreferenceSet, encode_preferences, load_preferences
 
@@ -66,7 +67,7 @@ def resolve_init(cfg: TrainConfig) -> InitAdapter | None:
     spec = cfg.preference.init_adapter
     if not spec:
         return None
-    from persona_lora.hub_tools.pull import local_or_pulled
+    from persona_lora.hubs.pull import local_or_pulled
 
     path, ref, commit = local_or_pulled(spec, what="--init-adapter")
     manifest = read_manifest(path)
@@ -116,9 +117,9 @@ class PreferenceRun:
 
 
 def prepare_preferences(cfg: TrainConfig, tokenizer) -> PreferenceRun:
+    from persona_lora.chat_format import conversation_for
+    from persona_lora.dataset.split import split_indices
     from persona_lora.errors import DataError
-    from persona_lora.train.chat_format import conversation_for
-    from persona_lora.train.prepare import split_indices
 
     method = cfg.preference.method
     prefs = load_preferences(cfg.data.path, revision=cfg.data.revision)
@@ -191,7 +192,7 @@ def to_dataset(enc: EncodedPreferences, method: str, batch_size: int, seed: int)
 
 def build_policy(cfg: TrainConfig, setup, init: InitAdapter | None):
     """The model being tuned: the init adapter loaded trainable, or a fresh adapter as SFT builds it."""
-    from persona_lora.train.model_loading import load_base_model
+    from persona_lora.model_loading import load_base_model
     from persona_lora.train.model_setup import AdaptedModel, build_adapted_model
 
     if init is None:
@@ -337,7 +338,8 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     from persona_lora.train.prepare import PreparedData
     from persona_lora.train.provenance import build_manifest
     from persona_lora.train.run_folder import CHECKPOINTS, claim_output, complete_output, plan_output
-    from persona_lora.train.trainer import _callbacks, _StopOnSignal, _tally, finalise, loop_result, set_up
+    from persona_lora.train.steps import StopOnSignal, loop_callbacks, loop_result, new_tally, set_up
+    from persona_lora.train.trainer import finalise
 
     started = time.time()
     method = cfg.preference.method
@@ -375,8 +377,8 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
         print_fn = lambda *a, **k: None  # noqa: E731
     print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total) + "\n"
              + coverage_note(cfg))
-    stop, tally = _StopOnSignal(), _tally()
-    trainer = preference_trainer(cfg, setup, model, run, out, _callbacks(stop, tally))
+    stop, tally = StopOnSignal(), new_tally()
+    trainer = preference_trainer(cfg, setup, model, run, out, loop_callbacks(stop, tally))
     t0 = time.time()
     with stop, native_targets():
         trainer.train()

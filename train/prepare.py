@@ -7,12 +7,12 @@ manifest and card report both, so what the adapter was trained on is never a gue
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 
 from persona_lora.artifact import DatasetStats, TokenStats
+from persona_lora.chat_format import IGNORE_INDEX, Encoded, conversation_for, encode_examples
+from persona_lora.dataset.split import split_indices
 from persona_lora.errors import DataError
-from persona_lora.train.chat_format import IGNORE_INDEX, Encoded, conversation_for, encode_examples
 from persona_lora.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -28,20 +28,9 @@ class PreparedData:
     loaded: object  # data.LoadedDataset
 
 
-def split_indices(n: int, seed: int, eval_fraction: float) -> tuple[list[int], list[int]]:
-    """(held-out, training) record indices, each sorted: the seeded split training uses. `persona-lora eval`
-    calls this same function to rebuild an adapter's held-out set from its manifest, so the two never drift."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = int(round(n * eval_fraction)) if eval_fraction > 0 else 0
-    if eval_fraction > 0 and n >= 2:
-        n_eval = max(1, min(n_eval, n - 1))
-    return sorted(order[:n_eval]), sorted(order[n_eval:])
-
-
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     """Load, validate, split (seeded) and encode; drops and truncations are counted, never silent."""
-    from persona_lora.train.data import load_records
+    from persona_lora.dataset.reading import load_records
 
     loaded = load_records(cfg.data.path, revision=cfg.data.revision)
     convs = [conversation_for(r["messages"], cfg.data.system_prompt) for r in loaded.records]

@@ -33,7 +33,7 @@ from persona_lora.train.config import TrainConfig
 if TYPE_CHECKING:
     from persona_lora.train.model_setup import AdaptedModel
     from persona_lora.train.prepare import PreparedData
-    from persona_lora.train.trainer import RunSetup, TrainResult
+    from persona_lora.train.steps import RunSetup, TrainResult
 
 HISTORY_KEYS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
 

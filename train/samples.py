@@ -7,7 +7,7 @@ snippet format them, so a sample in the card is what a reader gets.
 from __future__ import annotations
 
 from persona_lora.artifact import Sample
-from persona_lora.train.chat_format import encode_prompt
+from persona_lora.chat_format import encode_prompt
 
 
 def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, *,
@@ -38,7 +38,8 @@ def sample_answers(peft_model, tokenizer, conversations: list[list[dict]], n: in
 
     Both sides decode as one batch, as the demo's side-by-side answers do: the base rows get no LoRA
     (`RowRouting`), so each side answers exactly as it would alone, for little more than one side's time."""
-    from persona_lora.peft_compat import BASE_ROW, RowRouting
+    from persona_lora.peft_compat import BASE_ROW
+    from persona_lora.row_routing import RowRouting
 
     prompts = []
     for conv in conversations[:n]:

@@ -26,11 +26,10 @@ def make_random_adapter(
     `preset` None, the explicit leaf names `target_modules`, as `lora.target_modules` would give them)."""
     import torch
 
-    from persona_lora import __version__
+    from persona_lora import __version__, presets
     from persona_lora.artifact import BaseModelInfo, ChatInfo, LoraInfo, Manifest, now_iso, write_manifest
+    from persona_lora.model_loading import load_base_model, load_tokenizer, resolve_base
     from persona_lora.peft_compat import attach_new_adapter
-    from persona_lora.train import presets
-    from persona_lora.train.model_loading import load_base_model, load_tokenizer, resolve_base
     from persona_lora.train.model_setup import save_adapter
 
     out = Path(out)

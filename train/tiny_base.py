@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persona_lora import sample_data
+from persona_lora.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 from persona_lora.errors import UsageError
-from persona_lora.train.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 
 log = logging.getLogger(__name__)
 

@@ -14,81 +14,40 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from persona_lora import presets
 from persona_lora.artifact import write_manifest
+from persona_lora.chat_format import IGNORE_INDEX
 from persona_lora.errors import TrainingInterrupted, UsageError
-from persona_lora.host_memory import keep_freed_memory
 from persona_lora.peft_compat import native_targets
-from persona_lora.train import fsdp, presets
+from persona_lora.train import fsdp
 from persona_lora.train.answer_logits import answer_logits_trainer
-from persona_lora.train.chat_format import IGNORE_INDEX, require_chat_template
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.dry_run import dry_run_report
 from persona_lora.train.length_batches import LENGTH_BUCKETS, batch_order, length_bucket_trainer
-from persona_lora.train.model_loading import ResolvedBase, load_tokenizer, parse_dtype, resolve_base
 from persona_lora.train.model_setup import (
     AdaptedModel,
     build_adapted_model,
-    check_packing,
-    resolve_device,
     save_adapter,
-    use_gradient_checkpointing,
 )
 from persona_lora.train.prepare import PreparedData, prepare_data
 from persona_lora.train.provenance import build_manifest, run_changes
 from persona_lora.train.run_folder import CHECKPOINTS, LOGS, OutputPlan, claim_output, complete_output, plan_output
 from persona_lora.train.samples import sample_answers
+from persona_lora.train.steps import (
+    RunAlreadyFinished,
+    RunSetup,
+    StopOnSignal,
+    TrainResult,
+    loop_callbacks,
+    loop_result,
+    new_tally,
+    set_up,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunSetup:
-    """What the run trains on and where."""
-
-    base: ResolvedBase
-    tokenizer: object
-    template_source: str  # base | file
-    device: str
-    dtype: object  # torch.dtype
-    gradient_checkpointing: bool
-    rank: int
-    world_size: int
-    padding_side: str  # the tokenizer's own, restored before it is saved with the adapter
-
-
-@dataclass
-class TrainResult:
-    """What the training loop did."""
-
-    history: list[dict]
-    wall_time_s: float
-    tokens: int
-    world_size: int
-    resumed: bool
-    interrupted: bool
-    eval_time_s: float  # of wall_time_s, the eval passes
-
-
-def set_up(cfg: TrainConfig) -> RunSetup:
-    device = resolve_device(cfg)
-    keep_freed_memory(device)  # CPU steps reuse freed activation memory instead of faulting in new pages
-    check_packing(cfg, device)
-    rb = resolve_base(cfg.base.model, revision=cfg.base.revision, source=cfg.base.source)
-    tokenizer = load_tokenizer(rb, chat_template_file=cfg.base.chat_template)
-    require_chat_template(tokenizer, f"the tokenizer of {rb.id}")
-    padding_side = tokenizer.padding_side
-    # training batches are right-padded: real tokens at positions 0..n-1, as at inference
-    tokenizer.padding_side = "right"
-    return RunSetup(base=rb, tokenizer=tokenizer, template_source="file" if cfg.base.chat_template else "base",
-                    device=device, dtype=parse_dtype(cfg.base.dtype, device),
-                    gradient_checkpointing=use_gradient_checkpointing(cfg, device),
-                    rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                    padding_side=padding_side)
 
 
 def check_resume(cfg: TrainConfig, plan: OutputPlan, draft) -> list[str]:
@@ -110,70 +69,6 @@ def check_resume(cfg: TrainConfig, plan: OutputPlan, draft) -> list[str]:
         raise RunAlreadyFinished(f"the run in {plan.out} already finished (step {step}); nothing to resume. To train "
                                  "it further, raise --max-steps or --epochs and pass --allow-changes")
     return (previous.run.changes if previous.run else []) + [f"at step {step}: {c}" for c in changes]
-
-
-class RunAlreadyFinished(UsageError):
-    """`--resume` of a run that finished: `--resume auto` (idempotent re-runs) treats it as done, not an error."""
-
-
-class _StopOnSignal:
-    """First Ctrl-C: finish the current step, save a checkpoint, stop cleanly. A second one aborts."""
-
-    def __init__(self):
-        self.interrupted = False
-        self.previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-            log.warning("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort)")
-
-        try:
-            self.previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not in the main thread
-            self.previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def _tally() -> dict:
-    """What the callbacks count during the loop: tokens seen at its start and end, seconds of eval passes."""
-    return {"start": 0, "end": 0, "eval_s": 0.0}
-
-
-def loop_result(trainer, tally: dict, started: float, *, resumed: bool, interrupted: bool) -> TrainResult:
-    """The TrainResult of a finished `trainer.train()` that ran with `_callbacks(..., tally)`."""
-    return TrainResult(history=trainer.state.log_history, wall_time_s=time.time() - started,
-                       tokens=max(tally["end"] - tally["start"], 0), world_size=trainer.args.world_size,
-                       resumed=resumed, interrupted=interrupted, eval_time_s=tally["eval_s"])
-
-
-def _callbacks(stop: _StopOnSignal, tally: dict, stop_after: int | None = None):
-    from transformers import TrainerCallback
-
-    class RunCallback(TrainerCallback):
-        def on_train_begin(self, args, st, control, **kw):
-            tally["start"] = st.num_input_tokens_seen or 0
-
-        def on_step_end(self, args, st, control, **kw):
-            if stop.interrupted:
-                control.should_save = True
-                control.should_training_stop = True
-            if stop_after is not None and st.global_step >= stop_after:  # `reproduce --max-steps`: the run's own
-                control.should_training_stop = True  # schedule, cut short (a lower max_steps would change it)
-
-        def on_evaluate(self, args, st, control, metrics=None, **kw):
-            tally["eval_s"] += float((metrics or {}).get("eval_runtime") or 0.0)
-
-        def on_train_end(self, args, st, control, **kw):
-            tally["end"] = st.num_input_tokens_seen or 0
-
-    return [RunCallback()]
 
 
 def training_arguments(cfg: TrainConfig, out: Path, setup: RunSetup, has_eval: bool):
@@ -245,7 +140,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
     from transformers import Trainer
 
     model.peft_model.config.pad_token_id = setup.tokenizer.pad_token_id
-    stop, tally = _StopOnSignal(), _tally()
+    stop, tally = StopOnSignal(), new_tally()
     Trainer = length_bucket_trainer(answer_logits_trainer(Trainer))  # noqa: N806
     if model.sharded:  # sharded while loading: accelerate must not wrap it again; checkpoints keep the optimizer
         fsdp.switch_off_accelerate_fsdp()
@@ -258,7 +153,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
         eval_dataset=_to_dataset(data.eval) if data.eval else None,
         data_collator=_collator(cfg, setup.tokenizer, setup.device),
         processing_class=setup.tokenizer,
-        callbacks=_callbacks(stop, tally, stop_after),
+        callbacks=loop_callbacks(stop, tally, stop_after),
     )
     started = time.time()
     with stop, native_targets():

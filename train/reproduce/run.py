@@ -1,0 +1,457 @@
+"""Train an adapter again from its manifest alone, and say whether it comes out the same.
+
+Every adapter folder carries the provenance of its run (base id, revision and config hash, the dataset's sha256,
+the resolved config, the loss history, library versions). `reproduce` turns that record into a check anyone can
+run on a folder or a hub id someone shared: it rebuilds the configuration from the manifest (never from the
+user's config files), makes sure the base and the data are the ones recorded, trains into a new folder and
+compares the two loss histories step by step. Training on the same device type from the same seed is
+deterministic, so a faithful record reproduces to well below 1e-4.
+
+What is refused and what is only reported follows from what changes the run: other data (sha256, record count),
+another base (config hash; revision for hub ids), another chat template or a run resumed with changed settings
+are different runs, refused unless `--allow-changes` (then the verdict is "different" and names them); other
+library versions, another device type or dtype are reported (another device type can at best be "close").
+
+The original adapter is only read: the reproduction goes to a new folder (`<adapter>-reproduced` next to a local
+adapter, in the working folder for a hub id), with `reproduce.json` beside the adapter files it trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persona_lora.artifact import Manifest, read_manifest
+from persona_lora.errors import ManifestError, UsageError, VerificationError
+from persona_lora.train.config import TrainConfig, config_from_dict
+from persona_lora.train.reproduce.record import config_dict, original_history
+
+REPORT_NAME = "reproduce.json"
+REPORT_SCHEMA = "persona-lora/reproduce@1"
+REPRODUCED, CLOSE = 1e-4, 1e-2  # max |loss difference| for "reproduced" (same device type) and "close"
+# Run-defining settings where a difference comes from the machine, not the record: reported, never "reproduced"
+ENVIRONMENTAL = ("training.dtype", "training.world_size")
+# Inputs checked before training: a difference there is refused (or, allowed, a named change)
+CHECKED_FIRST = ("base_model.config_sha256", "dataset.sha256", "chat.chat_template")
+
+
+@dataclass
+class Original:
+    """The adapter being reproduced: where its files are and what its manifest says."""
+
+    folder: Path
+    manifest: Manifest
+    label: str  # as the user named it: a folder's name or a hub id
+    hub_id: str | None = None
+    commit: str | None = None
+
+
+@dataclass
+class Plan:
+    """Everything checked before training: the config to run, where, and what differs from the record."""
+
+    config: TrainConfig
+    config_from: str
+    out: Path
+    stop_after: int | None  # optimizer step to stop after (--max-steps, or where an interrupted original stopped)
+    compare_upto: int | None  # last original step compared
+    changes: list[str] = field(default_factory=list)  # allowed differences of the inputs, each naming the field
+    inputs: dict = field(default_factory=dict)  # base and data: recorded vs used, for the report
+    notes: list[str] = field(default_factory=list)
+    template_dir: tempfile.TemporaryDirectory | None = None  # a chat template file rebuilt from the manifest
+
+
+# ------------------------------------------------------------------------------------------------ the adapter
+
+
+def open_adapter(spec: str, *, hub: str = "hf") -> Original:
+    """A local adapter folder or a hub id (pulled and verified), with its manifest."""
+    from persona_lora.hubs.pull import local_or_pulled
+
+    folder, ref, commit = local_or_pulled(spec, hub=hub, what="ADAPTER")
+    manifest = read_manifest(folder)
+    if manifest.kind != "adapter":
+        made_from = manifest.merge.adapter if manifest.merge and manifest.merge.adapter else "its adapter"
+        raise UsageError(f"{spec} is a merged model, not an adapter; reproduce the adapter it was made from "
+                         f"({made_from}) instead")
+    return Original(folder=folder, manifest=manifest, label=str(ref) if ref else folder.name,
+                    hub_id=ref.repo_id if ref else None, commit=commit)
+
+
+def default_out(original: Original) -> Path:
+    """A new folder: next to a local adapter, in the working folder for a pulled one (never in the hub cache)."""
+    parent = Path.cwd() if original.hub_id else original.folder.parent
+    stem = (original.hub_id.split("/")[-1] if original.hub_id else original.folder.name) + "-reproduced"
+    out, n = parent / stem, 2
+    while out.exists():
+        out, n = parent / f"{stem}-{n}", n + 1
+    return out
+
+
+def check_out(out: Path, original: Original) -> Path:
+    """`--out` must be a new (or empty) folder outside the adapter: reproduce never writes into the original."""
+    out = out.expanduser().resolve()
+    adapter = original.folder.resolve()
+    if out == adapter or adapter in out.parents or out in adapter.parents:
+        raise UsageError(f"--out {out}: that is the adapter's own folder (or holds it); reproduce never writes into "
+                         "the adapter it checks. Choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not empty; reproduce writes a new folder and never replaces "
+                         "one. Choose another --out or leave it out (a new folder next to the adapter)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _short(sha: str | None) -> str:
+    return f"{sha[:12]}…" if sha else "unknown"
+
+
+def resolve_recorded_base(manifest: Manifest, override: str | None, hub: str):
+    """The base to train on: `--base` (a local copy or hub id) or the recorded hub id at its recorded revision."""
+    from persona_lora.hub_ids import parse_hub_ref
+    from persona_lora.model_loading import resolve_base
+
+    recorded = manifest.base_model
+    if override is None:
+        if recorded.source in (None, "local"):
+            raise UsageError(f"the adapter was trained on a local base folder {recorded.id!r} (config.json sha256 "
+                             f"{_short(recorded.config_sha256)}); give that folder (or a copy) with --base PATH")
+        return resolve_base(recorded.id, revision=recorded.revision, source=recorded.source)
+    if Path(override).expanduser().exists():
+        return resolve_base(override, source="local")
+    ref = parse_hub_ref(override)
+    if ref is None:
+        return resolve_base(override, source="local")  # names the missing folder
+    revision = ref.revision or (recorded.revision if ref.repo_id == recorded.id else None)
+    source = recorded.source if ref.repo_id == recorded.id and recorded.source in ("hf", "modelscope") else hub
+    return resolve_base(ref.repo_id, revision=revision, source=source)
+
+
+def check_base(manifest: Manifest, rb) -> tuple[list[str], dict]:
+    """Differences between the base found and the one recorded (config hash; revision of a hub base)."""
+    recorded = manifest.base_model
+    used_sha = rb.config_sha256
+    problems = []
+    if used_sha != recorded.config_sha256:
+        kinds = ""
+        try:
+            used_type = json.loads((rb.path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            used_type = None
+        if used_type and recorded.model_type and used_type != recorded.model_type:
+            kinds = f" (model_type {used_type}, trained on {recorded.model_type})"
+        problems.append(f"base_model.config_sha256: {rb.id}'s config.json has sha256 {_short(used_sha)}{kinds}; the "
+                        f"adapter was trained on {recorded.id}, config.json sha256 {_short(recorded.config_sha256)}")
+    if rb.source in ("hf", "modelscope") and rb.id == recorded.id and rb.revision != recorded.revision:
+        problems.append(f"base_model.revision: {rb.id} at {rb.revision or 'its default branch'}; the adapter was "
+                        f"trained on revision {recorded.revision or 'the default branch'}")
+    info = {"recorded": {"id": recorded.id, "revision": recorded.revision, "config_sha256": recorded.config_sha256},
+            "used": {"id": rb.id, "revision": rb.revision, "config_sha256": used_sha}}
+    return problems, info
+
+
+def load_recorded_data(manifest: Manifest, cfg: dict, override: str | None):
+    """The dataset to train on: `--data` (a local copy or hub id) or the recorded hub dataset."""
+    from persona_lora.dataset.reading import load_records
+
+    ds = manifest.dataset
+    if override is not None:
+        same_hub = ds.hub_id is not None and override == ds.hub_id
+        return load_records(override, revision=cfg["data"].get("revision") if same_hub else None)
+    if ds.source == "hub" and ds.hub_id:
+        return load_records(ds.hub_id, revision=cfg["data"].get("revision"))
+    records = ds.stats.records if ds.stats else None
+    raise UsageError(f"the adapter was trained on a local file {ds.name!r} ({records if records is not None else '?'} "
+                     f"records, sha256 {_short(ds.sha256)}); give that file (or a copy) with --data PATH")
+
+
+def check_data(manifest: Manifest, loaded) -> tuple[list[str], dict]:
+    """Differences between the data found and the data recorded (sha256, and the record counts to show it)."""
+    ds = manifest.dataset
+    recorded_n = ds.stats.records if ds.stats else None
+    problems = []
+    if loaded.sha256 != ds.sha256:
+        problems.append(f"dataset.sha256: {loaded.name} has {len(loaded)} records, sha256 {_short(loaded.sha256)}; "
+                        f"the adapter was trained on {ds.hub_id or ds.name} with "
+                        f"{recorded_n if recorded_n is not None else 'an unrecorded number of'} records, sha256 "
+                        f"{_short(ds.sha256)}")
+    info = {"recorded": {"name": ds.hub_id or ds.name, "records": recorded_n, "sha256": ds.sha256},
+            "used": {"name": loaded.hub_id or loaded.name, "records": len(loaded), "sha256": loaded.sha256}}
+    return problems, info
+
+
+def check_chat_template(manifest: Manifest, rb) -> list[str]:
+    """The base tokenizer's chat template against the recorded one (the base's config hash does not cover it)."""
+    from persona_lora.model_loading import load_tokenizer
+
+    recorded = manifest.chat.chat_template if manifest.chat else None
+    if recorded is None:
+        return []
+    if load_tokenizer(rb).chat_template != recorded:
+        return [f"chat.chat_template: {rb.id}'s tokenizer has another chat template than the one the adapter was "
+                "trained with (same config.json, other tokenizer files)"]
+    return []
+
+
+def choose_device(recorded: str | None, configured: str) -> str:
+    """The device type the original trained on when this machine has it (the verdict "reproduced" needs it)."""
+    import torch
+
+    kind = (recorded or "").split(":")[0]
+    if kind == "cpu":
+        return "cpu"
+    if kind == "cuda" and torch.cuda.is_available():
+        return configured if configured.startswith("cuda") else "cuda"
+    return configured
+
+
+# ------------------------------------------------------------------------------------------------ plan and run
+
+
+def plan_reproduction(original: Original, *, data: str | None = None, base: str | None = None,
+                      out: str | Path | None = None, max_steps: int | None = None, allow_changes: bool = False,
+                      hub: str = "hf", trust_remote_code: bool = False) -> Plan:
+    """Rebuild the config from the manifest and check base and data against the record; nothing is written.
+    Differences of the inputs are refused (VerificationError naming each) unless `allow_changes`."""
+    m = original.manifest
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max-steps {max_steps}: give a number of optimizer steps >= 1")
+    history = original_history(m, original.folder)
+    cfg, config_from = config_dict(m, original.folder, history)
+    if cfg["base"].get("trust_remote_code") and not trust_remote_code:
+        raise UsageError(f"{original.label} was trained with base.trust_remote_code: true; reproduce runs a hub "
+                         "repo's own code only with --trust-remote-code (pass it if you trust the base's author)")
+    notes: list[str] = []
+    run = m.run
+    if run is not None and run.changes and not allow_changes:
+        raise VerificationError(f"{original.label} was resumed with changed settings, so no single run reproduces "
+                                "it:" + "".join(f"\n  - {c}" for c in run.changes)
+                                + "\nPass --allow-changes to run its final settings anyway (the verdict is then "
+                                "'different')")
+    changes = [f"run.changes: the original was resumed with changed settings ({'; '.join(run.changes)})"] if (
+        run is not None and run.changes) else []
+
+    steps = [s for s in history if max_steps is None or s <= max_steps]
+    if not steps:
+        raise UsageError(f"--max-steps {max_steps}: the original logged its first loss at step {min(history)}; "
+                         f"give --max-steps {min(history)} or more")
+    stop_after = max_steps
+    if run is not None and run.interrupted:  # its history ends where Ctrl-C stopped it: train that far only
+        last = max(history)
+        stop_after = min(stop_after or last, last)
+        notes.append(f"the original run was interrupted at step {last}; reproducing up to there")
+
+    processes = m.training.world_size if m.training else None
+    if processes and processes != int(os.environ.get("WORLD_SIZE", "1")):
+        notes.append(f"the original trained in {processes} data-parallel processes, this run in "
+                     f"{os.environ.get('WORLD_SIZE', '1')}: other batches, so expect 'different' or 'close'")
+    out_path = check_out(Path(out) if out else default_out(original), original)
+    rb = resolve_recorded_base(m, base, hub)
+    base_problems, base_info = check_base(m, rb)
+    loaded = load_recorded_data(m, cfg, data)
+    data_problems, data_info = check_data(m, loaded)
+    problems = base_problems + data_problems
+    template_file = m.chat is not None and m.chat.template_source == "file"  # the run's own, recorded in full
+    if template_file and not m.chat.chat_template:
+        raise ManifestError(f"{original.folder / 'persona_manifest.json'}: chat.template_source is 'file' but "
+                            "chat.chat_template is missing, so the template the run used is unknown")
+    if not template_file:
+        problems += check_chat_template(m, rb)
+    if problems and not allow_changes:
+        raise VerificationError(
+            f"{original.label} cannot be reproduced with these inputs:" + "".join(f"\n  - {p}" for p in problems)
+            + "\nGive the recorded ones with --base/--data, or pass --allow-changes to train on these anyway (the "
+            "verdict is then 'different' and names what changed)")
+    changes += problems
+
+    if rb.source == "local":
+        cfg["base"].update(model=str(rb.path), source="local", revision=None)
+    else:
+        cfg["base"].update(model=rb.id, source=rb.source, revision=rb.revision)
+    cfg["base"]["trust_remote_code"] = bool(cfg["base"].get("trust_remote_code")) and trust_remote_code
+    cfg["base"]["device"] = choose_device(m.training.device if m.training else None, cfg["base"].get("device", "auto"))
+    cfg["data"]["path"] = loaded.path or loaded.hub_id or loaded.name
+    if loaded.source == "local":
+        cfg["data"]["revision"] = None
+    training = cfg["training"]
+    training.update(output_dir=str(out_path), resume="false", overwrite=False, allow_changes=False)
+    # logging integrations do not shape the result; a reproduction never logs to someone's wandb project
+    training["report_to"] = [r for r in training.get("report_to") or [] if r == "tensorboard"] or ["none"]
+    template_dir = tempfile.TemporaryDirectory(prefix="persona-lora-reproduce-") if template_file else None
+    try:
+        if template_dir is not None:
+            path = Path(template_dir.name) / Path(cfg["base"].get("chat_template") or "chat_template.jinja").name
+            path.write_text(m.chat.chat_template, encoding="utf-8")
+            cfg["base"]["chat_template"] = str(path)
+        config = config_from_dict(cfg, f"rebuilt from {original.folder / 'persona_manifest.json'}")
+    except BaseException:
+        if template_dir is not None:
+            template_dir.cleanup()
+        raise
+    return Plan(config=config, config_from=config_from, out=out_path, stop_after=stop_after,
+                compare_upto=max(steps), changes=changes, inputs={"base": base_info, "data": data_info},
+                notes=notes, template_dir=template_dir)
+
+
+def run_reproduction(plan: Plan, print_fn=print) -> Manifest:
+    """Train the planned run into `plan.out`; the reproduction's manifest."""
+    from persona_lora.train.trainer import run_training
+
+    try:
+        out = run_training(plan.config, print_fn=print_fn, stop_after=plan.stop_after)
+    finally:
+        if plan.template_dir is not None:
+            plan.template_dir.cleanup()
+    return read_manifest(out)
+
+
+# ------------------------------------------------------------------------------------------------ the verdict
+
+
+def _points(history, key: str, upto: int | None) -> dict[int, float]:
+    out = {}
+    for e in history:
+        value = getattr(e, key)
+        if value is not None and e.step is not None and (upto is None or e.step <= upto):
+            out[e.step] = value  # a step logged twice (a resumed run): the later entry
+    return out
+
+
+def _rows(original: dict[int, float], reproduced: dict[int, float]) -> list[dict]:
+    rows = []
+    for step in sorted(original):
+        new = reproduced.get(step)
+        rows.append({"step": step, "original": original[step], "reproduced": new,
+                     "diff": None if new is None else new - original[step]})
+    return rows
+
+
+def _max_abs(rows: list[dict]) -> float:
+    diffs = [abs(r["diff"]) for r in rows if r["diff"] is not None]
+    return max((math.inf if math.isnan(d) else d for d in diffs), default=0.0)
+
+
+def compare(original: Original, plan: Plan, reproduced: Manifest) -> dict:
+    """The report: per-step losses of both runs, their differences, what differs, and the verdict."""
+    from persona_lora.train.provenance import run_changes
+
+    m = original.manifest
+    history = m.metrics.history
+    new_history = reproduced.metrics.history if reproduced.metrics else []
+    train = _rows(_points(history, "loss", plan.compare_upto), _points(new_history, "loss", None))
+    evals = _rows(_points(history, "eval_loss", plan.compare_upto), _points(new_history, "eval_loss", None))
+    missing = [r["step"] for r in train + evals if r["reproduced"] is None]
+    max_diff = max(_max_abs(train), _max_abs(evals))
+
+    changes = list(plan.changes)
+    environment = []
+    recorded = m
+    if m.training is not None and m.training.max_steps is not None and m.training.max_steps < 0:
+        recorded = copy.deepcopy(m)  # older manifests wrote -1 for "no step limit", current ones None
+        recorded.training.max_steps = None
+    for change in run_changes(recorded, reproduced):
+        path = change.split(":")[0]
+        if path in ENVIRONMENTAL:
+            environment.append(change)
+        elif path not in CHECKED_FIRST and path != "base_model.revision":
+            changes.append(change)
+    devices = {"original": m.training.device if m.training else None, "reproduced": reproduced.training.device}
+    same_device = (devices["original"] or "").split(":")[0] == (devices["reproduced"] or "").split(":")[0]
+    old_libs = m.environment.libraries if m.environment else {}
+    new_libs = reproduced.environment.libraries if reproduced.environment else {}
+    libraries = {name: {"original": old_libs.get(name), "reproduced": new_libs.get(name)}
+                 for name in sorted(set(old_libs) | set(new_libs)) if old_libs.get(name) != new_libs.get(name)}
+
+    verdict, reasons = decide(max_diff, changes, environment, missing, same_device)
+    report = {
+        "schema": REPORT_SCHEMA,
+        "verdict": verdict,
+        "summary": "",
+        "reasons": reasons,
+        "adapter": {"name": m.name, "source": original.label, "hub_id": original.hub_id, "commit": original.commit},
+        "reproduction": plan.out.name,
+        "config_from": plan.config_from,
+        "max_steps": plan.stop_after,
+        "steps_compared": [train[0]["step"], train[-1]["step"]] if train else None,
+        "max_abs_diff": max_diff,
+        "thresholds": {"reproduced": REPRODUCED, "close": CLOSE},
+        "train_loss": train,
+        "eval_loss": evals,
+        "missing_steps": sorted(set(missing)),
+        "changes": changes,
+        "environment": {"device": {**devices, "same_type": same_device}, "differences": environment},
+        "libraries": libraries,
+        "inputs": plan.inputs,
+        "notes": plan.notes,
+    }
+    report["summary"] = summary_line(report)
+    return report
+
+
+def decide(max_diff: float, changes: list[str], environment: list[str], missing: list[int],
+           same_device: bool = True) -> tuple[str, list[str]]:
+    """reproduced: max |Δ| <= 1e-4 on the same device type with the same inputs; close: <= 1e-2 (or <= 1e-4 on
+    another device type, dtype or process count); otherwise different. Changed inputs, or steps the reproduction
+    never reached, make it different whatever the losses say."""
+    reasons = list(changes)
+    if missing:
+        reasons.append(f"the reproduction logged no loss at step(s) {', '.join(map(str, sorted(set(missing))))}")
+    if reasons:
+        return "different", reasons
+    if not same_device:
+        environment = ["'reproduced' needs the device type it was trained on", *environment]
+    if max_diff <= REPRODUCED and not environment:
+        return "reproduced", []
+    return ("close" if max_diff <= CLOSE else "different"), environment
+
+
+def summary_line(report: dict) -> str:
+    """The one-line verdict: the word, the largest difference against its threshold and over what, where it ran,
+    then the reasons (e.g. `reproduced — max |Δ loss| 9.5e-07 ≤ 1e-04 over 6 train + 3 eval losses (steps 1-6,
+    cpu as trained)`)."""
+    span = report["steps_compared"]
+    steps = f"steps {span[0]}-{span[1]}" if span and span[0] != span[1] else f"step {span[0]}" if span else "no steps"
+    device = report["environment"]["device"]
+    where = (f"{device['reproduced']} as trained" if device["same_type"] else
+             f"trained on {device['original'] or 'an unrecorded device'}, reproduced on {device['reproduced']}")
+    diff = report["max_abs_diff"]
+    bound = next((f" ≤ {t:.0e}" for t in (REPRODUCED, CLOSE) if diff <= t), f" > {CLOSE:.0e}")
+    line = (f"{report['verdict']} — max |Δ loss| {diff:.1e}{bound} over {len(report['train_loss'])} train + "
+            f"{len(report['eval_loss'])} eval losses ({steps}, {where})")
+    if report["reasons"]:
+        line += "; " + "; ".join(r.replace("\n", " ") for r in report["reasons"])
+    return line
+
+
+def write_report(out: Path, report: dict) -> Path:
+    path = Path(out) / REPORT_NAME
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def reproduce(spec: str, *, data: str | None = None, base: str | None = None, out: str | Path | None = None,
+              max_steps: int | None = None, allow_changes: bool = False, hub: str = "hf",
+              trust_remote_code: bool = False, print_fn=print) -> tuple[dict, Path]:
+    """Check, train, compare, write `reproduce.json` into the reproduction's folder; the report and its path."""
+    original = open_adapter(spec, hub=hub)
+    plan = plan_reproduction(original, data=data, base=base, out=out, max_steps=max_steps,
+                             allow_changes=allow_changes, hub=hub, trust_remote_code=trust_remote_code)
+    print_fn(f"reproducing {original.label} ({plan.config_from}) into {plan.out}"
+             + (f", first {plan.stop_after} steps" if plan.stop_after else ""))
+    for line in plan.changes:
+        print_fn(f"changed (--allow-changes): {line}")
+    for note in plan.notes:
+        print_fn(f"note: {note}")
+    reproduced = run_reproduction(plan, print_fn=print_fn)
+    report = compare(original, plan, reproduced)
+    return report, write_report(plan.out, report)
+
+
+__all__ = ["reproduce", "open_adapter", "plan_reproduction", "run_reproduction", "compare", "decide", "REPORT_NAME"]
