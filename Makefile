@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first and pinned: 2.13.0 is the CPU build on this project's machines; unpinned pip picks a CUDA build.
+# setuptools notes every editable install of a package-dir layout ("Editable installation"): an information-only
+# banner, silenced here; the data folders are configured in pyproject.toml, so nothing else is printed.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
