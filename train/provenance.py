@@ -53,7 +53,8 @@ def metrics_from_history(history: list[dict]) -> Metrics:
         first_train_loss=train[0] if train else None,
         final_eval_loss=evals[-1] if evals else None,
         best_eval_loss=min(evals) if evals else None,
-        steps=max((r.step for r in rows if r.step is not None), default=0),
+        # the last step run: every run logs its last step, and Trainer's closing summary row carries it too
+        steps=max((h["step"] for h in history if isinstance(h.get("step"), int)), default=0),
     )
 
 

@@ -111,6 +111,8 @@ def loop_result(trainer, tally: dict, started: float, *, resumed: bool, interrup
 
 
 def loop_callbacks(stop: StopOnSignal, tally: dict, stop_after: int | None = None):
+    """Ctrl-C, `stop_after` and the tallies; runs after transformers' DefaultFlowCallback, which has already
+    decided by then whether this step ends the run."""
     from transformers import TrainerCallback
 
     class RunCallback(TrainerCallback):
@@ -123,6 +125,8 @@ def loop_callbacks(stop: StopOnSignal, tally: dict, stop_after: int | None = Non
                 control.should_training_stop = True
             if stop_after is not None and st.global_step >= stop_after:  # `reproduce --max-steps`: the run's own
                 control.should_training_stop = True  # schedule, cut short (a lower max_steps would change it)
+            if control.should_training_stop:  # the last step run is always logged: the manifest's steps, final
+                control.should_log = True  # loss and rewards are that step's, whatever logging_steps says
 
         def on_evaluate(self, args, st, control, metrics=None, **kw):
             tally["eval_s"] += float((metrics or {}).get("eval_runtime") or 0.0)
