@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from persona_lora.demo.backend import SideFailed, final
 from persona_lora.demo.decode import GenerationSettings
 from persona_lora.errors import UsageError
+from persona_lora.openai_endpoint import endpoint_url, read_api_key, scrubber, shown_url
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 # per side), and each update is a page diff Gradio computes and sends; 20 a second reads as live streaming and
 # keeps the demo's own work small when many sessions stream at once.
 UPDATE_SECONDS = 0.05
-NO_KEY = "EMPTY"  # what vLLM's and SGLang's examples send when the engine was started without --api-key
 _CUT = "the stream ended before the engine finished the answer (no finish reason): the connection was cut or the " \
        "engine stopped; press Retry"
 
@@ -63,38 +61,6 @@ class ServedAdapter:
     def adapter_id(self) -> str:
         """Votes group by the served name: it is what answered."""
         return self.name
-
-
-def endpoint_url(endpoint: str) -> str:
-    """The client's base URL: `http://host:8000` and `http://host:8000/v1` both mean the engine's `/v1` API."""
-    endpoint = (endpoint or "").strip()
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
-    path = parts.path.rstrip("/")
-    if not path.endswith("/v1"):
-        path += "/v1"
-    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
-
-
-def shown_url(url: str) -> str:
-    """The endpoint as messages and the page show it: without user:password or query (where secrets go)."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def read_api_key(env: str | None) -> str:
-    """The key from the environment variable named by --api-key-env; without one, the placeholder the engines
-    ignore (never the user's OPENAI_API_KEY: that key belongs to another service)."""
-    if not env:
-        return NO_KEY
-    key = os.environ.get(env, "").strip()
-    if not key:
-        raise UsageError(f"--api-key-env {env}: the environment variable {env} is not set or empty; export it with "
-                         "the key the engine was started with (vLLM/SGLang --api-key), or leave --api-key-env out "
-                         "for an engine without a key")
-    return key
 
 
 def parse_adapter_spec(spec: str) -> ServedAdapter:
@@ -137,7 +103,7 @@ class OpenAIBackend:
         self.timeout = float(timeout)
         self.max_new_tokens_cap = max_new_tokens_cap
         key = read_api_key(api_key_env)
-        self._scrub = _scrubber(key if key != NO_KEY else None)
+        self._scrub = scrubber(key)
         self._client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=0,
                                      timeout=openai.Timeout(self.timeout, connect=min(10.0, self.timeout)))
         self._lock = threading.Lock()
@@ -397,13 +363,6 @@ class _SideStream:
                 stream.close()
             except Exception:  # noqa: BLE001 - closing a stream another thread reads may race; it is closed anyway
                 pass
-
-
-def _scrubber(secret: str | None):
-    """A function that blanks `secret` out of a text; a closure, so the key is no attribute anything could dump."""
-    if not secret:
-        return lambda text: text
-    return lambda text: text.replace(secret, "***")
 
 
 def _messages(history: list[dict], system: str | None) -> list[dict]:
