@@ -42,6 +42,16 @@ class DataError(PersonaLoraError):
         super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
 
 
+class SourceFileError(DataError):
+    """One problem with a whole input file (empty, binary, wrong encoding, nothing recognised), said in one line
+    that names the file and the fix, without the problem-list header of `DataError`."""
+
+    def __init__(self, message: str):
+        PersonaLoraError.__init__(self, message)
+        self.problems = [message]
+        self.source = None
+
+
 class ModelLoadError(PersonaLoraError):
     """A base model, tokenizer or adapter could not be found or loaded."""
 
