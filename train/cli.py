@@ -27,6 +27,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="replace an existing output folder of a persona-lora run (only once the new run finished)")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue with changed data or settings, recording them in the manifest")
+    p.add_argument("--allow-no-update", action="store_true",
+                   help="train even when no step can change the adapter (all steps in the warm-up, learning rate 0)")
+    p.add_argument("--allow-other-adapter", action="store_true",
+                   help="dpo/kto: train on votes cast for another adapter than --init-adapter")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set training.learning_rate=1e-4")
     p.add_argument("--method", choices=["sft", "dpo", "kto"],
@@ -52,6 +56,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         ("training", "resume"): args.resume,
         ("training", "overwrite"): True if args.overwrite else None,
         ("training", "allow_changes"): True if args.allow_changes else None,
+        ("training", "allow_no_update"): True if args.allow_no_update else None,
+        ("preference", "allow_other_adapter"): True if args.allow_other_adapter else None,
         ("preference", "method"): getattr(args, "method", None),
         ("preference", "init_adapter"): getattr(args, "init_adapter", None),
     }

@@ -129,6 +129,8 @@ class TrainingConfig:
                                 "new run has finished)")
     allow_changes: bool = _f(False, "let --resume continue with other data or settings than the run started with "
                                     "(the changes are recorded in the manifest and card)")
+    allow_no_update: bool = _f(False, "train even when no step can change the adapter (every step in the warm-up at "
+                                      "learning rate 0, or learning_rate 0): warned, and recorded as run")
     samples: int = _f(4, "base-vs-adapter sample answers on held-out prompts at the end (0: none)", min=0)
     sample_max_new_tokens: int = _f(64, "max new tokens per sample answer", min=1)
     dataloader_workers: int = _f(0, "DataLoader worker processes", min=0)
@@ -145,6 +147,8 @@ class PreferenceConfig:
                             "kto (single judgements: prompt/completion/label, or votes)", choices=("sft", "dpo", "kto"))
     init_adapter: str | None = _f(None, "dpo/kto: continue from this adapter (folder or hub id[@revision]); its base "
                                         "is checked against base.model, its chat template and system prompt inherited")
+    allow_other_adapter: bool = _f(False, "dpo/kto: train on votes cast for another adapter than init_adapter "
+                                          "(each vote records the adapter it judged; by default they are refused)")
     beta: float = _f(0.1, "dpo/kto: how far the tuned adapter may move from the reference (lower: further)", min=0.0)
     desirable_weight: float = _f(1.0, "kto: weight of the desirable examples' loss", min=0.0)
     undesirable_weight: float = _f(1.0, "kto: weight of the undesirable examples' loss", min=0.0)
