@@ -52,6 +52,11 @@ class SourceFileError(DataError):
         self.source = None
 
 
+class EndpointError(PersonaLoraError):
+    """An OpenAI-compatible endpoint failed requests after every retry; the message says which, why, and what was
+    kept (answers already received are cached, so a re-run sends only the rest)."""
+
+
 class ModelLoadError(PersonaLoraError):
     """A base model, tokenizer or adapter could not be found or loaded."""
 
