@@ -18,7 +18,15 @@ import functools
 import logging
 from pathlib import Path
 
-from persona_lora.artifact import CARD_NAME, LOSS_CURVE, read_manifest
+from persona_lora.artifact import (
+    CARD_NAME,
+    LOSS_CURVE,
+    ChatInfo,
+    DatasetInfo,
+    DatasetStats,
+    Manifest,
+    read_manifest,
+)
 from persona_lora.consistency import check_folder
 from persona_lora.errors import UsageError
 from persona_lora.model_cards import sections
@@ -27,6 +35,7 @@ from persona_lora.model_cards.metadata import base_is_on_hub, card_data
 from persona_lora.model_cards.preference_section import preference_section
 from persona_lora.model_cards.privacy import scrub
 from persona_lora.model_cards.snippet import usage_snippet
+from persona_lora.output_folder import FilesTogether
 from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
@@ -42,40 +51,39 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATES = {"adapter": "adapter_card.md", "merged": "merged_card.md"}
 
 
-def build_context(m: dict, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
+def build_context(m: Manifest, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
                   tokenizer_in_folder: bool = False, evaluation: dict | None = None) -> dict:
     """Everything the templates show, already formatted and escaped (the templates only lay it out)."""
-    merged = m["kind"] == "merged"
-    base = m.get("base_model") or {}
-    dataset = m.get("dataset") or {}
-    chat = m.get("chat") or {}
-    base_id = base["id"]
-    name = m.get("name") if isinstance(m.get("name"), str) and m.get("name") else None
+    merged = m.kind == "merged"
+    base = m.base_model
+    dataset = m.dataset or DatasetInfo()
+    chat = m.chat or ChatInfo()
+    base_id = base.id
+    name = m.name or None
     own_id = repo_id or name or ("merged-model" if merged else "adapter")
     on_hub = base_is_on_hub(base)
     base_ref = f"[{esc(base_id)}](https://huggingface.co/{base_id})" if on_hub else code(base_id)
-    legacy = not merged and adapter_config is not None and is_legacy_spelling(adapter_config, base.get("model_type"))
-    tokenizer_from_adapter = chat.get("template_source") == "file" or tokenizer_in_folder
-    merge = m.get("merge") or {}
-    source_adapter = merge.get("adapter") if merged and isinstance(merge.get("adapter"), str) else None
-    system_prompt = chat.get("system_prompt")
-    stats = dataset.get("stats") or {}
+    legacy = not merged and adapter_config is not None and is_legacy_spelling(adapter_config, base.model_type)
+    tokenizer_from_adapter = chat.template_source == "file" or tokenizer_in_folder
+    source_adapter = m.merge.adapter if merged and m.merge is not None else None
+    system_prompt = chat.system_prompt
+    stats = dataset.stats or DatasetStats()
     trained_on = None
-    if dataset.get("source") == "hub" and dataset.get("hub_id"):
-        trained_on = code(dataset["hub_id"])
-    elif dataset.get("name"):
-        trained_on = code(dataset["name"])
-    if trained_on and is_num(stats.get("train_examples")):
-        trained_on += f" ({num(stats['train_examples'])} training examples)"
+    if dataset.source == "hub" and dataset.hub_id:
+        trained_on = code(dataset.hub_id)
+    elif dataset.name:
+        trained_on = code(dataset.name)
+    if trained_on and is_num(stats.train_examples):
+        trained_on += f" ({num(stats.train_examples)} training examples)"
     return {
-        "kind": m["kind"],
+        "kind": m.kind,
         "name": esc(name or own_id),
         "base_ref": base_ref,
-        "base_model_type": code(base["model_type"]) if base.get("model_type") else None,
+        "base_model_type": code(base.model_type) if base.model_type else None,
         "trained_on": trained_on,
-        "preset": code(m["lora"]["preset"]) if isinstance((m.get("lora") or {}).get("preset"), str) else None,
-        "version": code(m["persona_lora_version"]) if m.get("persona_lora_version") else None,
-        "system_prompt": fenced(system_prompt, "text") if isinstance(system_prompt, str) and system_prompt else None,
+        "preset": code(m.lora.preset) if m.lora is not None and m.lora.preset is not None else None,
+        "version": code(m.persona_lora_version) if m.persona_lora_version else None,
+        "system_prompt": fenced(system_prompt, "text") if system_prompt else None,
         "snippet": usage_snippet(
             m, base_id=base_id, adapter_id=None if merged else own_id, model_id=own_id if merged else None,
             tokenizer_from_adapter=tokenizer_from_adapter),
@@ -110,9 +118,9 @@ def _environment():
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR))
 
 
-def render_card(m: dict, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
+def render_card(m: Manifest, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
                 tokenizer_in_folder: bool = False, evaluation: tuple[dict, list] | None = None) -> str:
-    """The card text for a scrubbed manifest (no user section merged in yet).
+    """The card text for a scrubbed manifest (`privacy.scrub`; no user section merged in yet).
 
     Rendered as `ModelCard.from_template` renders: `card_data` is the Hub's YAML of the metadata and the
     metadata fields are variables too, beside the template's own `c`. `evaluation` is the Evaluation section
@@ -123,9 +131,9 @@ def render_card(m: dict, adapter_config: dict | None, *, loss_png: str | None, r
     section, results = evaluation or (None, None)
     context = build_context(m, adapter_config, loss_png=loss_png, repo_id=repo_id,
                             tokenizer_in_folder=tokenizer_in_folder, evaluation=section)
-    data = card_data(m, eval_results=results, model_name=repo_id or m.get("name"))
+    data = card_data(m, eval_results=results, model_name=repo_id or m.name)
     variables = {**data.to_dict(), "c": context}
-    content = _environment().get_template(TEMPLATES[m["kind"]]).render(card_data=data.to_yaml(), **variables)
+    content = _environment().get_template(TEMPLATES[m.kind]).render(card_data=data.to_yaml(), **variables)
     return tidy(str(ModelCard(content)))
 
 
@@ -151,10 +159,10 @@ def keep_user_section(new: str, old: str | None) -> str:
     return new[: start + len(USER_START)] + kept + new[end:]
 
 
-def _loss_png_name(m: dict) -> str:
+def _loss_png_name(m: Manifest) -> str:
     """The manifest's loss curve file name, if it is a plain name inside the folder."""
-    name = (m.get("files") or {}).get("loss_curve")
-    if isinstance(name, str) and name and "/" not in name and "\\" not in name and name not in (".", ".."):
+    name = m.files.loss_curve
+    if name and "/" not in name and "\\" not in name and name not in (".", ".."):
         return name
     return DEFAULT_LOSS_PNG
 
@@ -177,41 +185,44 @@ def write_card(folder: Path, *, repo_id: str | None = None, eval_dir: Path | Non
     from persona_lora.model_cards.plots import has_loss_points, write_loss_curve
 
     folder = Path(folder)
-    manifest = read_manifest(folder).to_dict()
+    manifest = read_manifest(folder)
     adapter_config = check_folder(folder).adapter_config  # the card describes a consistent folder or none
     m = scrub(manifest)
 
-    history = (manifest.get("metrics") or {}).get("history") or []
-    loss_png = None
-    if has_loss_points(history):
-        png_name = _loss_png_name(manifest)
-        if write_loss_curve(history, folder / png_name) is not None:
-            loss_png = png_name
+    with FilesTogether() as files:  # README.md and the loss curve change together, or neither does
+        readme = folder / CARD_NAME
+        readme_tmp = files.temp(readme)  # first: the file most likely to be refused (a folder of that name, say)
+        history = manifest.metrics.history if manifest.metrics is not None else []
+        loss_png = None
+        if has_loss_points(history):
+            png_name = _loss_png_name(manifest)
+            if write_loss_curve(history, files.temp(folder / png_name)) is not None:
+                loss_png = png_name
 
-    evaluation = None
-    if eval_dir is not None:
-        from persona_lora.model_cards import eval_section
+        evaluation = None
+        if eval_dir is not None:
+            from persona_lora.model_cards import eval_section
 
-        if manifest["kind"] != "adapter":
-            raise UsageError(f"--eval: {folder} is a merged model; the Evaluation section is for adapter cards")
-        report = eval_section.read_report(eval_dir)
-        name = eval_section.adapter_name(report, folder, str(eval_dir))
-        evaluation = (eval_section.evaluation_section(report, name), eval_section.eval_results(report, name))
-    text = render_card(m, adapter_config, loss_png=loss_png, repo_id=repo_id,
-                       tokenizer_in_folder=(folder / "tokenizer_config.json").is_file(), evaluation=evaluation)
-    readme = folder / CARD_NAME
-    old = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
-    if old is not None and _user_section(old) is None:
-        if _PEFT_DEFAULT_CARD in old:  # the stub PEFT's save_pretrained writes: nothing of the user's in it
-            log.info("%s: replacing PEFT's default card", readme.name)
-        else:  # someone's own card: never lost, kept beside the generated one
-            backup = _free_name(folder, "README.before-persona-lora", ".md")
-            backup.write_text(old, encoding="utf-8")
-            log.warning("%s had no persona-lora user section (%s ... %s); your text is kept in %s; move what should "
-                        "stay into the user section of the new card", readme, USER_START, USER_END, backup.name)
-    text = keep_user_section(text, old)
-    if text != old:
-        with open(readme, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        log.info("wrote %s", readme)
+            if manifest.kind != "adapter":
+                raise UsageError(f"--eval: {folder} is a merged model; the Evaluation section is for adapter cards")
+            report = eval_section.read_report(eval_dir)
+            name = eval_section.adapter_name(report, folder, str(eval_dir))
+            evaluation = (eval_section.evaluation_section(report, name), eval_section.eval_results(report, name))
+        text = render_card(m, adapter_config, loss_png=loss_png, repo_id=repo_id,
+                           tokenizer_in_folder=(folder / "tokenizer_config.json").is_file(), evaluation=evaluation)
+        old = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
+        if old is not None and _user_section(old) is None:
+            if _PEFT_DEFAULT_CARD in old:  # the stub PEFT's save_pretrained writes: nothing of the user's in it
+                log.info("%s: replacing PEFT's default card", readme.name)
+            else:  # someone's own card: never lost, kept beside the generated one
+                backup = _free_name(folder, "README.before-persona-lora", ".md")
+                files.temp(backup).write_text(old, encoding="utf-8")
+                log.warning("%s had no persona-lora user section (%s ... %s); your text is kept in %s; move what "
+                            "should stay into the user section of the new card", readme, USER_START, USER_END,
+                            backup.name)
+        text = keep_user_section(text, old)
+        if text != old:
+            with open(readme_tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+            log.info("wrote %s", readme)
     return readme

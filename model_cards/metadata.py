@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from persona_lora.artifact import BaseModelInfo, DatasetInfo, Manifest
 from persona_lora.hub_ids import is_repo_id
 from persona_lora.model_cards.privacy import looks_like_local_path
 
@@ -27,21 +28,20 @@ _HUB_LICENSES = set(
 )
 
 
-def base_is_on_hub(base: dict) -> bool:
+def base_is_on_hub(base: BaseModelInfo) -> bool:
     """Whether `base_model.id` names a Hugging Face repo a reader can open (not a local folder, not ModelScope):
     only then does the card link the base and declare itself its adapter or merge."""
-    bid = base.get("id") or ""
-    source = base.get("source")
-    if source not in (None, "hf") or looks_like_local_path(bid):
+    bid = base.id or ""
+    if base.source not in (None, "hf") or looks_like_local_path(bid):
         return False
     return is_repo_id(bid, owner_optional=True)
 
 
-def hub_license(manifest: dict) -> tuple[str | None, str | None]:
+def hub_license(manifest: Manifest) -> tuple[str | None, str | None]:
     """(license, license_name) for the header: the run's own `license` first, else the base's, since an adapter
     usually inherits its base's terms; (None, None) when neither is known."""
-    for value in (manifest.get("license"), (manifest.get("base_model") or {}).get("license")):
-        if isinstance(value, str) and value.strip():
+    for value in (manifest.license, manifest.base_model.license):
+        if value and value.strip():
             lic = value.strip().lower()
             if lic in _HUB_LICENSES:
                 return lic, None
@@ -54,24 +54,21 @@ def _tag(s: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", s.lower()).strip("-")
 
 
-def card_data(m: dict, *, eval_results: list | None = None, model_name: str | None = None):
+def card_data(m: Manifest, *, eval_results: list | None = None, model_name: str | None = None):
     """The Hub metadata (`ModelCardData`) for a scrubbed manifest: base and relation (so the card lists under its
     base's adapters or merges), dataset, languages, licence, library and tags; with `eval_results` (from
     `persona-lora card --eval`) also the `model-index` the Hub shows as evaluation results, under `model_name`."""
     from huggingface_hub import ModelCardData
 
-    merged = m["kind"] == "merged"
-    base = m.get("base_model") or {}
-    dataset = m.get("dataset") or {}
+    merged = m.kind == "merged"
+    base = m.base_model
+    dataset = m.dataset or DatasetInfo()
     fields: dict[str, Any] = {}
     if base_is_on_hub(base):
-        fields["base_model"] = base["id"]
-    if dataset.get("source") == "hub" and isinstance(dataset.get("hub_id"), str) and dataset["hub_id"]:
-        fields["datasets"] = [dataset["hub_id"]]
-    language = dataset.get("language")
-    if isinstance(language, str):
-        language = [language]
-    if isinstance(language, list) and (langs := [x for x in language if isinstance(x, str) and x.strip()]):
+        fields["base_model"] = base.id
+    if dataset.source == "hub" and dataset.hub_id:
+        fields["datasets"] = [dataset.hub_id]
+    if langs := [x for x in dataset.language if x.strip()]:
         fields["language"] = langs
     fields["library_name"] = "transformers" if merged else "peft"
     lic, lic_name = hub_license(m)
@@ -81,8 +78,8 @@ def card_data(m: dict, *, eval_results: list | None = None, model_name: str | No
         fields["license_name"] = lic_name
     fields["pipeline_tag"] = "text-generation"
     tags = ["lora", "persona", "persona-lora"]
-    if isinstance(base.get("model_type"), str) and _tag(base["model_type"]):
-        tags.append(_tag(base["model_type"]))
+    if base.model_type and _tag(base.model_type):
+        tags.append(_tag(base.model_type))
     tags.append("merge" if merged else "peft")
     fields["tags"] = tags
     if "base_model" in fields:

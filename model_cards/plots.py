@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from persona_lora.artifact import HistoryEntry
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +23,19 @@ _DPI = 100
 # PNG text chunks matplotlib would otherwise fill with its version: keep the file independent of it.
 _PNG_METADATA = {"Software": None}
 
+# `metrics.history` as the typed manifest holds it; an entry may also be its JSON object (`{"step": 1, "loss": 2.0}`).
+History = Sequence[HistoryEntry | dict[str, Any]]
 
-def _points(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+
+def _field(entry: HistoryEntry | dict[str, Any], name: str) -> Any:
+    return entry.get(name) if isinstance(entry, dict) else getattr(entry, name, None)
+
+
+def _points(history: History, key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the entries that carry a finite `key` and a numeric `step`, in step order."""
     pairs = []
     for entry in history or []:
-        if not isinstance(entry, dict):
-            continue
-        step, value = entry.get("step"), entry.get(key)
+        step, value = _field(entry, "step"), _field(entry, key)
         if isinstance(step, bool) or isinstance(value, bool):
             continue
         if not isinstance(step, (int, float)) or not isinstance(value, (int, float)):
@@ -38,12 +47,12 @@ def _points(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def has_loss_points(history: list[dict] | None) -> bool:
+def has_loss_points(history: History | None) -> bool:
     """True when `history` holds at least one train or eval loss that a plot could show."""
     return bool(_points(history or [], "loss")[0] or _points(history or [], "eval_loss")[0])
 
 
-def write_loss_curve(history: list[dict], out_png: Path) -> Path | None:
+def write_loss_curve(history: History, out_png: Path) -> Path | None:
     """Plot train loss and eval loss against step into `out_png`; None (and no file) when there is nothing to plot.
 
     `history` is the manifest's `metrics.history`: train entries carry `loss`, eval entries `eval_loss`.

@@ -9,50 +9,53 @@ none and its card has no such section.
 
 from __future__ import annotations
 
+from persona_lora.artifact import Manifest
+from persona_lora.artifact_preference import PreferenceDataInfo
 from persona_lora.model_cards.markdown import code, esc, is_num, num
 
 METHODS = {"dpo": "DPO (direct preference optimisation, on pairs)", "kto": "KTO (on single judgements)"}
 REFERENCES = {"init-adapter": "the adapter it continued from, frozen", "base": "the base model (adapter disabled)"}
+DATA_KINDS = {"votes": "blind A/B votes of the persona-lora demo", "pairs": "preference pairs",
+              "unpaired": "single judgements"}
+# The last logged step's preference metrics the section shows: (field of PreferenceStep, label).
+FINAL_METRICS = (("rewards_chosen", "Final reward, chosen"), ("rewards_rejected", "Final reward, rejected"),
+                 ("rewards_margins", "Final reward margin"), ("rewards_accuracies", "Final reward accuracy"),
+                 ("kl", "Final KL estimate"))
 
 
-def preference_section(m: dict) -> dict | None:
+def preference_section(m: Manifest) -> dict | None:
     """The section's values, formatted and escaped; None for an adapter that was not preference-tuned."""
-    p = m.get("preference")
-    if not isinstance(p, dict) or p.get("method") not in METHODS:
+    p = m.preference
+    if p is None or p.method not in METHODS:
         return None
-    rows = [("Method", METHODS[p["method"]])]
-    if is_num(p.get("beta")):
-        rows.append(("beta", num(p["beta"])))
-    if p.get("reference") in REFERENCES:
-        rows.append(("Reference", REFERENCES[p["reference"]]))
-    init = p.get("init_adapter") or {}
-    if isinstance(init.get("id"), str):
-        at = f" @ {code(init['commit'] or init['revision'])}" if init.get("commit") or init.get("revision") else ""
-        how = f" ({esc(init['method'])})" if isinstance(init.get("method"), str) else ""
-        rows.append(("Continued from", f"{code(init['id'])}{at}{how}"))
-        if isinstance(init.get("sha256"), str):
-            rows.append(("Its adapter_model.safetensors sha256", code(init["sha256"])))
-    data = p.get("data") or {}
-    kinds = {"votes": "blind A/B votes of the persona-lora demo", "pairs": "preference pairs",
-             "unpaired": "single judgements"}
+    rows = [("Method", METHODS[p.method])]
+    if is_num(p.beta):
+        rows.append(("beta", num(p.beta)))
+    if p.reference in REFERENCES:
+        rows.append(("Reference", REFERENCES[p.reference]))
+    init = p.init_adapter
+    if init is not None and init.id is not None:
+        at = f" @ {code(init.commit or init.revision)}" if init.commit or init.revision else ""
+        how = f" ({esc(init.method)})" if init.method is not None else ""
+        rows.append(("Continued from", f"{code(init.id)}{at}{how}"))
+        if init.sha256 is not None:
+            rows.append(("Its adapter_model.safetensors sha256", code(init.sha256)))
+    data = p.data or PreferenceDataInfo()
     what = None
-    if isinstance(data.get("name"), str):
-        what = f"{kinds.get(data.get('kind'), 'preference data')} in {code(data['name'])}"
-        if isinstance(data.get("sha256"), str):
-            what += f" (sha256 {code(data['sha256'][:12])})"
-    counts = [(esc(k), num(v)) for k, v in (data.get("counts") or {}).items() if is_num(v)]
+    if data.name is not None:
+        what = f"{DATA_KINDS.get(data.kind, 'preference data')} in {code(data.name)}"
+        if data.sha256 is not None:
+            what += f" (sha256 {code(data.sha256[:12])})"
+    counts = [(esc(k), num(v)) for k, v in data.counts.items() if is_num(v)]
     rates = []
-    for r in data.get("win_rates") or []:
-        if isinstance(r, dict) and isinstance(r.get("model_a"), str):
-            rate = f"{100 * r['win_rate']:.0f}%" if is_num(r.get("win_rate")) else "n/a"
-            rates.append((code(r["model_a"]), code(r.get("model_b") or "base"), num(r.get("votes") or 0),
-                          f"{num(r.get('a_wins') or 0)}–{num(r.get('b_wins') or 0)}", num(r.get("ties") or 0),
-                          num(r.get("both_bad") or 0), rate))
-    steps = [h for h in p.get("history") or [] if isinstance(h, dict)]
-    last = steps[-1] if steps else {}
-    for key, label in (("rewards_chosen", "Final reward, chosen"), ("rewards_rejected", "Final reward, rejected"),
-                       ("rewards_margins", "Final reward margin"), ("rewards_accuracies", "Final reward accuracy"),
-                       ("kl", "Final KL estimate")):
-        if is_num(last.get(key)):
-            rows.append((label, f"{last[key]:.4g}"))
+    for r in data.win_rates:
+        if r.model_a is not None:
+            rate = f"{100 * r.win_rate:.0f}%" if is_num(r.win_rate) else "n/a"
+            rates.append((code(r.model_a), code(r.model_b or "base"), num(r.votes or 0),
+                          f"{num(r.a_wins or 0)}–{num(r.b_wins or 0)}", num(r.ties or 0), num(r.both_bad or 0), rate))
+    last = p.history[-1] if p.history else None
+    for key, label in FINAL_METRICS:
+        value = getattr(last, key) if last is not None else None
+        if is_num(value):
+            rows.append((label, f"{value:.4g}"))
     return {"rows": rows, "what": what, "counts": counts, "rates": rates}

@@ -9,6 +9,7 @@ directories inside free text become `~`, and token-like strings are redacted. No
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -52,7 +53,11 @@ def looks_like_local_path(s: str) -> bool:
 
 
 def scrub(obj: Any, where: tuple = ()) -> Any:
-    """A deep copy of a manifest (or any part of it at `where`) that is safe to publish in a card."""
+    """A deep copy of a manifest (the typed `Manifest`, or any part of it at `where`, typed or as JSON) that is
+    safe to publish in a card; dataclasses stay dataclasses of the same type."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: scrub(getattr(obj, f.name), where + (f.name,))
+                                           for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, dict):
         return {k: scrub(v, where + (k,)) for k, v in obj.items()}
     if isinstance(obj, list):

@@ -2,9 +2,10 @@
 
 Every figure on a card must come from the run's manifest, and a figure the manifest does not have must not
 appear at all (no "unknown", no "N/A"). Writing each table as a list of rows keeps both promises visible in one
-place: the path names where a figure comes from, the formatter decides how it is written and returns None when
-the value is not one worth showing, and `table` drops those rows. The formatters here are the common ones; a
-section with a figure of its own kind defines its formatter beside its table.
+place: the path names where a figure comes from (fields of the typed `Manifest`, so a path that names no field
+fails at once instead of silently showing nothing), the formatter decides how it is written and returns None
+when the value is not one worth showing, and `table` drops those rows. The formatters here are the common ones;
+a section with a figure of its own kind defines its formatter beside its table.
 """
 
 from __future__ import annotations
@@ -12,25 +13,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from persona_lora.artifact import Manifest
 from persona_lora.model_cards.markdown import code, duration, esc, is_num, loss, num, present
 
-# Takes the raw manifest value, returns its markdown or None when the value says nothing.
+# Takes the manifest value (as typed there), returns its markdown or None when the value says nothing.
 Formatter = Callable[[Any], str | None]
-# (label, manifest path: dotted, or a tuple of keys for keys that may contain dots, formatter)
+# (label, manifest path: dotted field names, or a tuple of them, formatter)
 Row = tuple[str, str | tuple[str, ...], Formatter]
 
 
-def lookup(m: dict, path: str | tuple[str, ...]) -> Any:
-    """The manifest value at a dotted path (or a tuple of keys), None where any part of the path is missing."""
+def lookup(m: Manifest, path: str | tuple[str, ...]) -> Any:
+    """The value at a path of field names (`dataset.stats.records`), None where an optional section on the way is
+    absent. A name that is not a field of its section raises AttributeError: a row must name a real field."""
     value: Any = m
-    for key in path.split(".") if isinstance(path, str) else path:
-        if not isinstance(value, dict):
+    for name in path.split(".") if isinstance(path, str) else path:
+        if value is None:
             return None
-        value = value.get(key)
+        value = getattr(value, name)
     return value
 
 
-def table(m: dict, rows: list[Row]) -> list[tuple[str, str]]:
+def table(m: Manifest, rows: list[Row]) -> list[tuple[str, str]]:
     """(label, formatted value) for each row whose value is present, in the rows' order."""
     cells = [(label, fmt(lookup(m, path))) for label, path, fmt in rows]
     return [(label, value) for label, value in cells if present(value)]

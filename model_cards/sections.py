@@ -2,8 +2,9 @@
 
 A card is only worth reading if every statement in it is true, so every figure a section shows is read from
 the run's manifest, and a row (or a whole section) with nothing behind it is left out rather than filled with a
-placeholder. Most of a section is a table of rows `(label, manifest path, formatter)` (see `rows`): the path
-says where the figure comes from, the formatter how it is written and whether the value is one worth showing.
+placeholder. Sections read the typed `Manifest` (an optional section that is absent is None). Most of a section
+is a table of rows `(label, manifest path, formatter)` (see `rows`): the path says which field the figure comes
+from, the formatter how it is written and whether the value is one worth showing.
 Hand-written code is kept for what a row cannot say: a figure worked out from several fields (the effective
 batch size), the per-reason and per-group tables, sample answers, and the sentences around the tables.
 """
@@ -11,8 +12,10 @@ batch size), the per-reason and per-group tables, sample answers, and the senten
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from typing import Any
 
+from persona_lora.artifact import DatasetInfo, LoraInfo, Manifest, TrainingInfo
 from persona_lora.engines import ENGINES, KV_B_ISSUE
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num
 from persona_lora.model_cards.rows import (
@@ -38,9 +41,9 @@ def _step_limit(v: Any) -> str | None:
     return None if is_num(v) and v <= 0 else as_setting(v)
 
 
-def _dropped_total(v: Any) -> str | None:
+def _dropped_total(v: dict[str, int] | None) -> str | None:
     """The sum of the per-reason dropped counts (0 is worth saying: nothing was dropped)."""
-    return num(sum(n for n in v.values() if is_num(n))) if isinstance(v, dict) else None
+    return num(sum(n for n in v.values() if is_num(n))) if v is not None else None
 
 
 def _tokens_per_second(v: Any) -> str | None:
@@ -143,60 +146,52 @@ _MERGE_ROWS: list[Row] = [
 # ------------------------------------------------------------------------------------------------------ sections
 
 
-def data_section(m: dict) -> dict | None:
+def data_section(m: Manifest) -> dict | None:
     """What the persona was trained on and what became of its records (nothing dropped or cut goes unsaid)."""
-    dataset = m.get("dataset") or {}
+    dataset = m.dataset or DatasetInfo()
     dropped = [(esc(reason), num(n)) for reason, n in (lookup(m, "dataset.stats.dropped") or {}).items()
                if is_num(n) and n]
-    source, name, hub_id = dataset.get("source"), dataset.get("name"), dataset.get("hub_id")
-    if source == "hub" and hub_id:
-        what = f"the Hub dataset [{esc(hub_id)}](https://huggingface.co/datasets/{hub_id})"
-    elif name:
-        what = f"the local file {code(name)}" if source == "local" else code(name)
+    if dataset.source == "hub" and dataset.hub_id:
+        what = f"the Hub dataset [{esc(dataset.hub_id)}](https://huggingface.co/datasets/{dataset.hub_id})"
+    elif dataset.name:
+        what = f"the local file {code(dataset.name)}" if dataset.source == "local" else code(dataset.name)
     else:
         what = None
     rows = table(m, _DATA_ROWS)
     if not rows and not dropped and not what:
         return None
-    return {"what": what, "rows": rows, "dropped": dropped, "license": as_text(dataset.get("license"))}
+    return {"what": what, "rows": rows, "dropped": dropped, "license": as_text(dataset.license)}
 
 
-def prompt_section(m: dict) -> dict | None:
+def prompt_section(m: Manifest) -> dict | None:
     """How conversations became tokens: what a user must reproduce to prompt the persona as it was trained."""
     template = lookup(m, "chat.chat_template")
-    template_block = fenced(template, "jinja") if isinstance(template, str) and template else None
+    template_block = fenced(template, "jinja") if template else None
     rows = table(m, _PROMPT_ROWS)
     if not rows and not template_block:
         return None
     return {"rows": rows, "template": template_block}
 
 
-def _effective_batch(training: dict) -> list[tuple[str, str]]:
+def _effective_batch(training: TrainingInfo | None) -> list[tuple[str, str]]:
     """Examples per optimizer step, worked out from its factors when the manifest does not record it."""
-    batch = training.get("per_device_batch_size")
-    accum = training.get("gradient_accumulation_steps") or 1
-    world = training.get("world_size") or 1
-    if training.get("effective_batch_size") is None and all(is_num(x) for x in (batch, accum, world)):
+    if training is None:
+        return []
+    batch = training.per_device_batch_size
+    accum = training.gradient_accumulation_steps or 1
+    world = training.world_size or 1
+    if training.effective_batch_size is None and all(is_num(x) for x in (batch, accum, world)):
         return [("Effective batch size", num(batch * accum * world))]
     return []
 
 
-def hyper_section(m: dict) -> dict | None:
+def hyper_section(m: Manifest) -> dict | None:
     """Every hyperparameter of the run, including any the table has no label for yet."""
-    training = m.get("training") or {}
     known = {path.split(".")[-1] for _, path, _ in _TRAINING_ROWS}
-    unlabelled: list[Row] = [(code(k), ("training", k), as_setting) for k in training if k not in known]
-    rows = table(m, _TRAINING_ROWS + unlabelled) + _effective_batch(training) + table(m, _LORA_ROWS)
+    unlabelled: list[Row] = [(code(f.name), ("training", f.name), as_setting) for f in fields(TrainingInfo)
+                             if f.name not in known]
+    rows = table(m, _TRAINING_ROWS + unlabelled) + _effective_batch(m.training) + table(m, _LORA_ROWS)
     return {"rows": rows} if rows else None
-
-
-def _leaf_names(targets: Any) -> list[str]:
-    """Target module names as a list, whether the config gave a list or one string (e.g. "all-linear")."""
-    if isinstance(targets, str):
-        return [targets]
-    if isinstance(targets, (list, tuple, set)):
-        return [str(t) for t in targets]
-    return []
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -232,71 +227,66 @@ def compress_layer_names(names: list[str]) -> list[str]:
     return folded + plain
 
 
-def coverage_section(m: dict) -> dict | None:
+def coverage_section(m: Manifest) -> dict | None:
     """Which parts of the model the LoRA reached, and any part asked for that it could not reach."""
-    lora = m.get("lora") or {}
+    lora = m.lora or LoraInfo()
     rows, not_applied = [], []
-    for g in lora.get("coverage") or []:
-        if not isinstance(g, dict) or not g.get("group"):
+    for g in lora.coverage:
+        if not g.group:
             continue
-        rows.append((esc(g["group"]), as_yes_no(g.get("asked")) or "", as_yes_no(g.get("applied")) or "",
-                     as_number(g.get("modules")) or "", as_number(g.get("params")) or ""))
-        if g.get("asked") is True and g.get("applied") is False:
-            not_applied.append(esc(g["group"]))
-    trainable, total = lora.get("trainable_params"), lora.get("total_params")
+        rows.append((esc(g.group), as_yes_no(g.asked) or "", as_yes_no(g.applied) or "",
+                     as_number(g.modules) or "", as_number(g.params) or ""))
+        if g.asked is True and g.applied is False:
+            not_applied.append(esc(g.group))
+    trainable, total = lora.trainable_params, lora.total_params
     summary = None
     if is_num(trainable) and is_num(total) and total > 0:
         summary = f"{num(trainable)} trainable parameters of {num(total)} in total ({100 * trainable / total:.3g}%)."
     elif is_num(trainable):
         summary = f"{num(trainable)} trainable parameters."
-    asked = [code(t) for t in _leaf_names(lora.get("asked_target_modules"))]
-    targets = [code(t) for t in compress_layer_names(_leaf_names(lora.get("target_modules")))]
-    params = [code(t) for t in _leaf_names(lora.get("target_parameters"))]
+    asked = [code(t) for t in lora.asked_target_modules or []]
+    targets = [code(t) for t in compress_layer_names(lora.target_modules)]
+    params = [code(t) for t in lora.target_parameters]
     if not rows and not summary and not targets and not params:
         return None
     return {"rows": rows, "summary": summary, "not_applied": not_applied, "asked_modules": ", ".join(asked) or None,
             "target_modules": ", ".join(targets) or None, "target_parameters": ", ".join(params) or None}
 
 
-def results_section(m: dict, loss_png: str | None) -> dict | None:
+def results_section(m: Manifest, loss_png: str | None) -> dict | None:
     """The losses the run reached, the loss curve, and whether the run was cut short."""
     rows = table(m, _RESULT_ROWS)
     interrupted = lookup(m, "run.interrupted") is True
-    changes = [esc(c) for c in lookup(m, "run.changes") or [] if isinstance(c, str) and c]
+    changes = [esc(c) for c in lookup(m, "run.changes") or [] if c]
     if not rows and not loss_png and not interrupted and not changes:
         return None
     return {"rows": rows, "loss_png": loss_png, "interrupted": interrupted, "changes": changes}
 
 
-def samples_section(m: dict) -> list[tuple[str, str, str]] | None:
+def samples_section(m: Manifest) -> list[tuple[str, str, str]] | None:
     """(prompt, base answer, adapter answer) rows: the persona shown against its base on the same prompts."""
-    rows = []
-    for s in m.get("samples") or []:
-        if not isinstance(s.get("prompt"), str):
-            continue
-        rows.append((esc(s["prompt"]), esc(s.get("base") or ""), esc(s.get("adapter") or "")))
+    rows = [(esc(s.prompt), esc(s.base or ""), esc(s.adapter or "")) for s in m.samples]
     return rows or None
 
 
-def provenance_section(m: dict) -> dict | None:
+def provenance_section(m: Manifest) -> dict | None:
     """What a reader needs to reproduce or audit the run: base, data hashes, software, hardware, time."""
-    libs = lookup(m, "environment.libraries")
-    libs = libs if isinstance(libs, dict) else {}
-    lib_rows = [(esc(k), code(v)) for k, v in libs.items() if isinstance(v, str) and v]
+    libs = lookup(m, "environment.libraries") or {}
+    lib_rows = [(esc(k), code(v)) for k, v in libs.items() if v]
     rows = table(m, _PROVENANCE_ROWS)
     if not rows and not lib_rows:
         return None
     return {"rows": rows, "libraries": lib_rows}
 
 
-def merge_section(m: dict) -> dict | None:
+def merge_section(m: Manifest) -> dict | None:
     """How a merged model was made, and whether tools built for the base checkpoint can read its weights."""
-    layout = lookup(m, "merge.layout")
+    layout = lookup(m, "merge.layout") or ""
     layout_note = None
-    if isinstance(layout, str) and "original" in layout:
+    if "original" in layout:
         layout_note = ("The weights are saved in the base checkpoint's original layout, so tools that read the "
                        "base checkpoint read this one too.")
-    elif isinstance(layout, str) and "fused" in layout:
+    elif "fused" in layout:
         layout_note = ("The weights are saved in transformers 5's fused-expert layout; tools that expect the base "
                        "checkpoint's original layout may not read them.")
     rows = table(m, _MERGE_ROWS)
@@ -309,17 +299,15 @@ def merge_section(m: dict) -> dict | None:
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-def serving_section(m: dict) -> list[tuple[str, str, str]] | None:
+def serving_section(m: Manifest) -> list[tuple[str, str, str]] | None:
     """Per engine: whether it applies this adapter as trained, and the command that prepares it. vLLM's MLA
     attention does not apply LoRA on `kv_b_proj` (vllm-project/vllm#48974), so an adapter with it is served as
     trained there only as a merged model."""
-    lora = m.get("lora") or {}
-    targets = [t for t in lora.get("target_modules") or [] if isinstance(t, str)]
-    if not targets and not lora.get("target_parameters"):
+    lora = m.lora or LoraInfo()
+    if not lora.target_modules and not lora.target_parameters:
         return None
-    name = m.get("name") or "ADAPTER"
-    kv_b = (m.get("base_model") or {}).get("model_type") in MLA_MODEL_TYPES and any(
-        t.endswith("kv_b_proj") for t in targets)
+    name = m.name or "ADAPTER"
+    kv_b = m.base_model.model_type in MLA_MODEL_TYPES and any(t.endswith("kv_b_proj") for t in lora.target_modules)
     vllm, sglang = (f"{e.label} {e.version.removesuffix('.0')}" for e in (ENGINES["vllm"], ENGINES["sglang"]))
     rows = [("transformers + PEFT", "yes", "the snippet above")]
     if kv_b:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from persona_lora.artifact import Manifest
 from persona_lora.model_cards.markdown import fenced
 
 SNIPPET_MARKER = "# persona-lora usage snippet"
@@ -24,16 +25,14 @@ def _py(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
-def usage_snippet(m: dict, *, base_id: str, adapter_id: str | None, model_id: str | None,
+def usage_snippet(m: Manifest, *, base_id: str, adapter_id: str | None, model_id: str | None,
                   tokenizer_from_adapter: bool) -> str:
     """The Python usage block: same chat template, same system prompt, greedy decoding, new tokens only.
 
     `model_id` is given for a merged model (plain transformers), `adapter_id` for an adapter (base + PEFT)."""
-    chat = m.get("chat") or {}
-    system_prompt = chat.get("system_prompt")
-    samples = m.get("samples") or []
-    prompt = next((s["prompt"] for s in samples if isinstance(s.get("prompt"), str) and s["prompt"].strip()), None)
-    base_source = (m.get("base_model") or {}).get("source")
+    system_prompt = m.chat.system_prompt if m.chat is not None else None
+    prompt = next((s.prompt for s in m.samples if s.prompt.strip()), None)
+    base_source = m.base_model.source
     lines = [SNIPPET_MARKER]
     if model_id is not None:
         lines += [f"model_id = {_py(model_id)}", ""]
@@ -58,7 +57,7 @@ def usage_snippet(m: dict, *, base_id: str, adapter_id: str | None, model_id: st
                   'model = AutoModelForCausalLM.from_pretrained(base_id, dtype="auto")']
         lines.append("model = PeftModel.from_pretrained(model, adapter_id)")
     lines += ["model.eval()", "", "messages = ["]
-    if isinstance(system_prompt, str) and system_prompt:
+    if system_prompt:
         lines.append(f'    {{"role": "system", "content": {_py(system_prompt)}}},')
     lines += [
         f'    {{"role": "user", "content": {_py(prompt or "Who are you?")}}},',
