@@ -24,9 +24,10 @@ from persona_lora.artifact import MANIFEST_NAME
 from persona_lora.cli import main
 from tests.conftest import REPO, free_port, train_args
 
-# 16 records, half held out: 8 train examples, one full global batch of 8 per step (4 per process)
+# 16 records, half held out: 8 train examples, one full global batch of 8 per step (4 per process); a loss logged
+# every 3 steps, so the last step (8) is logged only because it is the last
 RUN = ("--max-steps", "8", "--set", "data.eval_fraction=0.5", "--set", "training.group_by_length=false",
-       "--set", "training.logging_steps=1", "--set", "training.eval_steps=4", "--set", "training.save_steps=4",
+       "--set", "training.logging_steps=3", "--set", "training.eval_steps=4", "--set", "training.save_steps=3",
        "--set", "training.samples=2", "--set", "training.report_to=none")
 SHARDED = ("--set", "training.batch_size=4", "--set", "training.fsdp=true",
            "--set", "training.gradient_checkpointing=true")
@@ -106,10 +107,13 @@ def test_sharded_run_trains_what_one_process_trains(runs):
     assert sharded["training"]["effective_batch_size"] == single["training"]["effective_batch_size"] == 8
     for key in ("loss", "eval_loss"):
         got, want = _history(runs["sharded"], key), _history(runs["single"], key)
-        assert [s for s, _ in got] == [s for s, _ in want] and len(got) >= (6 if key == "loss" else 2)
+        assert [s for s, _ in got] == [s for s, _ in want] == ([1, 3, 6, 8] if key == "loss" else [4, 8])
         for (step, a), (_, b) in zip(got, want):
             assert abs(a - b) < 1e-3, (key, step, a, b)
     assert sharded["metrics"]["final_train_loss"] < sharded["metrics"]["first_train_loss"] - 1
+    # the steps and final loss recorded are the last step's, also where it is not a multiple of logging_steps
+    assert sharded["metrics"]["steps"] == 8 and sharded["metrics"]["final_train_loss"] == _history(
+        runs["sharded"], "loss")[-1][1]
     # the coverage applied is the coverage asked, the same as unsharded, group by group
     assert all(row["applied"] == row["asked"] for row in sharded["lora"]["coverage"])
     assert sharded["lora"]["coverage"] == single["lora"]["coverage"]
@@ -175,16 +179,16 @@ def _rank_pid(parent: int, rank: int) -> int | None:
 
 @pytest.mark.slow
 def test_resume_after_killing_one_rank_continues_the_sharded_run(runs, tiny_base, small_persona_data, tmp_path):
-    """kill -9 of rank 1 after the step-4 checkpoint ends the run (the launcher stops the other rank); `--resume`
+    """kill -9 of rank 1 after the step-3 checkpoint ends the run (the launcher stops the other rank); `--resume`
     under `accelerate launch` with the shipped FSDP config continues it to the uninterrupted run's losses and
     weights."""
     out = tmp_path / "killed"
     args = train_args(tiny_base, small_persona_data, out, *RUN, *SHARDED)
     proc = _torchrun(["-m", "persona_lora"], args)
     deadline = time.time() + 240
-    while not (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
+    while not (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint-4"
+        assert time.time() < deadline, "no checkpoint-3"
         time.sleep(0.05)
     victim = _rank_pid(proc.pid, 1)
     assert victim is not None
@@ -205,7 +209,7 @@ def test_resume_after_killing_one_rank_continues_the_sharded_run(runs, tiny_base
         a, b = _history(out, key), _history(runs["sharded"], key)
         assert [s for s, _ in a] == [s for s, _ in b]
         assert all(x == pytest.approx(y, rel=1e-4, abs=1e-6) for (_, x), (_, y) in zip(a, b)), key
-    assert 0 < got["run"]["trained_tokens"] < want["run"]["trained_tokens"], "only the steps after step 4 ran"
+    assert 0 < got["run"]["trained_tokens"] < want["run"]["trained_tokens"], "only the steps after step 3 ran"
     weights, ref = (load_file(str(p / "adapter_model.safetensors")) for p in (out, runs["sharded"]))
     assert max((weights[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
 

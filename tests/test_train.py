@@ -143,7 +143,8 @@ def test_base_files_bit_identical_after_training_and_overwrite_replaces_the_run(
     (out / "notes.txt").write_text("from the first run")
     first = adapter_weights(out)
 
-    assert main([*args, "--max-steps", "1", "--overwrite"]) == 0  # a run folder of ours: replaced
+    # a run folder of ours: replaced (one step without warm-up, so that it updates the adapter)
+    assert main([*args, "--max-steps", "1", "--set", "training.warmup_ratio=0", "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and checkpoints(out) == ["checkpoint-1"]
     m = manifest(out)
     assert m["metrics"]["steps"] == 1 and m["run"]["resumed"] is False
@@ -185,6 +186,76 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tiny_base,
     assert [h["loss"] for h in ckpt_m["metrics"]["history"] if "loss" in h] == pytest.approx(
         [h["loss"] for h in plain_m["metrics"]["history"] if "loss" in h], rel=1e-5)
     assert max_weight_diff(plain, ckpt) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_run_ending_between_logging_steps_records_its_last_step(tiny_base, small_persona_data, tmp_path):
+    """configs/tiny.yaml logs every 10 steps; a 3-step run still records step 3 (its loss is the mean of steps 2-3,
+    Trainer's own average since the last log) as its steps and final loss, in the manifest and the card."""
+    out = tmp_path / "out"
+    assert main(train_args(tiny_base, small_persona_data, out, "--max-steps", "3", "--set", "lora.preset=attention",
+                           "--set", "training.samples=0", "--set", "training.report_to=none")) == 0
+    m = manifest(out)
+    losses = [(h["step"], h["loss"]) for h in m["metrics"]["history"] if "loss" in h]
+    assert [step for step, _ in losses] == [1, 3]
+    assert m["metrics"]["steps"] == 3 and m["metrics"]["final_train_loss"] == losses[-1][1] != losses[0][1]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "| Optimizer steps | 3 |" in card and f"| Final train loss | {losses[-1][1]:.4f} |" in card
+
+
+def test_a_run_whose_steps_all_fall_in_the_warm_up_is_refused_before_loading(tiny_base, small_persona_data,
+                                                                              tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(train_args(tiny_base, small_persona_data, out, "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "no step of this run would change the adapter: all 1 optimizer step(s) fall in the warm-up" in err
+    assert "Raise --max-steps to 2 or more, or set training.warmup_ratio=0" in err and "--allow-no-update" in err
+    assert "Traceback" not in err and not out.exists()
+    assert main(train_args(tiny_base, small_persona_data, out, "--set", "training.learning_rate=0")) == 2
+    assert "training.learning_rate is 0" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_allow_no_update_runs_it_and_says_so(tiny_base, small_persona_data, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    assert main(train_args(tiny_base, small_persona_data, out, "--max-steps", "1", "--allow-no-update",
+                           "--set", "lora.preset=attention", "--set", "training.samples=0",
+                           "--set", "training.report_to=none")) == 0
+    assert "warning: no step of this run changes the adapter" in capsys.readouterr().out
+    assert "the adapter did not change in 1 step(s)" in caplog.text
+    weights = adapter_weights(out)
+    assert all(not w.any() for k, w in weights.items() if "lora_B" in k), "LoRA B is still its zero init"
+
+
+def test_a_loop_that_left_the_weights_as_they_were_is_refused_at_its_end():
+    """The end-of-loop check on its own: the callbacks see the model Trainer hands them at begin and end."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from persona_lora.errors import VerificationError
+    from persona_lora.train.steps import StopOnSignal, loop_callbacks, new_tally
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    args, state = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(global_step=4)
+    for allow in (False, True):
+        tally = new_tally()
+        (callback,) = loop_callbacks(StopOnSignal(), tally, allow_no_update=allow)
+        callback.on_train_begin(args, state, TrainerControl(), model=model)
+        with torch.no_grad():
+            model.bias += 1  # not trainable: not the adapter
+        if allow:
+            callback.on_train_end(args, state, TrainerControl(), model=model)
+            assert tally["changed"] is False
+        else:
+            with pytest.raises(VerificationError, match="did not change in 4 step"):
+                callback.on_train_end(args, state, TrainerControl(), model=model)
+    tally = new_tally()
+    (callback,) = loop_callbacks(StopOnSignal(), tally)
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-6
+    callback.on_train_end(args, state, TrainerControl(), model=model)
+    assert tally["changed"] is True
 
 
 # ------------------------------------------------------------------ output folder safety
@@ -351,7 +422,7 @@ def test_model_loading_failures_are_clear(tiny_base, small_persona_data, tmp_pat
 
     monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: "offline"
     monkeypatch.setattr(c, "HF_HUB_ETAG_TIMEOUT", 2)
-    args = train_args(tiny_base, small_persona_data, tmp_path / "out", "--max-steps", "1")
+    args = train_args(tiny_base, small_persona_data, tmp_path / "out", "--max-steps", "2")
     idx = args.index("--base") if override[0] == "--base" else None
     if idx is not None:
         args[idx + 1] = override[1]

@@ -338,7 +338,14 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     from persona_lora.train.prepare import PreparedData
     from persona_lora.train.provenance import build_manifest
     from persona_lora.train.run_folder import CHECKPOINTS, claim_output, complete_output, plan_output
-    from persona_lora.train.steps import StopOnSignal, loop_callbacks, loop_result, new_tally, set_up
+    from persona_lora.train.steps import (
+        StopOnSignal,
+        check_some_step_updates,
+        loop_callbacks,
+        loop_result,
+        new_tally,
+        set_up,
+    )
     from persona_lora.train.trainer import finalise
 
     started = time.time()
@@ -360,6 +367,7 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     if dry_run:
         print_fn(dry_run_summary(cfg, setup, init, run))
         return None
+    check_some_step_updates(cfg, len(run.train.rows), setup.world_size, print_fn)
     plan = plan_output(cfg)
     all_ranks_planned(setup.device)
     torch.manual_seed(cfg.training.seed)
@@ -378,7 +386,8 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total) + "\n"
              + coverage_note(cfg))
     stop, tally = StopOnSignal(), new_tally()
-    trainer = preference_trainer(cfg, setup, model, run, out, loop_callbacks(stop, tally))
+    callbacks = loop_callbacks(stop, tally, allow_no_update=cfg.training.allow_no_update)
+    trainer = preference_trainer(cfg, setup, model, run, out, callbacks)
     t0 = time.time()
     with stop, native_targets():
         trainer.train()

@@ -41,6 +41,7 @@ from persona_lora.train.steps import (
     RunSetup,
     StopOnSignal,
     TrainResult,
+    check_some_step_updates,
     loop_callbacks,
     loop_result,
     new_tally,
@@ -153,7 +154,7 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
         eval_dataset=_to_dataset(data.eval) if data.eval else None,
         data_collator=_collator(cfg, setup.tokenizer, setup.device),
         processing_class=setup.tokenizer,
-        callbacks=loop_callbacks(stop, tally, stop_after),
+        callbacks=loop_callbacks(stop, tally, stop_after, cfg.training.allow_no_update),
     )
     started = time.time()
     with stop, native_targets():
@@ -214,6 +215,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
     plan = plan_output(cfg)  # only looks: nothing is created or removed before the data and model are checked
     fsdp.all_ranks_planned(setup.device)
     data = prepare_data(cfg, setup.tokenizer)
+    check_some_step_updates(cfg, len(data.train), setup.world_size, print_fn)
     torch.manual_seed(cfg.training.seed)
     sharded = fsdp.decide(cfg, setup.device, lambda: one_device_plan(cfg, setup, data))
     model = build_adapted_model(cfg, setup.base, setup.device, sharded=sharded)
