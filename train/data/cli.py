@@ -1,4 +1,7 @@
-"""`persona-lora data check|preview`: look at a dataset before spending hours training on it.
+"""`persona-lora data check|preview|extract|build`: make a dataset and look at it before training on it.
+
+    persona-lora data extract examples/script/palace.txt --out runs/palace.dialogue.jsonl
+    persona-lora data build runs/palace.dialogue.jsonl --character 林婉 --alias 婉婉 --out runs/palace.json
 
     persona-lora data check examples/data/persona_zh.json
     persona-lora data check examples/data/persona_zh.json --base ./tiny-base --max-length 512
@@ -58,15 +61,97 @@ def configure_data(data: argparse.ArgumentParser) -> None:
     preview.add_argument("--train-on", choices=["all", "last"], default="all",
                          help="train on every assistant turn or only the last (default all)")
     _add_format_args(preview)
+    _configure_extract(sub)
+    _configure_build(sub)
     data.set_defaults(data_parser=data)
 
 
+def _configure_extract(sub) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("extract", help="a script or a novel → its lines in order, with who speaks (JSON Lines)",
+                       description="Read a script (speaker-labelled lines: 名字：…, 【名字】…, NAME: …, screenplay "
+                                   "cues) without a model, or a novel through an OpenAI-compatible endpoint, and "
+                                   "write one JSON object per utterance: speaker, line, scene, source position.")
+    p.add_argument("source", metavar="SOURCE", help="the text file (UTF-8, UTF-8 with BOM, GB18030/GBK)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIALOGUE.jsonl", help="where to write the lines")
+    p.add_argument("--format", choices=("auto", "script", "novel"), default="auto",
+                   help="script (no model), novel (asks --endpoint), auto (script when speaker labels make up the "
+                        "text; default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done (novel: chunks, token estimate, "
+                   "answers already cached); send and write nothing")
+    novel = p.add_argument_group("novel (an OpenAI-compatible chat endpoint: vLLM, SGLang, a hosted API)")
+    novel.add_argument("--endpoint", metavar="URL", help="the API base, e.g. http://127.0.0.1:8000/v1")
+    novel.add_argument("--model", metavar="NAME", help="the model name at the endpoint")
+    novel.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (never "
+                       "printed or stored); leave out for an endpoint without a key")
+    novel.add_argument("--concurrency", type=int, default=4, metavar="N", help="chunks asked at once (default 4)")
+    novel.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="tries after the first for a failed or invalid answer (default 3)")
+    novel.add_argument("--retry-delay", type=float, default=1.0, metavar="S",
+                       help="seconds before the first retry, doubled each time (default 1)")
+    novel.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for one answer "
+                       "(default 120)")
+    novel.add_argument("--chunk-chars", type=int, default=3000, metavar="N", help="characters per chunk "
+                       "(default 3000)")
+    novel.add_argument("--overlap-chars", type=int, default=300, metavar="N", help="characters each chunk repeats "
+                       "of the one before, so no conversation is cut (default 300)")
+    novel.add_argument("--cache-dir", type=Path, metavar="DIR", help="where answers are kept (default "
+                       "$XDG_CACHE_HOME/persona-lora/extract): a re-run sends only chunks without one")
+    novel.add_argument("--allow-failed", action="store_true", help="write the output even when chunks failed, each "
+                       "gap marked in it (default: write nothing)")
+    novel.add_argument("--no-json-schema", action="store_true", help="do not send response_format json_schema "
+                       "(answers are validated either way)")
+
+
+def _configure_build(sub) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("build", help="a dialogue file → an Alpaca dataset of one character's lines, with its card",
+                       description="Each line of --character becomes an answer, the turns before it in the scene "
+                                   "the instruction and history. Writes DATA.json, DATA.eval.json (held-out "
+                                   "scenes) and DATA.card.md (provenance).")
+    p.add_argument("dialogue", metavar="DIALOGUE.jsonl", help="the file `data extract` wrote")
+    p.add_argument("--character", required=True, metavar="NAME", help="whose lines become the answers")
+    p.add_argument("--alias", action="append", default=[], metavar="A[=NAME]",
+                   help="another name of --character (or A=NAME: of NAME); repeatable")
+    p.add_argument("--aliases", metavar="FILE", help='aliases file: JSON {"NAME": ["A", …]} or lines NAME: A, B')
+    p.add_argument("--out", required=True, type=Path, metavar="DATA.json", help="the training file")
+    p.add_argument("--context", type=int, default=4, metavar="N", help="turns before a line kept as its context "
+                   "(default 4)")
+    p.add_argument("--unprompted", choices=("drop", "keep"), default="drop",
+                   help="lines nobody spoke before in the scene: drop (default) or keep with '(scene start)'")
+    p.add_argument("--min-chars", type=int, default=2, metavar="N", help="drop shorter answers (default 2)")
+    p.add_argument("--max-chars", type=int, default=1000, metavar="N", help="drop longer answers (default 1000)")
+    p.add_argument("--system-prompt", metavar="TEXT", help="system prompt of every record")
+    p.add_argument("--character-sheet", metavar="FILE", help="a text file whose text becomes the system prompt")
+    p.add_argument("--eval-fraction", type=float, default=0.1, metavar="X",
+                   help="share of records held out, by whole scenes, in DATA.eval.json (default 0.1; 0: none)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the scene split (default 42)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
 def run_data(args: argparse.Namespace) -> int:
-    """`data check` or `data preview`; `data` alone prints its help (usage error)."""
+    """`data check|preview|extract|build`; `data` alone prints its help (usage error)."""
     if args.data_command == "check":
         return cmd_check(args)
     if args.data_command == "preview":
         return cmd_preview(args)
+    if args.data_command == "extract":
+        from persona_lora.train.data.extract import ExtractOptions, run_extract
+
+        return run_extract(ExtractOptions(
+            args.source, args.out, args.format, args.overwrite, args.endpoint, args.model, args.api_key_env,
+            args.concurrency, args.retries, args.retry_delay, args.timeout, args.chunk_chars, args.overlap_chars,
+            args.cache_dir, args.dry_run, args.allow_failed, not args.no_json_schema))
+    if args.data_command == "build":
+        from persona_lora.train.data.build import BuildOptions, run_build
+
+        return run_build(BuildOptions(
+            args.dialogue, args.character, args.out, args.alias, args.aliases, args.context, args.unprompted,
+            args.min_chars, args.max_chars, args.system_prompt, args.character_sheet, args.eval_fraction, args.seed,
+            args.overwrite))
     args.data_parser.print_help()
     return 2
 
