@@ -63,7 +63,7 @@ class GenerationSettings:
 
 
 class DecodeTarget(Protocol):
-    """The model as the decode loop needs it. Implemented by `demo.resident.ResidentModel`."""
+    """The model as the decode loop needs it. Implemented by `persona_lora.resident.ResidentModel`."""
 
     device: Any  # where input tensors go
     eos_ids: frozenset[int]  # a row ends when it picks one of these

@@ -2,9 +2,9 @@
 
 Why it is built this way:
 - Memory: the base weights are loaded once and every adapter is a PEFT adapter on that one model, so adding
-  adapters costs only their LoRA weights (`demo.resident`).
+  adapters costs only their LoRA weights (`persona_lora.resident`).
 - Both sides in one forward pass: the base row and the adapter row form one left-padded batch, and each row
-  gets its own adapter through `persona_lora.peft_compat.RowRouting` (a per-row LoRA scaling on linear layers;
+  gets its own adapter through `persona_lora.row_routing.RowRouting` (a per-row LoRA scaling on linear layers;
   rows split by hand on PEFT's fused-experts `ParamWrapper`, which refuses mixed batches). Every row gets
   exactly the computation its model does alone, so each side's greedy answer equals standalone
   `generate(do_sample=False)` with that model (tested for attention-only and `all` adapters).

@@ -28,7 +28,7 @@ BASE = "base"  # the base model's name in the report
 
 @dataclass
 class EvalOptions:
-    """The `eval` command's options, already checked (see `eval_cli`)."""
+    """The `eval` command's options, already checked (see `evaluation.cli`)."""
 
     adapters: list[str]
     base: str

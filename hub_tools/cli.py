@@ -1,7 +1,7 @@
 """`persona-lora push | pull | list`: the hub subcommands.
 
 Each handler prints only its result on stdout (the URL, the local path, the ids) so that shell scripts can use
-it; skipped files and notes go to stderr. `push --merged` merges first (options from `merge_cli`) and pushes
+it; skipped files and notes go to stderr. `push --merged` merges first (options from `merge.cli`) and pushes
 the merged folder with the same code as a plain push.
 """
 

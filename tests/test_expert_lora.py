@@ -1,5 +1,5 @@
 """The LoRA-aware forward of the routed experts (`persona_lora.expert_lora`, installed by
-`peft_compat.use_lora_aware_experts`) against PEFT's `ParamWrapper`, which it replaces in training, eval and the demo.
+`expert_lora.use_lora_aware_experts`) against PEFT's `ParamWrapper`, which it replaces in training, eval and the demo.
 
 What must hold: the same outputs and gradients (LoRA A/B and the input's) as `ParamWrapper` to 1e-5 relative in
 fp32, for the `all` preset and the leaf target list, with and without gradient checkpointing, for every experts
@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from persona_lora import peft_compat
-from persona_lora.expert_lora import ExpertsForward, use_lora_aware_experts
+from persona_lora.expert_lora import BareExpertsForward, ExpertsForward, use_fast_bare_experts, use_lora_aware_experts
 from persona_lora.peft_compat import BASE_ROW, EXPERT_LORA_ENV, is_param_wrapper
 from persona_lora.presets import LEAF_TARGETS
 from persona_lora.row_routing import RowRouting
@@ -64,11 +64,11 @@ def rel(got, want) -> float:
     return (diff / scale if scale > 0 else diff).item()
 
 
-def assert_same_step(got, want, rtol=RTOL):
+def assert_same_step(got, want, rtol=RTOL, experts_adapted=True):
     (logits, d_input, grads), (ref_logits, ref_input, ref_grads) = got, want
     assert rel(logits, ref_logits) <= rtol
     assert rel(d_input, ref_input) <= rtol
-    assert grads.keys() == ref_grads.keys() and any("experts" in n for n in grads)
+    assert grads.keys() == ref_grads.keys() and any("experts" in n for n in grads) is experts_adapted and grads
     worst = max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n]))
     assert rel(grads[worst], ref_grads[worst]) <= rtol, worst
 
@@ -120,6 +120,64 @@ def test_no_expert_weight_is_rebuilt(tiny_base):
         with _Shapes() as shapes:
             run(model)
         assert bool(fused & shapes.seen) is not lora_aware
+
+
+# ------------------------------------------------------------------------------------------------ bare experts
+
+
+def bare_model(tiny_base, preset=None, strategy="grouped_mm", ours=True):
+    """The tiny base, or with `preset` a LoRA that leaves the routed experts bare (random B so it counts), in
+    training mode; `ours`: the bare experts on our routine."""
+    torch.manual_seed(0)
+    model = fresh(tiny_base)
+    model.set_experts_implementation(strategy)
+    if preset:
+        _, model, _ = attach(model, preset)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        chosen = use_lora_aware_experts(model)
+        assert chosen == ""  # nothing on the routed experts is adapted
+    if ours:
+        assert use_fast_bare_experts(model) == f"ours ({strategy})"
+    return model.train()
+
+
+@pytest.mark.parametrize("strategy", ["grouped_mm", "batched_mm", "eager"])
+def test_bare_experts_equal_transformers(tiny_base, strategy, monkeypatch):
+    """The frozen base: logits and the input-embedding gradient (all backward passes through the experts) within
+    1e-5 of transformers' own experts forward, for every implementation we mirror, and at decode size."""
+    from persona_lora import expert_lora
+
+    got, want = bare_model(tiny_base, strategy=strategy), bare_model(tiny_base, strategy=strategy, ours=False)
+    calls = []
+    routine = expert_lora.lora_experts_forward
+    monkeypatch.setattr(expert_lora, "lora_experts_forward", lambda *a, **k: calls.append(a[-1]) or routine(*a, **k))
+    for ids in (IDS, IDS[:1, :2]):
+        (logits, d_input, _), (ref_logits, ref_input, _) = run(got, ids), run(want, ids)
+        assert rel(logits, ref_logits) <= RTOL and rel(d_input, ref_input) <= RTOL
+        assert d_input.abs().max() > 0
+    assert calls == [strategy] * 6  # our routine ran in the 3 MoE layers of `got` (twice), never in `want`
+
+
+def test_default_preset_with_bare_experts_equals_transformers(tiny_base):
+    """The default preset (no LoRA on the routed experts): logits, input gradient and every LoRA gradient."""
+    want = run(bare_model(tiny_base, "attention+mlp", ours=False))
+    assert_same_step(run(bare_model(tiny_base, "attention+mlp")), want, experts_adapted=False)
+
+
+def test_bare_experts_follow_the_opt_out_and_the_loader(tiny_base, monkeypatch):
+    from persona_lora.model_loading import load_base_model
+
+    model = load_base_model(str(tiny_base), device="cpu", dtype="float32")
+    assert sum(isinstance(m.__dict__.get("forward"), BareExpertsForward) for m in model.modules()) == 3
+    monkeypatch.setenv(EXPERT_LORA_ENV, "peft")
+    plain = load_base_model(str(tiny_base), device="cpu", dtype="float32")
+    assert not any(isinstance(m.__dict__.get("forward"), BareExpertsForward) for m in plain.modules())
+    assert use_fast_bare_experts(plain) == f"transformers' ({EXPERT_LORA_ENV}=peft)"
+    with torch.no_grad():
+        assert rel(model(input_ids=IDS).logits, plain(input_ids=IDS).logits) <= RTOL
 
 
 # ------------------------------------------------------------------------------------------------ demo rows

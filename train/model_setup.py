@@ -28,7 +28,7 @@ class AdaptedModel:
     dropout_note: str | None
     trainable: int
     total: int
-    experts_forward: str = ""  # how LoRA on the routed experts runs (peft_compat.use_lora_aware_experts)
+    experts_forward: str = ""  # how LoRA on the routed experts runs (expert_lora.use_lora_aware_experts)
     sharded: bool = False  # the base is sharded across the run's processes (train/fsdp.py)
 
 

@@ -2,14 +2,14 @@
 
 Why per module: PEFT stores LoRA on transformers 5's fused routed experts as one `lora_A` (r·E, in) and one
 `lora_B` (out, r·E) per fused parameter (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`); SGLang reads only
-per-expert keys, and vLLM reads them for DeepSeek-V2 without extra flags (see export_engines.py). Expert e's
+per-expert keys, and vLLM reads them for DeepSeek-V2 without extra flags (see persona_lora/engines.py). Expert e's
 delta is `scaling · left @ right` with (left, right) from `peft_compat.expert_factors`, oriented like the fused
 parameter's slice [e] — (2I, H) for gate_up_proj, (H, I) for down_proj — so its per-expert LoRA is
 lora_B = left, lora_A = right; transformers 5 fuses `gate_up_proj[e] = cat(gate_proj, up_proj)` along the rows,
 so gate_proj gets the first I rows of lora_B and up_proj the last I, both with the same lora_A. Attention, the
 dense MLP and the shared experts are linear LoRA already and keep their tensors.
 
-Both engines apply one rank and one scaling per adapter (export_engines.adapter_config), so `uniform_rank` makes
+Both engines apply one rank and one scaling per adapter (engines.adapter_config), so `uniform_rank` makes
 every module use the largest rank (zero rows/columns added to A/B change nothing in B @ A) and folds a module's
 own scaling into its lora_B. For persona-lora's adapters (one r, one alpha) it changes nothing.
 """

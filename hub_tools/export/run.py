@@ -7,15 +7,18 @@ fail to load or, worse, answer like a different model under the adapter's name. 
 layout each engine reads, refuses what the engine would silently ignore, and says in its README how to serve it.
 
 `export_adapter` reads only: the adapter folder (through `persona_lora.artifact`), and the base's config.json — the
-architecture is built on the meta device to learn how PEFT injects the adapter (`merge_math.discover_layers`), so
-a hub base costs one small download. It writes into a hidden sibling folder and renames it at the end, so the
-output folder only ever holds a complete export.
+architecture is built on the meta device to learn how PEFT injects the adapter (`merge.deltas.discover_layers`), so
+a hub base costs one small download. Before writing it checks the disk has room for the tensors; it writes into
+a hidden staging sibling (`persona_lora.output_folder`) renamed at the end, so the output folder only ever holds a
+complete export, and nothing is left behind when it fails.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +47,10 @@ from persona_lora.hub_tools.export.layout import (
     target_leaves,
     uniform_rank,
 )
+from persona_lora.output_folder import OutputFolder, Target, check_free_space, check_target
 
 log = logging.getLogger(__name__)
 
-PARTIAL_MARKER = ".persona-lora-export-partial"
 CHAT_TEMPLATE = "chat_template.jinja"
 
 
@@ -86,7 +89,8 @@ def export_adapter(
     manifest = _adapter_manifest(adapter)
     check_folder(adapter)
     config = read_adapter_config(adapter) or {}
-    out = _check_out_dir(Path(out_dir).expanduser().resolve(), adapter)
+    target = _check_out_dir(Path(out_dir).expanduser().resolve(), adapter)
+    out = target.path
     rb = resolve_export_base(base, manifest, hub=hub)
 
     _warn_other_config(rb, manifest)
@@ -110,6 +114,8 @@ def export_adapter(
         modules, r, alpha, folded = uniform_rank(modules, source_r, source_alpha)
         max_rank = engines.vllm_max_lora_rank(r) if eng.key == "vllm" else r
         tensors_out = state_dict(modules)
+    check_free_space(out, sum(t.numel() * t.element_size() for t in tensors_out.values()), option="--out",
+                     what="the export")
 
     chat = manifest.chat
     template = chat.chat_template if chat and chat.template_source == "file" and chat.chat_template else None
@@ -123,7 +129,7 @@ def export_adapter(
         chat_template=str(out / CHAT_TEMPLATE) if template else None,
     )
     export_config = engines.adapter_config(manifest.base_model.id, r, alpha, target_leaves(modules))
-    _write(out, adapter, tensors_out, export_config, render(facts), template)
+    _write(target, adapter, tensors_out, export_config, render(facts), template)
     if dropped:
         log.warning("exported without kv_b_proj LoRA in %d layer(s) (%s); see %s", len(dropped), engines.KV_B_ISSUE,
                     out / CARD_NAME)
@@ -181,46 +187,35 @@ def resolve_export_base(base: str | Path | None, manifest: Manifest, *, hub: str
     return ExportBase(Path(folder), spec)
 
 
-def _check_out_dir(out: Path, adapter: Path) -> Path:
+def _check_out_dir(out: Path, adapter: Path) -> Target:
     """`out` when it may be written: new, or an empty folder; never the adapter or a folder inside it."""
     if out == adapter or out.is_relative_to(adapter) or adapter.is_relative_to(out):
         raise UsageError(f"--out {out} overlaps the adapter folder {adapter}; choose a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder; choose a new folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"--out {out} exists and is not empty; export writes only into a new or empty folder "
-                         "(nothing was changed): choose another --out, or remove that folder first")
-    return out
+    return check_target(out, option="--out", occupied_hint="export writes only into a new or empty folder: choose "
+                        "another --out, or remove that folder first")
 
 
-def _partial_dir(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.export-partial"
-    if tmp.exists():
-        if not (tmp / PARTIAL_MARKER).is_file():
-            raise UsageError(f"{tmp} exists and was not made by persona-lora export; remove it or choose another --out")
-        shutil.rmtree(tmp)  # left by an interrupted export of ours
-    tmp.mkdir(parents=True)
-    (tmp / PARTIAL_MARKER).write_text("incomplete persona-lora export; safe to delete\n")
-    return tmp
-
-
-def _write(out: Path, adapter: Path, tensors: dict, config: dict, card: str, template: str | None) -> None:
+def _write(out: Target, adapter: Path, tensors: dict, config: dict, card: str, template: str | None) -> None:
     """Weights, config, card, the manifest copy (and the chat template training used, when it was not the base's)
-    into a hidden sibling; then it takes `out`'s name."""
-    from safetensors.torch import save_file
-
-    tmp = _partial_dir(out)
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    into a staging sibling that takes `out`'s name once all are written."""
+    with OutputFolder(out) as tmp:
+        _save_tensors(tensors, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / CARD_NAME).write_text(card, encoding="utf-8")
         shutil.copyfile(adapter / MANIFEST_NAME, tmp / MANIFEST_NAME)
         if template:
             (tmp / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
-        (tmp / PARTIAL_MARKER).unlink()
-        if out.exists():
-            out.rmdir()  # empty (checked before anything was read)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors' `save_file`, with a full disk reported as the OSError it is (safetensors wraps it in its own
+    error type), so the staging folder turns it into one message about `--out`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        if "StorageFull" in str(e) or "No space left" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise

@@ -5,7 +5,7 @@ Why a command: serving several adapters correctly takes facts that are easy to g
 exported in the layout the engine reads (`hub_tools.export`), the smallest `--max-lora-rank` vLLM accepts that
 holds every adapter's rank (rank patterns included), one batch slot per adapter, the adapters' names as the
 OpenAI `model` field selects them, strict loading on SGLang, and the refusals an engine would otherwise turn into
-silently wrong answers (LoRA on MLA's kv_b_proj under vLLM). The facts live in `export_engines`; this module
+silently wrong answers (LoRA on MLA's kv_b_proj under vLLM). The facts live in `persona_lora.engines`; this module
 plans with them, exports, and starts the engine.
 
 The engines pin other torch/transformers versions than ours, so they never run in this environment:

@@ -10,7 +10,7 @@ demo's own command-line options (parsed by the demo's own parser), builds the ap
   `PERSONA_LORA_VOTES` names the file explicitly (also for `python app.py` on a laptop);
 - a scheduled push of the votes to a dataset repo (`huggingface_hub.CommitScheduler`), with the token of the
   Space's `HF_TOKEN` secret (never a file);
-- on ZeroGPU hardware, generation inside `spaces.GPU` (`hub_tools.space_gpu`).
+- on ZeroGPU hardware, generation inside `spaces.GPU` (`hub_tools.space.gpu`).
 
 `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` are honoured by Gradio itself (a Space sets them).
 """

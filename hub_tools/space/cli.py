@@ -1,7 +1,7 @@
 """`persona-lora space REPO_ID --base BASE --adapter DIR_OR_ID…`: the A/B demo as a Hugging Face Space.
 
 Prints only the result on stdout (the Space's URL, or the folder written with `--dry-run`); what was checked and
-chosen goes to stderr. The work is in `space` (plan, folder), `space_push` (one commit) and `space_app` (what
+chosen goes to stderr. The work is in `plan` (plan, folder), `push` (one commit) and `app` (what
 the Space runs).
 """
 
@@ -61,6 +61,10 @@ def run_space(args: argparse.Namespace) -> int:
 
     if args.dry_run and (args.push_adapters or args.overwrite):
         raise UsageError("--push-adapters and --overwrite act on the Hub; --dry-run pushes nothing: drop one")
+    if args.dry_run:  # an occupied or unwritable folder is refused before the adapters are resolved
+        from persona_lora.output_folder import check_target
+
+        check_target(args.dry_run, option="--dry-run", occupied_hint="give a new or empty folder")
     plan = plan_space(
         args.repo_id, base=args.base, adapters=args.adapter, base_revision=args.revision, hardware=args.hardware,
         zerogpu=args.zerogpu, gpu_duration=args.gpu_duration, private=args.private,

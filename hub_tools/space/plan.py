@@ -3,14 +3,14 @@
 Why a plan first: a Space that is pushed and then fails to start (a base that does not fit the hardware, an
 adapter of another base, a base the Space cannot reach) costs the user a build and a debugging session on a
 remote machine. Every such problem is found here, on this machine, and reported as one message before the
-folder is written; `space_push` then sends the folder as one commit, or nothing.
+folder is written; `push` then sends the folder as one commit, or nothing.
 
 The folder (`write_space`):
-- `README.md`: a Space card (`huggingface_hub.SpaceCard`, template `templates/space/README.md`): sdk gradio at the
+- `README.md`: a Space card (`huggingface_hub.SpaceCard`, template `templates/README.md`): sdk gradio at the
   installed Gradio version, app file, title, short description, hardware suggested from the base's size, the
   models (hub ids), licence, and a body that says what the page does and how to call its API;
-- `app.py` (`templates/space/app.py`): starts `persona-lora demo`'s app from `persona_space.json`
-  (`hub_tools.space_app`); no UI code of its own;
+- `app.py` (`templates/app.py`): starts `persona-lora demo`'s app from `persona_space.json`
+  (`hub_tools.space.app`); no UI code of its own;
 - `requirements.txt`: what persona-lora needs, pinned to the versions installed here; persona-lora itself is
   not on a package index, so its wheel is shipped in `wheels/` and installed by `app.py` at start (a Space
   installs `requirements.txt` before the repository's other files are copied in, so the wheel cannot be named
@@ -47,6 +47,7 @@ from persona_lora.hub_tools.space.spec import (
     parameter_count,
     suggest_hardware,
 )
+from persona_lora.output_folder import OutputFolder, check_free_space, check_target
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,28 @@ def _base_files(folder: Path) -> list[str]:
     return plan.files
 
 
-def write_space(plan: SpacePlan, out: str | Path) -> list[str]:
+def space_bytes(plan: SpacePlan) -> int:
+    """The bytes of the files a Space folder copies (adapters, the base, a given wheel): what the disk needs."""
+    size = sum((s.folder / rel).stat().st_size for s in plan.adapters if not s.repo_id for rel in s.files)
+    if plan.base_folder is not None:
+        size += sum((plan.base_folder / rel).stat().st_size for rel in plan.base_files)
+    if plan.wheel is not None and plan.wheel.is_file():
+        size += plan.wheel.stat().st_size
+    return size
+
+
+def write_space(plan: SpacePlan, out: str | Path, *, option: str = "--dry-run") -> list[str]:
     """Write the Space folder into `out` (which must be missing or empty); returns the files written, relative.
-    `plan.settings.files` is filled in and saved, so a later push knows which files persona-lora owns."""
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--dry-run {out} exists and is not an empty folder; give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    `plan.settings.files` is filled in and saved, so a later push knows which files persona-lora owns. The disk
+    is checked for room first, and the folder is staged beside `out` (`persona_lora.output_folder`): a failure
+    (a full disk, a wheel that does not build, Ctrl-C) leaves nothing. `option` names `out` in messages."""
+    target = check_target(Path(out).expanduser(), option=option, occupied_hint="give a new or empty folder")
+    check_free_space(target.path, space_bytes(plan), option=option, what="the Space folder")
+    with OutputFolder(target) as work:
+        return _write_space_files(plan, work)
+
+
+def _write_space_files(plan: SpacePlan, out: Path) -> list[str]:
     files: list[str] = []
     for source in plan.adapters:
         if not source.repo_id:
