@@ -104,6 +104,19 @@ class DatasetStats:
 
 
 @dataclass
+class ExtractionInfo:
+    """How the training file was made from a script or novel (`data extract` + `data build`): its DATA.card.md."""
+
+    source: str | None = _f(None, "the script or novel's file name")
+    source_sha256: str | None = _f(None, "sha256 of the script or novel's bytes")
+    extractor: str | None = _f(None, "script | novel")
+    model: str | None = _f(None, "novel: the model that extracted the dialogue")
+    prompt_version: str | None = _f(None, "novel: the extraction prompt's version")
+    character: str | None = _f(None, "the character whose lines are the answers")
+    card: str | None = _f(None, "the data card's file name (DATA.card.md)")
+
+
+@dataclass
 class DatasetInfo:
     """The training data."""
 
@@ -114,6 +127,7 @@ class DatasetInfo:
     license: str | None = _f(None, "dataset license, when known")
     language: list[str] = _f([], "dataset languages, for the card")
     stats: DatasetStats | None = _f(None, "counts")
+    extraction: ExtractionInfo | None = _f(None, "made by `data extract` + `data build`: from what, how")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from persona_lora.artifact import (
     now_iso,
 )
 from persona_lora.train.config import TrainConfig
+from persona_lora.train.data.data_card import extraction_info
 
 if TYPE_CHECKING:
     from persona_lora.train.model_setup import AdaptedModel
@@ -115,7 +116,8 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
         license=cfg.license or base.license,
         base_model=base,
         dataset=DatasetInfo(name=loaded.name, source=loaded.source, hub_id=getattr(loaded, "hub_id", None),
-                            sha256=loaded.sha256, license=None, language=list(cfg.data.language), stats=data.stats),
+                            sha256=loaded.sha256, license=None, language=list(cfg.data.language), stats=data.stats,
+                            extraction=extraction_info(getattr(loaded, "path", None), loaded.sha256)),
         chat=ChatInfo(system_prompt=cfg.data.system_prompt, chat_template=setup.tokenizer.chat_template,
                       template_source=setup.template_source, train_on=cfg.data.train_on,
                       overlong=cfg.data.overlong, max_length=cfg.data.max_length),

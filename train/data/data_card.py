@@ -108,3 +108,17 @@ def read_data_card(data_path: str | Path, data_sha256: str | None) -> dict | Non
                     "extraction is not recorded", card.name, data_path.name)
         return None
     return block
+
+
+def extraction_info(data_path: str | Path | None, data_sha256: str | None):
+    """The manifest's `dataset.extraction` for a training file `data build` wrote (None for any other file)."""
+    from persona_lora.artifact import ExtractionInfo
+
+    block = read_data_card(data_path, data_sha256) if data_path else None
+    if block is None:
+        return None
+    settings = block.get("extractor_settings") or {}
+    return ExtractionInfo(source=block.get("source_file"), source_sha256=block.get("source_sha256"),
+                          extractor=block.get("extractor"), model=settings.get("model"),
+                          prompt_version=settings.get("prompt_version"), character=block.get("character"),
+                          card=card_path_for(Path(data_path)).name)
