@@ -256,7 +256,7 @@ def test_vllm_refuses_kv_b_proj_through_the_cli_naming_cause_and_fixes(adapters,
     for needed in ("kv_b_proj", "vllm-project/vllm#48974", "persona-lora merge", "--for sglang",
                    "attention-no-kv-b", "lora.preset", "--allow-dropped-kv-b"):
         assert needed in err, needed
-    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def test_allow_dropped_kv_b_writes_the_warning_and_no_kv_b_tensors(exports):
@@ -294,7 +294,7 @@ def test_existing_out_dir_is_refused_and_left_untouched(adapters, tiny_base, tmp
     code = main(["export", str(adapters["attention"]), "--for", "sglang", "--out", str(out), "--base", str(tiny_base)])
     assert code == 2 and "Traceback" not in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_rank_above_512_is_refused_for_vllm(tiny_base, tmp_path):

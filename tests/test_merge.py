@@ -267,7 +267,7 @@ def test_pickled_base_and_full_disk_are_refused(tiny_base, attention_adapter, tm
     with pytest.raises(VerificationError, match="pickled weights only"):
         merge.merge_adapter(attention_adapter, pickled, tmp_path / "out")
 
-    monkeypatch.setattr(merge.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(UsageError, match="not enough disk space"):
         merge.merge_adapter(attention_adapter, tiny_base, tmp_path / "out")
     assert not (tmp_path / "out").exists()

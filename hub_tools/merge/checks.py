@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
-from persona_lora.artifact import ADAPTER_CONFIG, MANIFEST_NAME, PICKLE_SUFFIXES, Manifest
+from persona_lora.artifact import ADAPTER_CONFIG, MANIFEST_NAME, PICKLE_SUFFIXES, Manifest, is_ours
 from persona_lora.dtypes import FLOATS, WEIGHT_DTYPES, choices_text, code_of
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
+from persona_lora.output_folder import Target, check_free_space, check_target
 from persona_lora.safetensors_io import INDEX_NAME, SINGLE_NAME, ShardReader
 
 log = logging.getLogger(__name__)
-
-DISK_MARGIN = 64 << 20  # bytes kept free beyond the merged model, for the small files and the filesystem
-
 
 # ------------------------------------------------------------------------------------------ options
 def output_dtype(dtype: str | None) -> str | None:
@@ -52,15 +49,6 @@ def parse_max_shard_size(value) -> int | None:
     if size < 1 << 20:
         raise UsageError(f"--max-shard-size {value!r} is below 1MB; shards that small are not useful")
     return size
-
-
-def human_size(n: float) -> str:
-    """Bytes in decimal units, as disks and the hub show them ('1.2 GB')."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------------ the base
@@ -136,45 +124,32 @@ def check_not_quantized(changed: list[str], dtypes: dict[str, str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the output folder
-def _is_model_folder(folder: Path) -> bool:
-    """A folder `overwrite` may replace: config.json + safetensors weights, top-level files only."""
+def _is_merged_model(folder: Path) -> bool:
+    """A folder `overwrite` may replace: a model folder a merge wrote (config.json + safetensors weights and our
+    manifest, top-level files only), never a model or files persona-lora did not write."""
     entries = list(folder.iterdir())
     return ((folder / "config.json").is_file() and any(p.suffix == ".safetensors" for p in entries)
             and all(p.is_file() and not p.is_symlink() for p in entries)
-            and not (folder / ADAPTER_CONFIG).exists())
+            and not (folder / ADAPTER_CONFIG).exists() and is_ours(folder))
 
 
-def check_out_dir(out: Path, *, overwrite: bool, base: Path, adapter: Path) -> bool:
-    """Raise UsageError unless `out` may be written; True when it holds an old model to replace at the end.
+def check_out_dir(out: Path, *, overwrite: bool, base: Path, adapter: Path) -> Target:
+    """The output folder if it may be written (`replaces`: it holds a merged model `--overwrite` replaces once the
+    new one is complete); UsageError otherwise.
 
-    `--overwrite` only ever replaces a model folder (what a merge writes), never the base, the adapter, or a
+    `--overwrite` only ever replaces a merged model (what a merge writes), never the base, the adapter, or a
     folder with other files the user may care about."""
     for other, what in ((base, "the base model"), (adapter, "the adapter")):
         if out == other or other.is_relative_to(out):
             raise UsageError(f"--out {out} would overwrite {what} ({other}); choose a new folder")
     if out.is_relative_to(base):
         raise UsageError(f"--out {out} is inside the base model folder {base}; choose a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder; choose a new folder")
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    if not overwrite:
-        raise UsageError(
-            f"--out {out} exists and is not empty; choose a new folder or pass --overwrite to replace the model in it")
-    if not _is_model_folder(out):
-        raise UsageError(
-            f"--out {out} is not a model folder (config.json + *.safetensors, files only), so --overwrite will not "
-            "delete it; choose a new folder or empty it yourself")
-    return True
+    return check_target(out, option="--out", replace=overwrite, ours=_is_merged_model,
+                        occupied_hint="choose a new folder or pass --overwrite to replace the model in it",
+                        foreign=f"is not a model folder a merge wrote (config.json + *.safetensors and its "
+                                f"{MANIFEST_NAME}, files only), so --overwrite will not delete it")
 
 
 def check_disk(out: Path, need: int) -> None:
     """Refuse a merge the disk holding `out` has no room for (the old model, if replaced, is still there)."""
-    parent = out if out.exists() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if need + DISK_MARGIN > free:
-        raise UsageError(
-            f"not enough disk space for --out {out}: the merged model needs {human_size(need)}, {parent} has "
-            f"{human_size(free)} free; free some space or choose a folder on another disk")
+    check_free_space(out, need, option="--out", what="the merged model")

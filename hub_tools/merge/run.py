@@ -13,8 +13,9 @@ memory is the adapter plus a few blocks, whatever the model size, and the output
 2. `plan_merge` -> MergePlan: the base's safetensors shards (never pickles), the LoRA layers as PEFT injects them,
    the adapter's keys (exactly those its config targets), the deltas per checkpoint tensor, the output layout, and
    room on the disk.
-3. `write_merge`: shards, index, config and tokenizer, into a hidden partial folder next to the output.
-4. `finalise_merge`: manifest, card, a re-read of every written header, then the rename to the final name.
+3. `write_merge`: shards, index, config and tokenizer, into a hidden staging folder next to the output
+   (`persona_lora.output_folder`, removed again if anything stops the merge).
+4. `finalise_merge`: manifest, card, a re-read of every written header; then the rename to the final name.
 Steps 1 and 2 only read, so everything that can be wrong is found before the first byte is written; nothing
 appears under the final name until the model is complete. A model replaced with `overwrite` is deleted only once
 the new one is complete, so the disk needs room for both for a moment.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,26 +49,23 @@ from persona_lora.hub_tools.merge.checks import (
     check_disk,
     check_not_quantized,
     check_out_dir,
-    human_size,
     open_base_weights,
     output_dtype,
     parse_max_shard_size,
 )
 from persona_lora.hub_tools.merge.write import (
-    PARTIAL_MARKER,
     Layout,
     check_applied,
     dominant_dtype,
     layout_name,
     one_torch_thread,
-    partial_dir,
     plan_output,
-    removed_on_error,
     verify_written,
     write_extras,
     write_index,
     write_shard,
 )
+from persona_lora.output_folder import OutputFolder, Target, human_size
 from persona_lora.safetensors_io import ShardReader
 
 if TYPE_CHECKING:
@@ -103,7 +100,7 @@ class MergeInputs:
     base_config_sha256: str
     forced_base_mismatch: bool
     out: Path
-    replace_old: bool  # `out` holds a model that `overwrite` replaces once the new one is complete
+    target: Target  # `out` as checked (`replaces`: it holds a model `overwrite` replaces once the new one is complete)
     out_dtype: str | None  # safetensors code of the output floats; None keeps each tensor's dtype
     max_bytes: int | None  # re-shard to this size; None keeps the base's shards
     options: MergeOptions
@@ -147,9 +144,9 @@ def check_inputs(adapter_dir: str | Path, base: str | Path, out_dir: str | Path,
     rb = resolve_base(str(base), revision=options.base_revision, source=options.base_source)
     have = sha256_file(rb.path / "config.json")
     mismatch = check_base_config(manifest, rb.id, have, adapter, force=options.force)
-    replace_old = check_out_dir(out, overwrite=options.overwrite, base=rb.path.resolve(), adapter=adapter)
+    target = check_out_dir(out, overwrite=options.overwrite, base=rb.path.resolve(), adapter=adapter)
     return MergeInputs(adapter=adapter, manifest=manifest, base=rb, base_config_sha256=have,
-                       forced_base_mismatch=mismatch, out=out, replace_old=replace_old, out_dtype=out_dtype,
+                       forced_base_mismatch=mismatch, out=out, target=target, out_dtype=out_dtype,
                        max_bytes=max_bytes, options=options)
 
 
@@ -185,7 +182,7 @@ def plan_merge(inputs: MergeInputs) -> MergePlan:
 
 
 def write_merge(plan: MergePlan, tmp: Path) -> None:
-    """Step 3: the weights (base + deltas), their index, config and tokenizer, into the partial folder `tmp`."""
+    """Step 3: the weights (base + deltas), their index, config and tokenizer, into the staging folder `tmp`."""
     inputs = plan.inputs
     keep_meta = inputs.max_bytes is None  # re-sharded output gets transformers' own shard metadata
     applied: Counter = Counter()
@@ -222,24 +219,15 @@ def merged_manifest(plan: MergePlan) -> Manifest:
     )
 
 
-def finalise_merge(plan: MergePlan, tmp: Path) -> Path:
-    """Step 4: manifest and card, a re-read of every written header, then `tmp` takes the output's name (an old
-    model there, replaced with `overwrite`, is deleted only now). Returns the output folder."""
+def finalise_merge(plan: MergePlan, tmp: Path) -> None:
+    """Step 4: manifest and card into the staging folder `tmp`, then a re-read of every written header; the
+    staging folder takes the output's name when `merge_adapter`'s block completes (an old model there, replaced
+    with `overwrite`, is deleted only then)."""
     from persona_lora.model_cards.cards import write_card
 
-    out = plan.inputs.out
-    with removed_on_error(tmp):
-        write_manifest(tmp, merged_manifest(plan))
-        write_card(tmp, repo_id=plan.inputs.options.card_repo_id)
-        (tmp / PARTIAL_MARKER).unlink()
-        verify_written(tmp, plan.layout)
-    if plan.inputs.replace_old:
-        shutil.rmtree(out)
-    elif out.exists():
-        out.rmdir()  # empty
-    tmp.rename(out)
-    log.info("merged model written to %s (%s, %d shard(s))", out, human_size(plan.total_bytes), len(plan.layout))
-    return out
+    write_manifest(tmp, merged_manifest(plan))
+    write_card(tmp, repo_id=plan.inputs.options.card_repo_id)
+    verify_written(tmp, plan.layout)
 
 
 # ------------------------------------------------------------------------------------------ the merge
@@ -276,9 +264,11 @@ def merge_adapter(
     inputs = check_inputs(adapter_dir, base, out_dir, options)
     plan = plan_merge(inputs)
     try:
-        tmp = partial_dir(inputs.out)
-        with removed_on_error(tmp):
+        with OutputFolder(inputs.target) as tmp:  # removed again if anything (an error, Ctrl-C) stops the merge
             write_merge(plan, tmp)
+            finalise_merge(plan, tmp)
     finally:
         plan.close()
-    return finalise_merge(plan, tmp)
+    out = inputs.out
+    log.info("merged model written to %s (%s, %d shard(s))", out, human_size(plan.total_bytes), len(plan.layout))
+    return out

@@ -5,7 +5,7 @@ memory at once, and a 5 GB shard of a large base would then cost 5 GB. A safeten
 tensor's dtype and shape, which the plan knows before any byte is read, so the header is written first and each
 tensor streamed after it: untouched tensors are copied byte for byte, cast ones a block at a time, adapted ones get
 `scaling · B @ A` added in float32 a block of rows at a time (hub_tools/merge/deltas.py). Everything is written into
-the hidden partial folder that hub_tools/merge/run.py renames once the merge is complete.
+the staging folder (`persona_lora.output_folder`) that takes the output's name once the merge is complete.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from pathlib import Path
 
 from persona_lora.artifact import TOKENIZER_FILES
 from persona_lora.dtypes import FLOATS, ITEMSIZE, name_of, nbytes, torch_dtype
-from persona_lora.errors import ModelLoadError, UsageError, VerificationError
+from persona_lora.errors import ModelLoadError, VerificationError
 from persona_lora.safetensors_io import INDEX_NAME, SINGLE_NAME, ShardReader, ShardTensor, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
 LAYOUT = "original per-expert"  # the hub checkpoints' layout (docs/ARCHITECTURE.md)
 FUSED_LAYOUT = "fused (transformers 5)"
-PARTIAL_MARKER = ".persona-lora-merge-partial"
 BLOCK_BYTES = 32 << 20  # float32 working block: bounds memory independently of tensor size
 COPY_BYTES = 16 << 20
 
@@ -247,26 +246,3 @@ def verify_written(folder: Path, layout: Layout) -> None:
         header = read_safetensors_header(folder / name)
         if set(header) != {t.src.key for t in tensors}:  # pragma: no cover - writer bug
             raise VerificationError(f"{name}: written tensors differ from the plan")
-
-
-# ------------------------------------------------------------------------------------------ the partial folder
-def partial_dir(out: Path) -> Path:
-    """A fresh hidden sibling of `out` to write into, so `out` only ever holds a complete model."""
-    tmp = out.parent / f".{out.name}.merge-partial"
-    if tmp.exists():
-        if not (tmp / PARTIAL_MARKER).is_file():
-            raise UsageError(f"{tmp} exists and was not made by persona-lora merge; remove it or choose another --out")
-        shutil.rmtree(tmp)  # left by an interrupted merge of ours
-    tmp.mkdir(parents=True)
-    (tmp / PARTIAL_MARKER).write_text("incomplete persona-lora merge; safe to delete\n")
-    return tmp
-
-
-@contextlib.contextmanager
-def removed_on_error(tmp: Path):
-    """Delete the partial folder if anything (an error, Ctrl-C) stops the merge before it is complete."""
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from persona_lora.artifact import is_pickle, read_adapter_config
 from persona_lora.consistency import check_folder
-from persona_lora.errors import HubError, ModelLoadError, UsageError, VerificationError
+from persona_lora.errors import HubError, ModelLoadError, PersonaLoraError, UsageError, VerificationError
 from persona_lora.hub_ids import HubRef, check_repo_id, is_commit, parse_hub_ref
 from persona_lora.hubs.backends import backend
 from persona_lora.hubs.files import matches_pull_patterns, pull_patterns
 from persona_lora.hubs.interface import RemoteFile
 from persona_lora.hubs.verify import check_base, discard_files, hash_problems
+from persona_lora.output_folder import OutputFolder, check_target
 from persona_lora.peft_compat import is_legacy_spelling
 
 log = logging.getLogger(__name__)
@@ -40,18 +41,36 @@ def pull(
 
     Returns the local folder. Raises HubError (auth, not found, network) or VerificationError (pickles without
     allow_pickle, hash mismatch, an inconsistent folder, an adapter not fitting `base`): files that fail are
-    removed again, from the cache or `local_dir`, so nothing rejected stays behind and a retry downloads afresh.
-    Files already in `local_dir` are never replaced unless `force`.
+    removed again from the cache, so a retry downloads afresh. A `local_dir` pull is staged beside it
+    (`persona_lora.output_folder`) and joins it only once verified: a refused pull leaves nothing there, not even
+    the hub client's `.cache/` bookkeeping. Files already in `local_dir` are never replaced unless `force`.
     """
     be = backend(hub)
     check_repo_id(repo_id)
+    target = check_target(Path(local_dir).expanduser(), option="--local-dir", add=True) if local_dir else None
     token = be.token(token)
     label = f"{repo_id}@{revision}" if revision else repo_id
     with be.errors("pull", repo_id, revision=revision, token=token):
         commit, listed = be.files(repo_id, revision=revision, token=token)
-        _refuse_pickles(repo_id, listed, allow_pickle)
-        if local_dir is not None and not force:
-            _refuse_replacing(Path(local_dir), [f.path for f in listed if matches_pull_patterns(f.path, allow_pickle)])
+    _refuse_pickles(repo_id, listed, allow_pickle)
+    if target is not None and not force:
+        _refuse_replacing(target.path, [f.path for f in listed if matches_pull_patterns(f.path, allow_pickle)])
+    if target is None:
+        return _pull_into(be, hub, repo_id, revision, commit, listed, allow_pickle, base, token, label, None)
+    staging = OutputFolder(target)  # the download lands beside --local-dir and joins it only once verified
+    try:
+        with staging as work:
+            _pull_into(be, hub, repo_id, revision, commit, listed, allow_pickle, base, token, label, work)
+    except PersonaLoraError as e:  # name the folder the user gave, not the staging folder that is gone again
+        e.args = tuple(str(a).replace(str(staging.work), str(target.path)) for a in e.args)
+        raise
+    return target.path.resolve()
+
+
+def _pull_into(be, hub: str, repo_id: str, revision: str | None, commit: str | None, listed: list[RemoteFile],
+               allow_pickle: bool, base: str | None, token: str | None, label: str, local_dir: Path | None) -> Path:
+    """Download into the hub cache (`local_dir` None) or `local_dir`, then verify; returns the folder."""
+    with be.errors("pull", repo_id, revision=revision, token=token):
         folder = be.snapshot(repo_id, revision=revision, commit=commit, allow_patterns=pull_patterns(allow_pickle),
                              local_dir=local_dir, token=token)
         if commit and not local_dir and folder.name != commit:  # the branch moved between listing and download
