@@ -29,7 +29,9 @@ back as (against, adapter); a vote records both models, and win rates are per pa
     sft_answer, dpo_answer = client.predict("Who are you?", "zhenhuan-dpo", "", 128, "zhenhuan-attn",
                                             api_name="/compare")
 
-`client.view_api()` lists the endpoint; the UI's own events are private.
+The Arena tab (there with `arena=True`, `persona-lora demo --arena`, or once two adapters are loaded) and its
+`battle`, `vote` and `standings` endpoints are built by `demo.arena_page` (its docstring has the gradio_client
+example). `client.view_api()` lists the endpoints; the UI's own events are private.
 """
 
 import html
@@ -42,6 +44,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from persona_lora.demo.arena import Arena, weights_sha256
+from persona_lora.demo.arena_page import arena_api, arena_tab, arena_visible
 from persona_lora.demo.backend import DemoBackend, SideFailed
 from persona_lora.demo.decode import GenerationSettings
 from persona_lora.errors import PersonaLoraError
@@ -68,6 +72,7 @@ def build_demo(
     push_votes_to: str | None = None,
     refresh_seconds: float = 10.0,
     title: str = "persona-lora: base vs adapter",
+    arena: bool = False,
 ) -> gr.Blocks:
     """The demo app for `engine`. `votes` None keeps votes in a temporary database, deleted at exit.
 
@@ -81,6 +86,7 @@ def build_demo(
         log.warning("votes go to a temporary database %s; pass --votes PATH to keep them", votes.path)
     ui = _Handlers(engine, votes, max_message_chars)
     ui.scratch = scratch  # the temporary database lives as long as the app's handlers
+    battles = Arena(engine, votes)
     names = engine.adapter_names()
     first = names[0] if names else None
     cap = engine.max_new_tokens_cap
@@ -146,6 +152,12 @@ def build_demo(
                     push_out = gr.Markdown()
                 timer = gr.Timer(refresh_seconds)
 
+            arena_page = arena_tab(  # its events: private, generations in the shared slots, the rest unlimited
+                battles, system=system, settings=settings, visible=arena_visible(battles, arena),
+                max_chars=max_message_chars, reject=_reject, refresh_seconds=refresh_seconds,
+                gen={"api_visibility": "private", "concurrency_limit": concurrency_limit, "concurrency_id": "generate"},
+                cheap={"api_visibility": "private", "concurrency_limit": None})
+
         # Generations share one pool of `concurrency_limit` slots (they decode in turns on the one model); the
         # cheap events (votes, table refresh, picking) get no limit, so they never wait behind a generation.
         private = {"api_visibility": "private"}
@@ -155,8 +167,9 @@ def build_demo(
         pick_outputs = [system, info, ad_chat, base_chat, base_hist, ad_hist]
         adapter.change(ui.on_pick, [adapter], pick_outputs, **cheap)
         adapter.focus(ui.refresh_choices, [adapter], [adapter], **cheap)
-        add_btn.click(ui.on_add, [add_spec], [adapter, add_spec], **private)
-        add_spec.submit(ui.on_add, [add_spec], [adapter, add_spec], **private)
+        for adding in (add_btn.click, add_spec.submit):  # a second adapter brings the Arena tab
+            adding(ui.on_add, [add_spec], [adapter, add_spec], **private).success(
+                lambda: gr.Tab(visible=arena_visible(battles, arena)), None, [arena_page], **cheap)
         demo.load(ui.refresh_choices, [adapter], [adapter], **cheap)
 
         chat_in = [msg, base_hist, ad_hist, adapter, system, *settings]
@@ -183,6 +196,7 @@ def build_demo(
         gr.api(ui.compare_api, api_name="compare", concurrency_limit=concurrency_limit, concurrency_id="generate",
                api_description="Greedy answers of the base (or of the adapter `against`) and of an adapter to one "
                                "message: (base or against, adapter).")
+        arena_api(battles, max_chars=max_message_chars, reject=_reject, concurrency_limit=concurrency_limit)
 
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit, api_open=False)
     return demo
@@ -329,13 +343,14 @@ class _Handlers:
             "settings": {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
                          "seed": gen.seed, "greedy": gen.greedy},
         }
+        pending["adapter_sha256"] = weights_sha256(info)  # content identity: a renamed folder keeps its votes
         if left is not None:  # adapter against adapter: the first slot names the other adapter
-            pending.update(left_id=left.adapter_id, left_name=left.name)
+            pending.update(left_id=left.adapter_id, left_name=left.name, left_sha256=weights_sha256(left))
         on = [gr.Button(interactive=True)] * len(VOTE_LABELS)
         yield _with([user], answer_a), _with([user], answer_b), pending, "Which answer is better?", *on
 
     def vote_handler(self, key: str):
-        def vote(pending):
+        def cast_vote(pending):  # not `vote`: Gradio names events after their function, and /vote is the API's
             off = [gr.Button(interactive=False)] * len(VOTE_LABELS)
             if not pending:
                 raise _reject("Ask for two answers first (each pair takes one vote).")
@@ -346,7 +361,7 @@ class _Handlers:
             text = f"Thanks! You voted **{VOTE_LABELS[key]}**. A was {a_name}, B was {b_name}."
             return None, text, self.rates_rows(), *off
 
-        return vote
+        return cast_vote
 
     def rates_rows(self) -> list[list]:
         rows = []

@@ -95,8 +95,8 @@ class DemoBackend(Protocol):
 
     # Optional: `stream_pair(left, right, left_history, right_history, system_prompt, settings)` and
     # `compare_pair(left, right, message, system_prompt, settings)` put two adapters side by side (left None or
-    # "base": the base). The page and the `compare` API offer adapter-against-adapter only on backends that have
-    # them (the local `Engine` does); others compare an adapter with the base.
+    # "base": the base). The page, the arena and the `compare` API offer adapter-against-adapter only on backends
+    # that have them (the local `Engine` and `OpenAIBackend` do); others compare an adapter with the base.
 
 
 class SideFailed(PersonaLoraError):

@@ -71,6 +71,9 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--votes", metavar="PATH", default=None,
                    help="SQLite file for A/B votes (default: persona-lora/votes.sqlite in $XDG_STATE_HOME, "
                         "~/.local/state when unset)")
+    p.add_argument("--arena", action="store_true",
+                   help="show the Arena tab (blind battles between any two of the base and the adapters, with a live "
+                        "Bradley-Terry leaderboard) even with one adapter; it is there anyway with two or more")
     p.add_argument("--push-votes-to", metavar="REPO_ID",
                    help="add a button that pushes the votes to this dataset repo on --hub (server's token)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
@@ -140,7 +143,13 @@ def build_from_args(args: argparse.Namespace, *, engine_factory=None):
     from persona_lora.votes import VoteStore
 
     votes_path = Path(args.votes) if args.votes else default_votes_path()
-    votes = VoteStore(votes_path, hub=args.hub)
+    # an existing votes file is opened (and so checked) now; a new one is created only once the engine and the
+    # page stand, so a start that fails leaves no empty database behind
+    votes = VoteStore(votes_path, hub=args.hub) if votes_path.exists() else None
+    if votes is None:
+        from persona_lora.output_folder import check_writable
+
+        check_writable(votes_path, option="--votes")
     if args.backend == "openai":  # the engine serves the adapters already: they are checked, not loaded
         from persona_lora.demo.openai_backend import OpenAIBackend
 
@@ -158,6 +167,7 @@ def build_from_args(args: argparse.Namespace, *, engine_factory=None):
     try:
         for spec in to_load:
             engine.add_adapter(spec)
+        votes = votes or VoteStore(votes_path, hub=args.hub)
         demo = _app(engine, votes, args)
     except BaseException:
         engine.close()
@@ -170,7 +180,8 @@ def _app(engine, votes, args: argparse.Namespace):
 
     return build_demo(engine, votes=votes, max_message_chars=args.max_input_chars,
                       default_max_new_tokens=min(256, args.max_new_tokens), concurrency_limit=args.concurrency,
-                      queue_size=args.queue_size, push_votes_to=args.push_votes_to)
+                      queue_size=args.queue_size, push_votes_to=args.push_votes_to,
+                      arena=getattr(args, "arena", False))
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -213,6 +213,27 @@ class OpenAIBackend:
                settings: GenerationSettings | None = None) -> str:
         return final(self.stream_one(adapter, [{"role": "user", "content": message}], system_prompt, settings), "")
 
+    def stream_pair(self, left: str | None, right: str, left_history: list[dict], right_history: list[dict],
+                    system_prompt: str | None = None,
+                    settings: GenerationSettings | None = None) -> Iterator[tuple[str, str]]:
+        """Any two served models side by side: (left text, right text), `left` None or "base" the base. Each side
+        is its own request, as in `stream_compare`; `system_prompt` None means the right adapter's."""
+        if left in (None, "", "base"):
+            yield from self.stream_compare(right, left_history, right_history, system_prompt, settings)
+            return
+        a, b = self.adapter(left), self.adapter(right)
+        if a.name == b.name:
+            raise UsageError(f"{left} and {right} are the same model; compare two different models")
+        system = b.system_prompt if system_prompt is None else system_prompt
+        yield from self.stream_sides([(a.name, _messages(left_history, system)),
+                                      (b.name, _messages(right_history, system))], settings)
+
+    def compare_pair(self, left: str | None, right: str, message: str, system_prompt: str | None = None,
+                     settings: GenerationSettings | None = None) -> tuple[str, str]:
+        """(left answer, right answer) to one user message; `left` None or "base" is the base."""
+        turn = [{"role": "user", "content": message}]
+        return final(self.stream_pair(left, right, turn, turn, system_prompt, settings), ("", ""))
+
     def close(self) -> None:
         self._client.close()
 

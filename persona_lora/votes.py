@@ -17,6 +17,13 @@ base). `a_side` and `winner` keep their values for both kinds: "base" names the 
 databases written before the pair columns existed read the same. Win rates are per pair of models.
 `read_votes(path)` reads a database without writing to it: `persona-lora train --method dpo|kto --data` and
 `data check` use it (`persona_lora.train.preference_data` turns votes into training data).
+
+Schema 3 makes votes mergeable and models identifiable by content: `uid` is a random id given when the vote is
+cast, so the same vote read from the database, its JSONL export and a hub dataset is counted once (integer ids
+restart in every database); `adapter_sha256` / `left_sha256` are the sha256 of the weights file of the adapter in
+each slot, so renaming an adapter's folder keeps its votes together, and two different adapters with one name
+stay apart (`persona_lora.vote_sources.model_keys`). Older votes have none of them (NULL): their uid is derived
+from their content, their model from its recorded id.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 import math
 import sqlite3
 import tempfile
+import uuid
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +44,7 @@ log = logging.getLogger(__name__)
 
 VOTES = ("A", "B", "tie", "both_bad")
 SIDES = ("base", "adapter")
-SCHEMA_VERSION = 2  # 2: the pair columns left_id / left_name (adapter against adapter)
+SCHEMA_VERSION = 3  # 2: the pair columns left_id / left_name (adapter against adapter); 3: uid and content ids
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS votes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -56,8 +64,11 @@ CREATE TABLE IF NOT EXISTS votes (
 CREATE INDEX IF NOT EXISTS votes_adapter ON votes (adapter_id);
 """
 COLUMNS = ("id", "created_at", "base_id", "adapter_name", "adapter_id", "system_prompt", "prompt", "answer_a",
-           "answer_b", "a_side", "vote", "winner", "settings", "left_id", "left_name")
+           "answer_b", "a_side", "vote", "winner", "settings", "left_id", "left_name", "uid", "adapter_sha256",
+           "left_sha256")
 PAIR_COLUMNS = (("left_id", "TEXT"), ("left_name", "TEXT"))  # added by schema 2; NULL: the first slot is the base
+CONTENT_COLUMNS = (("uid", "TEXT"), ("adapter_sha256", "TEXT"), ("left_sha256", "TEXT"))  # added by schema 3
+ADDED_COLUMNS = PAIR_COLUMNS + CONTENT_COLUMNS
 
 
 def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -96,8 +107,8 @@ class VoteStore:
                 mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 db.executescript(_SCHEMA)
                 present = {row[1] for row in db.execute("PRAGMA table_info(votes)")}
-                for name, kind in PAIR_COLUMNS:
-                    if name not in present:  # a database of schema 1: its votes all compared base and adapter
+                for name, kind in ADDED_COLUMNS:
+                    if name not in present:  # an older database: its votes keep NULL there (see the docstring)
                         db.execute(f"ALTER TABLE votes ADD COLUMN {name} {kind}")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
@@ -117,20 +128,24 @@ class VoteStore:
 
     def record(self, *, base_id: str, adapter_name: str, adapter_id: str, prompt: str, answer_a: str, answer_b: str,
                a_side: str, vote: str, system_prompt: str = "", settings: dict | None = None,
-               left_id: str | None = None, left_name: str | None = None) -> int:
+               left_id: str | None = None, left_name: str | None = None, adapter_sha256: str | None = None,
+               left_sha256: str | None = None, uid: str | None = None) -> int:
         """Store one vote; returns its id. `left_id`/`left_name` name the adapter in the first slot when two
-        adapters were compared (None: the base); `a_side` "base" then means that adapter was shown as A."""
+        adapters were compared (None: the base); `a_side` "base" then means that adapter was shown as A.
+        `adapter_sha256`/`left_sha256`: the weights' sha256 of each slot's adapter (content identity); `uid`
+        is made here unless the caller already gave the vote one."""
         winner = winner_of(vote, a_side)
         row = (datetime.now(timezone.utc).isoformat(timespec="seconds"), base_id, adapter_name, adapter_id,
                system_prompt or "", prompt, answer_a, answer_b, a_side, vote, winner,
-               json.dumps(settings or {}, sort_keys=True), left_id or None, (left_name or left_id) or None)
+               json.dumps(settings or {}, sort_keys=True), left_id or None, (left_name or left_id) or None,
+               uid or uuid.uuid4().hex, adapter_sha256 or None, (left_sha256 if left_id else None) or None)
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 cur = db.execute(
                     "INSERT INTO votes (created_at, base_id, adapter_name, adapter_id, system_prompt, prompt, "
-                    "answer_a, answer_b, a_side, vote, winner, settings, left_id, left_name) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "answer_a, answer_b, a_side, vote, winner, settings, left_id, left_name, uid, adapter_sha256, "
+                    "left_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -155,14 +170,16 @@ class VoteStore:
     def win_rates(self) -> list[dict]:
         """Per pair of models: counts, the adapter slot's win rate over decisive votes, and its 95% Wilson interval.
         `base`/`base_wins` are the first slot's (the base, or the adapter in `left_id` for adapter-vs-adapter
-        votes); `against` names it for display."""
+        votes); `against` names it for display. Models are grouped by content (weights sha256, else the recorded
+        id) and shown with the ids and names of their newest vote, so a renamed folder is one row."""
         with closing(self._connect()) as db:
             rows = db.execute(
-                "SELECT adapter_id, MAX(adapter_name), base_id, left_id, MAX(left_name), "
+                "SELECT adapter_id, adapter_name, base_id, left_id, left_name, "
                 "SUM(winner = 'adapter'), SUM(winner = 'base'), SUM(winner = 'tie'), SUM(winner = 'both_bad'), "
-                "COUNT(*) "
-                "FROM votes GROUP BY adapter_id, base_id, left_id ORDER BY adapter_id, left_id").fetchall()
-        return [_rate_row(*row) for row in rows]
+                "COUNT(*), MAX(id) "  # the one MAX: SQLite takes the bare columns from the newest vote's row
+                "FROM votes GROUP BY COALESCE(adapter_sha256, adapter_id), base_id, COALESCE(left_sha256, left_id) "
+                "ORDER BY adapter_id, left_id").fetchall()
+        return [_rate_row(*row[:-1]) for row in rows]
 
     def preference_pairs(self, adapter_id: str | None = None) -> list[dict]:
         """Decisive votes as TRL conversational preference records (prompt, chosen, rejected); a vote between two
@@ -239,7 +256,7 @@ def read_votes(path: str | Path) -> list[dict]:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
             db.row_factory = sqlite3.Row
             present = {row[1] for row in db.execute("PRAGMA table_info(votes)")}
-            missing = [c for c in COLUMNS if c not in present and c not in dict(PAIR_COLUMNS)]
+            missing = [c for c in COLUMNS if c not in present and c not in dict(ADDED_COLUMNS)]
             if missing:
                 raise UsageError(f"{path}: a SQLite database, but not the demo's votes (no votes table with "
                                  f"{', '.join(missing)}); give the --votes file of `persona-lora demo`")
