@@ -235,7 +235,7 @@ def test_dpo_from_sft_raises_margins_keeps_base_and_loads_with_stock_peft(tiny_b
     assert main(["train", str(REPO / "configs" / "tiny-dpo.yaml"), "--base", str(tiny_base), "--data", str(data),
                  "--init-adapter", str(sft_adapter), "--output-dir", str(out), "--max-steps", "8",
                  "--set", "base.device=cpu", "--set", "training.learning_rate=1e-3", "--set", "training.samples=1",
-                 "--set", "data.system_prompt=null"]) == 0
+                 "--set", "data.system_prompt=null", "--set", "training.logging_steps=3"]) == 0
     printed = capsys.readouterr().out
     assert "reference: the init adapter, frozen" in printed and "checked on both adapters" in printed
     assert sha256_tree(tiny_base) == before
@@ -252,7 +252,10 @@ def test_dpo_from_sft_raises_margins_keeps_base_and_loads_with_stock_peft(tiny_b
     assert m.chat.system_prompt == sft.chat.system_prompt  # inherited
     assert [row.group for row in m.lora.coverage] == [row.group for row in sft.lora.coverage]
     steps = m.preference.history
-    assert len(steps) >= 4 and all(s.rewards_margins is not None and s.rewards_accuracies is not None for s in steps)
+    assert all(s.rewards_margins is not None and s.rewards_accuracies is not None for s in steps)
+    # logged every 3 steps, and the last step (8) because it is the last: steps, loss and rewards are step 8's
+    assert [s.step for s in steps] == [1, 3, 6, 8] and m.metrics.steps == 8
+    assert m.metrics.final_train_loss == steps[-1].loss
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "## Preference tuning" in card and "the adapter it continued from, frozen" in card
 
@@ -283,12 +286,16 @@ def test_kto_from_sft_on_single_labels_raises_margins(tiny_base, small_persona_d
     assert main(["train", str(REPO / "configs" / "tiny-dpo.yaml"), "--method", "kto", "--base", str(tiny_base),
                  "--data", str(data), "--init-adapter", str(sft_adapter), "--output-dir", str(out),
                  "--max-steps", "12", "--set", "base.device=cpu", "--set", "training.learning_rate=3e-4",
-                 "--set", "training.samples=0", "--set", "data.system_prompt=null"]) == 0
+                 "--set", "training.samples=0", "--set", "data.system_prompt=null",
+                 "--set", "training.logging_steps=5"]) == 0
     assert sha256_tree(tiny_base) == before
     m = read_manifest(out)
     assert m.preference.method == "kto" and m.preference.reference == "init-adapter"
     assert m.preference.data.counts == {"records": 32, "single judgements": 32, "desirable": 16, "undesirable": 16}
     assert any(s.kl is not None for s in m.preference.history)
+    # logged every 5 steps and at the last (12): the recorded steps and final loss are step 12's
+    assert [s.step for s in m.preference.history] == [1, 5, 10, 12] and m.metrics.steps == 12
+    assert m.metrics.final_train_loss == m.preference.history[-1].loss
 
     singles = load_preferences(str(data)).examples("kto")
     rows = encode_preferences(tokenizer, singles, "kto", system_prompt=m.chat.system_prompt, max_length=256).rows
@@ -421,6 +428,79 @@ def test_adapter_against_adapter_equals_standalone_greedy_and_votes_record_the_p
             app.close()
     finally:
         engine.close()
+
+
+def demo_length_votes(path: Path, tokenizer, adapter_id: str, n: int = 6, tokens: int = 500) -> None:
+    """Votes whose answers are as long as the demo writes them (close to its 512-token cap)."""
+    from persona_lora.votes import VoteStore
+
+    store = VoteStore(path)
+    word = "本宫"
+    per = len(tokenizer(word, add_special_tokens=False)["input_ids"])
+    for i in range(n):
+        long_a, long_b = word * (tokens // per) + f"{i}甲", word * (tokens // per) + f"{i}乙"
+        store.record(base_id="tiny-base", adapter_name=adapter_id, adapter_id=adapter_id, system_prompt=SYSTEM,
+                     prompt=f"q{i}", answer_a=long_a, answer_b=long_b, a_side="adapter", vote="A")
+
+
+def test_the_dpo_config_keeps_demo_length_answers_and_says_what_a_shorter_max_length_drops(tiny_base, tokenizer,
+                                                                                            tmp_path):
+    from persona_lora.train.config import load_config
+    from persona_lora.train.preference_train import formatting_note, prepare_preferences
+
+    demo_length_votes(tmp_path / "votes.sqlite", tokenizer, "ad")
+    overrides = {"base": {"model": str(tiny_base)}, "data": {"path": str(tmp_path / "votes.sqlite")},
+                 "preference": {"init_adapter": None}}
+    cfg = load_config(str(REPO / "configs" / "tiny-dpo.yaml"), overrides)
+    run = prepare_preferences(cfg, tokenizer)
+    assert len(run.train.rows) == 6 and run.train.dropped == {} and formatting_note(cfg, run) is None
+    needed = run.train.needed_length
+    assert 500 < needed <= cfg.data.max_length
+
+    cfg.data.max_length = 400
+    with pytest.raises(DataError, match=f"6 answer \\+ EOS alone exceeds max_length=400; set data.max_length={needed}"):
+        prepare_preferences(cfg, tokenizer)
+    demo_length_votes(tmp_path / "votes.sqlite", tokenizer, "ad", n=2, tokens=100)  # two short ones fit
+    run = prepare_preferences(cfg, tokenizer)
+    assert formatting_note(cfg, run) == (f"note: 6 of 8 examples dropped (6 answer + EOS alone exceeds max_length=400)"
+                                         f"; set data.max_length={needed} (or more) to train on all of them")
+
+
+def test_votes_judging_another_adapter_are_counted_per_adapter(tmp_path):
+    from persona_lora.train.preference_data import PreferenceSet, votes_for_other_adapters
+
+    def pair(origin, *models):
+        return {"prompt": [], "chosen": "a", "rejected": "b", "origin": origin, "models": list(models)}
+
+    mine, other = {"id": "sft", "sha256": "aa"}, {"id": "other", "sha256": "bb"}
+    ps = PreferenceSet("votes", "v.sqlite", "0", pairs=[
+        pair("v:1", mine), pair("v:2", other), pair("v:3", other, mine), pair("v:4", {"id": "sft", "sha256": "cc"}),
+        pair("v:5", {"id": "sft", "sha256": None}), pair("v:6", {"id": "renamed", "sha256": "aa"})])
+    # by weights when the vote records them (a renamed folder is the same adapter; same name, other weights is not)
+    assert votes_for_other_adapters(ps, {"sft"}, "aa") == {"other": 1, "sft": 1}
+    assert votes_for_other_adapters(ps, {"sft"}, None) == {"other": 1, "renamed": 1}  # by id alone
+
+
+@pytest.mark.slow  # uses the trained SFT adapter
+def test_votes_for_another_adapter_than_the_init_adapter_are_refused_unless_allowed(tiny_base, sft_adapter, tokenizer,
+                                                                                     tmp_path, capsys):
+    from persona_lora.votes import VoteStore
+
+    votes = tmp_path / "votes.sqlite"
+    store = VoteStore(votes)
+    for adapter in (sft_adapter.name, "someone-else", "someone-else"):
+        store.record(base_id="tiny-base", adapter_name=adapter, adapter_id=adapter, system_prompt=SYSTEM,
+                     prompt="q", answer_a="persona", answer_b="plain", a_side="adapter", vote="A")
+    args = ["train", str(REPO / "configs" / "tiny-dpo.yaml"), "--base", str(tiny_base), "--init-adapter",
+            str(sft_adapter), "--data", str(votes), "--output-dir", str(tmp_path / "o"), "--dry-run",
+            "--set", "base.device=cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"2 vote(s) in votes.sqlite judged another adapter's answers than --init-adapter {sft_adapter} "
+            "(someone-else: 2)") in err and "--allow-other-adapter" in err and "Traceback" not in err
+    assert main([*args, "--allow-other-adapter"]) == 0
+    assert "warning: 2 vote(s) in votes.sqlite judged another adapter's answers" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow  # uses the trained SFT adapter

@@ -142,18 +142,69 @@ def _from_votes(path: Path) -> PreferenceSet:
             counts[IDENTICAL] += 1
         elif v["winner"] == "both_bad":
             counts[BOTH_BAD] += 1
-            singles += [{"prompt": prompt, "completion": text, "label": False, "origin": origin}
-                        for text in (left, right)]
+            singles += [{"prompt": prompt, "completion": text, "label": False, "origin": origin,
+                         "models": vote_models(v)} for text in (left, right)]
         else:
             chosen, rejected = (left, right) if v["winner"] == "base" else (right, left)
             counts[DECISIVE] += 1
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "origin": origin})
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "origin": origin,
+                          "models": vote_models(v)})
             key = (v["system_prompt"], v["prompt"], frozenset((left, right)))
             verdicts.setdefault(key, set()).add(chosen)
     conflicting = {k for k, chosen in verdicts.items() if len(chosen) > 1}
     counts[CONFLICTING] = len(conflicting)
     return PreferenceSet("votes", path.name, hashlib.sha256(raw).hexdigest(), pairs, singles, dict(counts),
                          _win_rates(votes))
+
+
+def vote_models(vote: dict) -> list[dict]:
+    """The adapters whose answers a vote judged: the adapter slot, and the first slot when it was an adapter too
+    (`id` as the demo recorded it; `sha256` of its weights when the vote records it)."""
+    models = [{"id": vote["adapter_id"], "sha256": vote.get("adapter_sha256")}]
+    if vote.get("left_id"):
+        models.append({"id": vote["left_id"], "sha256": vote.get("left_sha256")})
+    return models
+
+
+def votes_for_other_adapters(ps: PreferenceSet, ids: set[str], sha256: str | None) -> dict[str, int]:
+    """Training examples from votes that judged none of the given adapter's answers, per adapter judged. An adapter
+    is the given one when the vote records its weights' sha256 and it matches, else when its recorded id is one of
+    `ids` (the demo records a local adapter by its folder name, a hub one as id@commit)."""
+    def same(model: dict) -> bool:
+        if model["sha256"] and sha256:
+            return model["sha256"] == sha256
+        return model["id"] in ids
+
+    other: dict[str, int] = {}
+    seen = set()
+    for example in ps.pairs + ps.singles:
+        models = example.get("models")
+        if not models or example["origin"] in seen or any(same(m) for m in models):
+            continue
+        seen.add(example["origin"])  # a both-bad vote gives two examples: count the vote once
+        label = " vs ".join(m["id"] for m in models)
+        other[label] = other.get(label, 0) + 1
+    return other
+
+
+def require_votes_for(ps: PreferenceSet, adapter: str, ids: set[str], sha256: str | None, *, allow: bool,
+                      print_fn=print) -> None:
+    """Preference tuning from `--init-adapter` learns from judgements of that adapter's answers; votes cast on
+    another adapter's answers would tune it towards (or away from) a different model. Refused (UsageError naming
+    the adapters and counts) unless `allow`, then printed as a warning."""
+    from persona_lora.errors import UsageError
+
+    other = votes_for_other_adapters(ps, ids, sha256)
+    if not other:
+        return
+    n = sum(other.values())
+    listed = ", ".join(f"{name}: {count}" for name, count in sorted(other.items()))
+    what = f"{n} vote(s) in {ps.name} judged another adapter's answers than --init-adapter {adapter} ({listed})"
+    if allow:
+        print_fn(f"warning: {what}; training on them (--allow-other-adapter)")
+        return
+    raise UsageError(f"{what}; tuning {adapter} on them would move it towards another model's answers. Collect votes "
+                     f"with the demo on {adapter}, or pass --allow-other-adapter to train on them anyway")
 
 
 def _win_rates(votes: list[dict]) -> list[dict]:
@@ -318,6 +369,7 @@ class EncodedPreferences:
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
+    needed_length: int = 0  # the data.max_length that keeps every example whole (prompt + longest answer + EOS)
 
 
 def encode_preferences(tokenizer, examples: list[dict], method: str, *, system_prompt: str | None, max_length: int,
@@ -339,6 +391,7 @@ def encode_preferences(tokenizer, examples: list[dict], method: str, *, system_p
             raise DataError(f"{ex['origin']}: the chat template renders this prompt differently before each answer; "
                             "use a prefix-stable template (--chat-template FILE)", ex["origin"])
         longest = max(len(a) for _, a in parts)
+        out.needed_length = max(out.needed_length, len(prompt) + longest)
         if len(prompt) + longest > max_length:
             reason = (f"longer than max_length={max_length} (overlong: drop)" if overlong == "drop"
                       else f"answer + EOS alone exceeds max_length={max_length}")

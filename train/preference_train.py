@@ -40,7 +40,13 @@ from persona_lora.expert_lora import use_lora_aware_experts
 from persona_lora.hashing import sha256_file
 from persona_lora.peft_compat import load_adapter, lora_module_label, native_targets
 from persona_lora.train.config import TrainConfig
-from persona_lora.train.preference_data import EncodedPreferences, PreferenceSet, encode_preferences, load_preferences
+from persona_lora.train.preference_data import (
+    EncodedPreferences,
+    PreferenceSet,
+    encode_preferences,
+    load_preferences,
+    require_votes_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,15 @@ def resolve_init(cfg: TrainConfig) -> InitAdapter | None:
     return InitAdapter(path, spec, ref.repo_id if ref else None, ref.revision if ref else None, commit, manifest)
 
 
+def init_adapter_ids(init: InitAdapter) -> set[str]:
+    """The ids the demo may have recorded votes for this adapter under: its folder name (or the name given), a
+    hub id at the revision or commit it was loaded at."""
+    ids = {init.spec, init.path.name, init.manifest.name}
+    if init.repo_id:
+        ids |= {f"{init.repo_id}@{rev}" for rev in (init.commit, init.revision or "main") if rev}
+    return {i for i in ids if i}
+
+
 def check_init_base(init: InitAdapter, setup) -> None:
     """The init adapter must have been trained on this base (its config hash), and prompts keep its template."""
     recorded = init.manifest.base_model.config_sha256
@@ -129,8 +144,8 @@ def prepare_preferences(cfg: TrainConfig, tokenizer) -> PreferenceRun:
     train = encode_preferences(tokenizer, [examples[i] for i in train_idx], method, **kw)
     evals = encode_preferences(tokenizer, [examples[i] for i in eval_idx], method, **kw) if eval_idx else None
     if not train.rows:
-        raise DataError(f"no training examples left after formatting ({sum(train.dropped.values())} dropped); raise "
-                        "data.max_length", prefs.name)
+        raise DataError(f"no training examples left after formatting: {dropped_summary(train)}; set "
+                        f"data.max_length={train.needed_length} (or more) to keep them", prefs.name)
     answers = ("chosen", "rejected") if method == "dpo" else ("completion",)
 
     def convs(idx):
@@ -148,6 +163,22 @@ def prepare_preferences(cfg: TrainConfig, tokenizer) -> PreferenceRun:
 
     return PreferenceRun(prefs, train, evals if evals and evals.rows else None, convs(train_idx), convs(eval_idx),
                          trl(train_idx), trl(eval_idx))
+
+
+def dropped_summary(enc: EncodedPreferences) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in enc.dropped.items())
+
+
+def formatting_note(cfg: TrainConfig, run: PreferenceRun) -> str | None:
+    """Said before training when formatting dropped examples: how many, why, and the max_length that keeps all."""
+    parts = [run.train] + ([run.eval] if run.eval else [])
+    dropped = sum(sum(e.dropped.values()) for e in parts)
+    if not dropped:
+        return None
+    total = dropped + sum(len(e.rows) for e in parts)
+    needed = max(e.needed_length for e in parts)
+    return (f"note: {dropped} of {total} examples dropped ({'; '.join(dropped_summary(e) for e in parts if e.dropped)}"
+            f"); set data.max_length={needed} (or more) to train on all of them")
 
 
 def dataset_stats(run: PreferenceRun) -> DatasetStats:
@@ -364,6 +395,13 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     reference = ("the init adapter, frozen" if init else "the base (adapter disabled)")
     print_fn(f"{method.upper()} on {run.prefs.name} ({counts}); {len(run.train.rows)} training examples, "
              f"{len(run.eval.rows) if run.eval else 0} held out; reference: {reference}")
+    note = formatting_note(cfg, run)
+    if note:
+        print_fn(note)
+    if init is not None:
+        require_votes_for(run.prefs, init.spec, init_adapter_ids(init),
+                          sha256_file(init.path / "adapter_model.safetensors"),
+                          allow=cfg.preference.allow_other_adapter, print_fn=print_fn)
     if dry_run:
         print_fn(dry_run_summary(cfg, setup, init, run))
         return None
