@@ -16,7 +16,7 @@ Use the `openai_server` fixture (function scope, a fresh server per test)::
         openai_server.api_key = "sk-test"                     # None: no key needed
         openai_server.token_delay = 0.01                      # seconds between streamed tokens
         openai_server.script({"persona": "I am the consort."})  # or a str, or fn(ChatRequest) -> str
-        openai_server.fail("cut", model="persona", after=2)   # 401|404|429|500|cut|garbage|error_event|hang
+        openai_server.fail("cut", model="persona", after=2)   # 400|401|404|429|500|cut|garbage|error_event|hang
         client = OpenAI(base_url=openai_server.url, api_key="sk-test")
         ...
         openai_server.requests          # every chat request received (ChatRequest), in order
@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 
-FAILURES = ("401", "404", "429", "500", "cut", "garbage", "error_event", "hang", "no_done")
+FAILURES = ("400", "401", "404", "429", "500", "cut", "garbage", "error_event", "hang", "no_done")
 _TOKEN = re.compile(r"\s*[\u3000-\u9fff\uff00-\uffef]|\s*[^\s\u3000-\u9fff\uff00-\uffef]+|\s+$")
 
 
@@ -130,7 +130,8 @@ class OpenAIServer:
 
     def fail(self, kind: str, *, model: str | None = None, after: int = 2, times: int | None = None,
              endpoint: str = "chat") -> None:
-        """Misbehave on the matching requests: `401`/`404`/`429`/`500` before any token; `cut` (connection closed),
+        """Misbehave on the matching requests: `400` (a refused `response_format`), `401`/`404`/`429`/`500` before
+        any token; `cut` (connection closed),
         `garbage` (a non-JSON event), `error_event` (an engine error event, as vLLM sends), `hang` (no more
         bytes until the server closes) or `no_done` (the stream ends without a finish reason) after `after`
         tokens."""
@@ -235,12 +236,14 @@ def _handler_for(server: OpenAIServer):
             return False
 
         def _status_failure(self, failure: Failure | None) -> bool:
-            if failure is None or failure.kind not in ("401", "404", "429", "500"):
+            if failure is None or failure.kind not in ("400", "401", "404", "429", "500"):
                 return False
             status = int(failure.kind)
-            messages = {401: "Incorrect API key provided.", 404: "The model does not exist.",
+            messages = {400: "response_format json_schema is not supported by this server.",
+                        401: "Incorrect API key provided.", 404: "The model does not exist.",
                         429: "Rate limit reached: too many requests.", 500: "Internal server error: the engine failed."}
-            self._json(status, _error(status, messages[status], {401: "invalid_api_key", 404: "NotFoundError",
+            self._json(status, _error(status, messages[status], {400: "BadRequestError", 401: "invalid_api_key",
+                                                                  404: "NotFoundError",
                                                                   429: "rate_limit_exceeded",
                                                                   500: "InternalServerError"}[status]))
             return True

@@ -160,6 +160,7 @@ class NovelClient:
         self._use_schema = settings.json_schema
         self.requests = 0
         self.schema_refused = False
+        self.stopped = threading.Event()
 
     def close(self) -> None:
         self._client.close()
@@ -167,10 +168,19 @@ class NovelClient:
     def ask(self, chunk: Chunk) -> list[dict]:
         """The chunk's dialogues; InvalidAnswer/transient errors retried; EndpointError after the last try,
         UsageError for a refusal no retry can fix (key, model, route)."""
+        try:
+            return self._ask(chunk)
+        except UsageError:
+            self.stopped.set()  # every other chunk would be refused the same way: none is sent after this
+            raise
+
+    def _ask(self, chunk: Chunk) -> list[dict]:
         import openai
 
         last = ""
         for attempt in range(self.settings.retries + 1):
+            if self.stopped.is_set():
+                raise EndpointError("not sent: the run stopped")
             if attempt:
                 delay = self.settings.backoff * 2 ** (attempt - 1)
                 self._sleep(delay * (0.75 + random.random() / 2))
@@ -185,7 +195,7 @@ class NovelClient:
                         self._use_schema, self.schema_refused = False, True
                     log.warning("the endpoint at %s refused response_format json_schema; asking without it and "
                                 "validating the answers", self.where)
-                    return self.ask(chunk)
+                    return self._ask(chunk)
                 raise UsageError(self._explain(e)) from None
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
                 raise UsageError(self._explain(e)) from None
