@@ -74,7 +74,8 @@ def _chain(outer):
 
 
 def _strategy(wrappers, experts) -> tuple[str | None, str]:
-    """(dispatch strategy, "") for experts we mirror, else (None, why not)."""
+    """(dispatch strategy, "") for experts we mirror, else (None, why not). With no wrappers: the rules for the
+    bare experts (`use_fast_bare_experts`), the same ones less those about the adapter."""
     if os.environ.get(EXPERT_LORA_ENV, "").strip().lower() == "peft":
         return None, f"{EXPERT_LORA_ENV}=peft"
     names = [w.parameter_name for w in wrappers]
@@ -93,10 +94,14 @@ def _strategy(wrappers, experts) -> tuple[str | None, str]:
         return None, f"experts with {', '.join(odd)}"
     if any(int(w.num_experts) != int(experts.num_experts) or not w._did_swap_in_out_features for w in wrappers):
         return None, "an expert layout other than (E, out, in)"
-    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
+    impl = _implementation(experts)
     if impl not in STRATEGIES:
         return None, f"experts_implementation {impl!r}"
     return impl, ""
+
+
+def _implementation(experts) -> str:
+    return getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
 
 
 def _unsupported(wrapper, name: str) -> str:
@@ -128,6 +133,8 @@ class ExpertsForward:
     def __call__(self, x, top_k_index, top_k_weights, *args, **kwargs):
         keys = self.routing.keys_for(self.outer) if self.routing is not None else None
         if keys is not None and all(k == BASE_ROW for k in keys):
+            if self.strategy and not args and not kwargs:
+                return lora_experts_forward(self.experts, x, top_k_index, top_k_weights, {}, self.strategy)
             return self.experts(x, top_k_index, top_k_weights, *args, **kwargs)
         lora = self._lora() if self.strategy and not args and not kwargs else None
         if lora is None:
@@ -135,7 +142,7 @@ class ExpertsForward:
                 return type(self.outer).forward(self.outer, x, top_k_index, top_k_weights, *args, **kwargs)
             return self._split_rows(keys, x, top_k_index, top_k_weights, *args, **kwargs)
         if not lora:  # no active adapter has LoRA here
-            return self.experts(x, top_k_index, top_k_weights)
+            return lora_experts_forward(self.experts, x, top_k_index, top_k_weights, {}, self.strategy)
         scale = None if keys is None else self.routing.token_scale(keys, x)
         return lora_experts_forward(self.experts, x, top_k_index, top_k_weights, lora, self.strategy, scale)
 
@@ -362,4 +369,51 @@ def use_lora_aware_experts(peft_model, routing=None) -> str:
     choice = "; ".join(sorted(choices))
     if choice:
         log_once(logging.INFO, f"LoRA on the routed experts runs {choice}")
+    use_fast_bare_experts(peft_model)
+    return choice
+
+
+class BareExpertsForward:
+    """The forward of an experts module that carries no LoRA (set as its instance attribute `forward`): the
+    routine above with no LoRA terms, which computes what transformers' experts forward computes with cheaper
+    gathers (permutation `index_select` instead of advanced indexing, whose backward sorts) and the routing weights
+    applied at intermediate width. The dispatch strategy follows the model's `experts_implementation` at each call;
+    one we do not mirror (set after installation) runs transformers' own forward."""
+
+    def __init__(self, experts):
+        self.experts = experts
+
+    def __call__(self, x, top_k_index, top_k_weights, *args, **kwargs):
+        impl = _implementation(self.experts)
+        if args or kwargs or impl not in STRATEGIES:
+            return type(self.experts).forward(self.experts, x, top_k_index, top_k_weights, *args, **kwargs)
+        return lora_experts_forward(self.experts, x, top_k_index, top_k_weights, {}, impl)
+
+
+def use_fast_bare_experts(model) -> str:
+    """Give every experts module that has no LoRA on it (the default preset, eval of attention-only adapters, the
+    frozen base in inference) `BareExpertsForward`, by the rules of the LoRA path: experts of a kind we mirror and
+    no `PERSONA_LORA_EXPERT_LORA=peft` opt-out. Experts wrapped by a `ParamWrapper` are left to
+    `use_lora_aware_experts` (and PEFT's path, when it runs, then reaches the bare forward installed here through
+    its base layer, with its parametrized weights). Returns the choice, also logged once: "ours (strategy)",
+    "transformers' (reason)", or "" when the model has no such experts."""
+    choices = set()
+    for module in model.modules():
+        if is_param_wrapper(module):
+            continue
+        for child in module.children():
+            if is_param_wrapper(child) or not all(hasattr(child, a) for a in (*_EXPERT_PARAMS, "num_experts")):
+                continue
+            if isinstance(child.__dict__.get("forward"), BareExpertsForward):
+                choices.add(f"ours ({_implementation(child)})")
+                continue
+            strategy, why = _strategy([], child)
+            if strategy:
+                child.forward = BareExpertsForward(child)
+                choices.add(f"ours ({strategy})")
+            else:
+                choices.add(f"transformers' ({why})")
+    choice = "; ".join(sorted(choices))
+    if choice:
+        log_once(logging.INFO, f"the routed experts without LoRA run {choice}")
     return choice

@@ -194,4 +194,8 @@ def load_base_model(
     model = from_pretrained(rb.path, rb.id, kwargs, device)
     if not load_in_4bit and device != "cpu":
         model.to(device)
+    if not load_in_4bit:  # quantized experts keep transformers' forward
+        from persona_lora.expert_lora import use_fast_bare_experts
+
+        use_fast_bare_experts(model)
     return model
