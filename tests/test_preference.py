@@ -466,6 +466,18 @@ def test_the_dpo_config_keeps_demo_length_answers_and_says_what_a_shorter_max_le
                                          f"; set data.max_length={needed} (or more) to train on all of them")
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_preference_run_all_in_the_warm_up_is_refused_before_loading(method, tiny_base, tmp_path, capsys):
+    demo_votes(tmp_path / "votes.sqlite")
+    out = tmp_path / "o"
+    assert main(["train", str(REPO / "configs" / "tiny-dpo.yaml"), "--method", method, "--base", str(tiny_base),
+                 "--data", str(tmp_path / "votes.sqlite"), "--output-dir", str(out), "--max-steps", "1",
+                 "--set", "base.device=cpu", "--set", "preference.init_adapter=null"]) == 2
+    err = capsys.readouterr().err
+    assert "no step of this run would change the adapter: all 1 optimizer step(s) fall in the warm-up" in err
+    assert "--allow-no-update" in err and "Traceback" not in err and not out.exists()
+
+
 def test_votes_judging_another_adapter_are_counted_per_adapter(tmp_path):
     from persona_lora.train.preference_data import PreferenceSet, votes_for_other_adapters
 
