@@ -1,22 +1,38 @@
 """Typed training config: one dataclass per concern, help text on every field, all problems reported at once.
 
-A YAML file holds sections `base`, `data`, `lora`, `training` (plus top-level `name`, `license`); CLI flags
-and `--set section.key=value` override it. Errors name the key (`training.learning_rate`) and the fix.
+A YAML file holds sections `base`, `data`, `lora`, `training`, `preference` (plus top-level `name`, `license`);
+CLI flags and `--set section.key=value` override it. Errors name the key (`training.learning_rate`) and the fix.
+
+The field table below is the one description of the config: its types and metadata (`choices`, `min`, `max`) are
+what `persona_lora.typed_json` checks a YAML file against (the same reader as the manifest's, reading values as
+text a person typed), its help texts are `train --help-config`, and a field's `flag` metadata makes it a flag of
+`persona-lora train` (`cli_flags`), with the same help: the flags, the help and the overrides cannot drift.
 """
 
 from __future__ import annotations
 
 import difflib
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import enum
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from persona_lora.dtypes import WEIGHT_DTYPES
 from persona_lora.errors import ConfigError
 from persona_lora.hub_ids import SOURCES
+from persona_lora.typed_json import TEXT_WORDING, Reading, field_types, from_json, to_json, unwrap_optional
+
+
+class TriState(enum.StrEnum):
+    """A setting that is on, off, or left to the run (`auto`). String-valued, so YAML, `--set`, the printed config
+    and the manifest's config section spell it `true`/`false`/`auto` as they always did (YAML's bare `true` and
+    `false` are read as these too)."""
+
+    FALSE = "false"
+    TRUE = "true"
+    AUTO = "auto"
 
 
 def _f(default, help: str, **kw):
@@ -28,7 +44,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class BaseConfig:
     model: str | None = _f(None, "local folder, Hugging Face id or ModelScope id of the base model",
-                           required="--base")
+                           required=True, flag="--base")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) of the base model")
     source: str = _f(
         "auto", "where `model` lives: auto (local folder if it exists, else Hugging Face), local, hf, modelscope",
@@ -52,7 +68,7 @@ class BaseConfig:
 class DataConfig:
     path: str | None = _f(
         None, "dataset: .json/.jsonl file (Alpaca, messages or ShareGPT records) or a hub dataset id",
-        required="--data",
+        required=True, flag="--data",
     )
     revision: str | None = _f(None, "hub dataset revision")
     system_prompt: str | None = _f(
@@ -76,7 +92,8 @@ class DataConfig:
 class LoraConfigSection:
     preset: str | None = _f(
         "attention+mlp", "coverage preset: attention | attention+mlp | all (MoE: all adds the routed experts); on "
-        "MLA models each also as <preset>-no-kv-b, without kv_b_proj (what vLLM serves as trained)"
+        "MLA models each also as <preset>-no-kv-b, without kv_b_proj (what vLLM serves as trained)",
+        flag="--lora-preset", replaces="target_modules",
     )
     target_modules: list[str] | None = _f(
         None,
@@ -93,9 +110,10 @@ class LoraConfigSection:
 @dataclass
 class TrainingConfig:
     output_dir: str | None = _f(None, "the adapter folder to write (checkpoints go to its checkpoints/)",
-                                required="--output-dir")
-    epochs: float = _f(3.0, "number of passes over the training records", min=0.0)
-    max_steps: int | None = _f(None, "stop after this many optimizer steps (unset: run all epochs)", min=1)
+                                required=True, flag="--output-dir")
+    epochs: float = _f(3.0, "number of passes over the training records", min=0.0, flag="--epochs")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (unset: run all epochs)", min=1,
+                               flag="--max-steps")
     batch_size: int = _f(8, "examples per device per step", min=1)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     learning_rate: float = _f(2e-4, "peak learning rate (LoRA wants ~1e-4..2e-3; 1e-5 barely moves it)", min=0.0)
@@ -106,9 +124,8 @@ class TrainingConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", min=0.0)
     seed: int = _f(42, "seed for init, shuffling and the eval split")
-    gradient_checkpointing: str = _f(
-        "auto", "auto (on for CUDA, off on CPU), true, false; non-reentrant, works with LoRA",
-        choices=("auto", "true", "false"),
+    gradient_checkpointing: TriState = _f(
+        TriState.AUTO, "auto (on for CUDA, off on CPU), true, false; non-reentrant, works with LoRA"
     )
     group_by_length: bool = _f(True, "batch examples of similar length to cut padding")
     packing: bool = _f(
@@ -121,34 +138,37 @@ class TrainingConfig:
     save_steps: int = _f(50, "checkpoint every N steps", min=1)
     save_total_limit: int = _f(2, "keep the last K checkpoints", min=1)
     report_to: list[str] = _f(["tensorboard"], "logging integrations (tensorboard, wandb, none)")
-    resume: str = _f(
-        "false", "continue from the latest checkpoint: false, true (error if none), auto (if any)",
-        choices=("false", "true", "auto"),
+    resume: TriState = _f(
+        TriState.FALSE, "continue from the latest checkpoint: false, true (error if none), auto (if any); the bare "
+        "flag means true", flag="--resume"
     )
     overwrite: bool = _f(False, "replace an existing non-empty output_dir (a persona-lora run; replaced only once the "
-                                "new run has finished)")
+                                "new run has finished)", flag="--overwrite")
     allow_changes: bool = _f(False, "let --resume continue with other data or settings than the run started with "
-                                    "(the changes are recorded in the manifest and card)")
+                                    "(the changes are recorded in the manifest and card)", flag="--allow-changes")
     allow_no_update: bool = _f(False, "train even when no step can change the adapter (every step in the warm-up at "
-                                      "learning rate 0, or learning_rate 0): warned, and recorded as run")
+                                      "learning rate 0, or learning_rate 0): warned, and recorded as run",
+                             flag="--allow-no-update")
     samples: int = _f(4, "base-vs-adapter sample answers on held-out prompts at the end (0: none)", min=0)
     sample_max_new_tokens: int = _f(64, "max new tokens per sample answer", min=1)
     dataloader_workers: int = _f(0, "DataLoader worker processes", min=0)
-    fsdp: str = _f(
-        "false", "shard the frozen base across processes per decoder layer (FSDP2; launch with torchrun or accelerate "
-        "launch): false, true, auto (on with more than one process when the base does not fit one device)",
-        choices=("false", "true", "auto"),
+    fsdp: TriState = _f(
+        TriState.FALSE, "shard the frozen base across processes per decoder layer (FSDP2; launch with torchrun or "
+        "accelerate launch): false, true, auto (on with more than one process when the base does not fit one device)"
     )
 
 
 @dataclass
 class PreferenceConfig:
     method: str = _f("sft", "sft (supervised, the default), dpo (pairs: prompt/chosen/rejected or the demo's votes) or "
-                            "kto (single judgements: prompt/completion/label, or votes)", choices=("sft", "dpo", "kto"))
+                            "kto (single judgements: prompt/completion/label, or votes); with dpo/kto --data takes a "
+                            "vote database or a preference file", choices=("sft", "dpo", "kto"), flag="--method")
     init_adapter: str | None = _f(None, "dpo/kto: continue from this adapter (folder or hub id[@revision]); its base "
-                                        "is checked against base.model, its chat template and system prompt inherited")
+                                        "is checked against base.model, its chat template and system prompt inherited; "
+                                        "it is the frozen reference", flag="--init-adapter", metavar="DIR_OR_ID")
     allow_other_adapter: bool = _f(False, "dpo/kto: train on votes cast for another adapter than init_adapter "
-                                          "(each vote records the adapter it judged; by default they are refused)")
+                                          "(each vote records the adapter it judged; by default they are refused)",
+                                 flag="--allow-other-adapter")
     beta: float = _f(0.1, "dpo/kto: how far the tuned adapter may move from the reference (lower: further)", min=0.0)
     desirable_weight: float = _f(1.0, "kto: weight of the desirable examples' loss", min=0.0)
     undesirable_weight: float = _f(1.0, "kto: weight of the undesirable examples' loss", min=0.0)
@@ -166,115 +186,35 @@ class TrainConfig:
                                          metadata={"help": "preference tuning (dpo, kto) after SFT"})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain YAML/JSON values (a tri-state as its word): what the dry run prints and the manifest records."""
+        return to_json(self)
 
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfigSection, "training": TrainingConfig,
             "preference": PreferenceConfig}
 
 
-def _coerce(value, tp, key: str, problems: list[str]):
-    """Check/convert a YAML value to the annotated type; on failure record a problem naming the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, problems)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{key}: expected a list of strings, got {value!r}")
-            return None
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        problems.append(f"{key}: expected true or false, got {value!r}")
-        return None
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            problems.append(f"{key}: expected an integer, got {value!r}")
-            return None
-    if tp is float:
-        if isinstance(value, bool):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return None
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return None
-    if tp is str:
-        if isinstance(value, bool):  # YAML's `true`/`false` for str fields like resume / gradient_checkpointing
-            return "true" if value else "false"
-        if not isinstance(value, (str, int, float)):
-            problems.append(f"{key}: expected a string, got {value!r}")
-            return None
-        return str(value)
-    return value
+def _unknown_key(where: str, key: str, known: list[str]) -> str:
+    """An unknown key as a config problem: what it may be a typo of, else what is known there."""
+    near = difflib.get_close_matches(key, known, n=1)
+    if not where:
+        hint = f"; did you mean {near[0]}?" if near else f"; sections are {', '.join(SECTIONS)}"
+        return f"{key}: unknown section{hint}"
+    hint = f"; did you mean {where}.{near[0]}?" if near else f"; known keys: {', '.join(known)}"
+    return f"{where}.{key}: unknown key{hint}"
 
 
-def _build(cls, data: dict, prefix: str, problems: list[str]):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            suggestion = f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(names)}"
-            problems.append(f"{full}: unknown key" + suggestion)
-            continue
-        f = next(x for x in fields(cls) if x.name == key)
-        v = _coerce(value, hints[key], full, problems)
-        if v is None and value is not None:
-            continue
-        meta = f.metadata
-        if v is not None and "choices" in meta and v not in meta["choices"]:
-            problems.append(f"{full}: {v!r} is not one of {', '.join(map(str, meta['choices']))}")
-            continue
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if "min" in meta and v < meta["min"]:
-                problems.append(f"{full}: must be >= {meta['min']}, got {v}")
-                continue
-            if "max" in meta and v > meta["max"]:
-                problems.append(f"{full}: must be <= {meta['max']}, got {v}")
-                continue
-        kwargs[key] = v
-    return cls(**kwargs)
+# A config is text a person typed (YAML, `--set`): numbers and flags may come spelled as strings, and an unknown key
+# is a mistake to report, not a field to skip.
+CONFIG_READING = Reading(wording=TEXT_WORDING, from_text=True, unknown=_unknown_key)
 
 
 def config_from_dict(data: dict, source: str | None = None) -> TrainConfig:
-    problems: list[str] = []
+    """Validate a config mapping; every problem (types, limits, unknown keys, conflicts) in one ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with sections base, data, lora, training", source)
-    top = {}
-    sections = {}
-    for key, value in data.items():
-        if key in SECTIONS:
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                problems.append(f"{key}: must be a mapping of keys, got {value!r}")
-                continue
-            sections[key] = _build(SECTIONS[key], value, f"{key}.", problems)
-        elif key in ("name", "license"):
-            top[key] = _coerce(value, str | None, key, problems)
-        else:
-            near = difflib.get_close_matches(key, [*SECTIONS, "name", "license"], n=1)
-            suggestion = f"; did you mean {near[0]}?" if near else "; sections are base, data, lora, training"
-            problems.append(f"{key}: unknown section" + suggestion)
-    cfg = TrainConfig(**top, **sections)
+    problems: list[str] = []
+    cfg = from_json(TrainConfig, data, "", problems, [], CONFIG_READING)
     problems += cross_checks(cfg)
     if problems:
         raise ConfigError(problems, source)
@@ -284,7 +224,7 @@ def config_from_dict(data: dict, source: str | None = None) -> TrainConfig:
 def cross_checks(cfg: TrainConfig) -> list[str]:
     """Conflicts between options, each naming both and the fix."""
     p = []
-    if cfg.training.overwrite and cfg.training.resume != "false":
+    if cfg.training.overwrite and cfg.training.resume != TriState.FALSE:
         p.append("training.overwrite and training.resume are both set: "
                  "overwrite deletes the checkpoints resume needs; choose one")
     if cfg.lora.preset and cfg.lora.target_modules:
@@ -306,18 +246,17 @@ def cross_checks(cfg: TrainConfig) -> list[str]:
         hint = f"did you mean {near[0]!r}? " if near else ""
         p.append(f"training.lr_scheduler: {cfg.training.lr_scheduler!r} is not a transformers schedule; {hint}"
                  f"known: {', '.join(schedulers)}")
-    for section, cls in (("base", BaseConfig), ("data", DataConfig), ("training", TrainingConfig)):
+    for section, cls in SECTIONS.items():
         for f in fields(cls):
-            flag = f.metadata.get("required")  # the command-line flag that also sets it
-            if flag and getattr(getattr(cfg, section), f.name) is None:
-                p.append(f"{section}.{f.name} is required: set it in the config or with {flag}")
+            if f.metadata.get("required") and getattr(getattr(cfg, section), f.name) is None:
+                p.append(f"{section}.{f.name} is required: set it in the config or with {f.metadata['flag']}")
     if cfg.preference.method == "sft" and cfg.preference.init_adapter:
         p.append("preference.init_adapter is set but preference.method is sft; continuing from an adapter is for "
                  "--method dpo or kto (drop --init-adapter, or choose a method)")
-    if cfg.training.fsdp == "true" and cfg.base.load_in_4bit:
+    if cfg.training.fsdp == TriState.TRUE and cfg.base.load_in_4bit:
         p.append("training.fsdp and base.load_in_4bit are both set: a 4-bit base cannot be sharded (and 4-bit loading "
                  "does not shrink the fused experts); choose one")
-    if cfg.training.fsdp == "true" and cfg.preference.method != "sft":
+    if cfg.training.fsdp == TriState.TRUE and cfg.preference.method != "sft":
         p.append(f"training.fsdp: true with preference.method {cfg.preference.method}: preference runs do not shard "
                  "the base; set training.fsdp: false (or auto) and run them on devices that hold the base whole")
     if cfg.base.load_in_4bit and cfg.base.dtype == "float32":
@@ -404,16 +343,46 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
     return config_from_dict(merge(data, overrides or {}), source)
 
 
-def field_help(cls=TrainConfig) -> dict[str, str]:
-    """Flat `section.key -> help` (used by `train --help-config`)."""
-    out = {}
-    for f in fields(cls):
-        if f.name in SECTIONS:
-            for g in fields(SECTIONS[f.name]):
-                out[f"{f.name}.{g.name}"] = g.metadata.get("help", "")
-        else:
-            out[f.name] = f.metadata.get("help", "")
+@dataclass(frozen=True)
+class CliFlag:
+    """A flag of `persona-lora train`: its option and the config key it sets. Type, choices and help are the
+    key's own, so the flag, `--help-config` and the override are one description."""
+
+    option: str
+    section: str
+    field: Field
+    type: Any  # the field's value type (`X` of `X | None`)
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.field.name}"
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute the flag's value lands in (argparse's own naming)."""
+        return self.option.lstrip("-").replace("-", "_")
+
+
+def cli_flags() -> list[CliFlag]:
+    """Every config field with a `flag`, in the field table's order."""
+    out = []
+    for section, cls in SECTIONS.items():
+        types = field_types(cls)
+        out += [CliFlag(f.metadata["flag"], section, f, unwrap_optional(types[f.name])[0])
+                for f in fields(cls) if "flag" in f.metadata]
     return out
 
 
-__all__ = ["TrainConfig", "load_config", "parse_set", "config_from_dict", "field_help", "MISSING"]
+def field_help(cls=TrainConfig) -> dict[str, str]:
+    """Flat `section.key -> help`, with the flag that also sets the key (used by `train --help-config`)."""
+    out = {}
+    for f in fields(cls):
+        for key, g in ([(f"{f.name}.{g.name}", g) for g in fields(SECTIONS[f.name])] if f.name in SECTIONS
+                       else [(f.name, f)]):
+            flag = g.metadata.get("flag")
+            out[key] = g.metadata.get("help", "") + (f" [{flag}]" if flag else "")
+    return out
+
+
+__all__ = ["TrainConfig", "TriState", "load_config", "parse_set", "config_from_dict", "field_help", "cli_flags",
+           "MISSING"]
