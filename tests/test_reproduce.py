@@ -96,7 +96,8 @@ def test_a_fresh_adapter_reproduces_in_full_and_in_its_first_steps(original, tin
     assert all(abs(r["diff"]) <= 1e-4 for r in report["train_loss"] + report["eval_loss"])
     assert report["max_abs_diff"] <= 1e-4 and report["libraries"] == {} and report["config_from"].startswith("config")
     assert printed.strip().splitlines()[-1] == f"verdict: {report['summary']}"
-    assert report["summary"].startswith("reproduced — max |Δ loss| ") and "(steps 1-6, cpu as trained)" in printed
+    assert report["summary"].startswith("reproduced — max |Δ loss| ")
+    assert "(steps 1-6, 6 optimizer updates, cpu as trained)" in printed
     assert (out / "adapter_model.safetensors").is_file() and read_manifest(out).name == read_manifest(original).name
     assert _tree_digest(original) == before  # the original adapter is only read
 
@@ -107,6 +108,7 @@ def test_a_fresh_adapter_reproduces_in_full_and_in_its_first_steps(original, tin
     report = _report(quick)
     assert report["verdict"] == "reproduced" and report["steps_compared"] == [1, 5] and report["max_steps"] == 5
     assert [r["step"] for r in report["train_loss"]] == [1, 2, 3, 4, 5]
+    assert report["steps_run"] == 5 and report["updates_compared"] == 4 and "4 optimizer updates" in report["summary"]
     assert read_manifest(quick).metrics.steps == 5
     assert _tree_digest(original) == before
 
@@ -156,6 +158,38 @@ def test_an_adapter_pulled_from_the_hub_reproduces_from_its_id(original, tiny_ba
     report = _report(out)
     assert report["verdict"] == "reproduced" and report["steps_compared"] == [1, 2]
     assert report["adapter"]["hub_id"] == repo and report["adapter"]["commit"] == hub_server.head(repo)
+
+
+@pytest.mark.slow
+def test_losses_logged_every_few_steps_are_compared_over_their_steps_and_too_few_updates_are_inconclusive(
+        original, tiny_base, small_persona_data, tmp_path, capsys):
+    """An original that logged at steps 1 and 6 only (logging_steps 5): its step-6 loss is Trainer's mean over steps
+    2-6. The reproduction logs every step and compares that mean; cut short before step 6, only step 1 (before any
+    update) is comparable, and the verdict is inconclusive, naming the --max-steps that would do."""
+    folder = tmp_path / "sparse"
+    shutil.copytree(original, folder, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    losses = {h.step: h.loss for h in read_manifest(original).metrics.history if h.loss is not None}
+
+    def sparse(d):
+        d["metrics"]["history"] = [{"step": 1, "loss": losses[1]},
+                                   {"step": 6, "loss": sum(losses[s] for s in range(2, 7)) / 5}]
+        d["config"]["training"]["logging_steps"] = 5
+
+    _edit_manifest(folder, sparse)
+    args = ["reproduce", str(folder), "--base", str(tiny_base), "--data", str(small_persona_data)]
+    assert main([*args, "--max-steps", "3", "--out", str(tmp_path / "short")]) == 1
+    report = _report(tmp_path / "short")
+    printed = capsys.readouterr().out
+    assert report["verdict"] == "inconclusive" and report["updates_compared"] == 0 and report["steps_run"] == 3
+    assert [r["step"] for r in report["train_loss"]] == [1]
+    assert "reproduce with --max-steps 6 or more" in report["reasons"][-1] and "steps 1, 6" in report["reasons"][-1]
+    assert printed.strip().splitlines()[-1].startswith("verdict: inconclusive — ")
+
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    report = _report(tmp_path / "full")
+    assert report["verdict"] == "reproduced" and report["updates_compared"] == 5
+    assert [(r["step"], r["steps"]) for r in report["train_loss"]] == [(1, [1, 1]), (6, [2, 6])]
+    assert abs(report["train_loss"][1]["diff"]) <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ refused
@@ -246,6 +280,29 @@ def test_verdict_thresholds():
     assert decide(0.0, ["dataset.sha256: …"], [], []) == ("different", ["dataset.sha256: …"])
     verdict, reasons = decide(0.0, [], [], [7])
     assert verdict == "different" and "step(s) 7" in reasons[0]
+    assert decide(0.0, [], [], [], updates=1) == ("inconclusive", [])  # equal, but after one update at most
+    assert decide(0.0, [], [], [], updates=2) == ("reproduced", [])
+    assert decide(0.0, ["dataset.sha256: …"], [], [], updates=0)[0] == "different"  # changed inputs still say so
+
+
+def test_each_logged_loss_is_compared_with_the_mean_over_its_steps(tiny_base, small_persona_data, tmp_path):
+    folder = _hand_written(tmp_path / "adapter", tiny_base, small_persona_data)
+    _edit_manifest(folder, lambda d: d["metrics"].update(history=[{"step": 1, "loss": 9.0}, {"step": 4, "loss": 7.0}]))
+    original = read_manifest(folder)
+    data = original.to_dict()
+    data["metrics"]["history"] = [{"step": s, "loss": v} for s, v in [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]]
+    reproduced = parse_manifest(data, folder / MANIFEST_NAME)
+    from persona_lora.train.config import config_from_dict
+
+    plan = Plan(config=config_from_dict(original.config), config_from="config from the manifest",
+                out=tmp_path / "out", stop_after=None, compare_upto=4)
+    report = compare(Original(folder, original, folder.name), plan, reproduced)
+    assert report["train_loss"][1] == {"step": 4, "steps": [2, 4], "original": 7.0, "reproduced": 7.0, "diff": 0.0}
+    assert report["verdict"] == "reproduced" and report["updates_compared"] == 3
+
+    data["metrics"]["history"] = data["metrics"]["history"][:3]  # step 4 never ran: its window is incomplete
+    report = compare(Original(folder, original, folder.name), plan, parse_manifest(data, folder / MANIFEST_NAME))
+    assert report["verdict"] == "different" and report["missing_steps"] == [4]
 
 
 def test_library_versions_are_reported_not_refused(tiny_base, small_persona_data, tmp_path):

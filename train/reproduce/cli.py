@@ -15,7 +15,8 @@ def configure_reproduce(p: argparse.ArgumentParser) -> None:
     p.description = ("Train an adapter again from its manifest alone (nothing from your config files), check "
                      "that the base and the data are the ones recorded, and compare the loss curves step by step. "
                      "Writes OUT/reproduce.json; exit 0 for 'reproduced' (max loss difference <= 1e-4 on the same "
-                     "device type) or 'close' (<= 1e-2), 1 for 'different'.")
+                     "device type) or 'close' (<= 1e-2), 1 for 'different' or 'inconclusive' (the losses compared "
+                     "reach fewer than 2 optimizer updates: raise --max-steps as it says).")
     p.add_argument("adapter", metavar="ADAPTER_DIR_OR_ID",
                    help="adapter folder, or a hub id owner/name[@revision] (pulled and verified first)")
     p.add_argument("--data", metavar="PATH_OR_ID",
@@ -58,8 +59,9 @@ def _table(title: str, rows: list[dict]) -> list[str]:
         if i != previous + 1:
             lines.append("  …")
         r = rows[i]
-        lines.append(f"  step {r['step']:<5} {_num(r['original']):>14} {_num(r['reproduced']):>14} "
-                     f"{_diff(r['diff']):>10}")
+        span = r.get("steps")
+        label = f"steps {span[0]}-{span[1]}" if span and span[0] != span[1] else f"step {r['step']}"
+        lines.append(f"  {label:<11}{_num(r['original']):>14} {_num(r['reproduced']):>14} {_diff(r['diff']):>10}")
         previous = i
     return lines
 

@@ -7,6 +7,13 @@ user's config files), makes sure the base and the data are the ones recorded, tr
 compares the two loss histories step by step. Training on the same device type from the same seed is
 deterministic, so a faithful record reproduces to well below 1e-4.
 
+The reproduction logs the loss of every step. The original logged every `logging_steps` (and its first and last
+step), each logged loss being Trainer's mean over the steps since the previous log, so each original loss is compared
+with the mean of the reproduction's losses over the same steps: every step run up to the last original log is
+compared. A loss at step k follows k-1 optimizer updates (an eval loss at step k follows k), so a comparison that
+reaches fewer than 2 updates cannot tell a faithful record from one that only shares its starting point: its
+verdict is "inconclusive", with the --max-steps that would make it conclusive.
+
 What is refused and what is only reported follows from what changes the run: other data (sha256, record count),
 another base (config hash; revision for hub ids), another chat template or a run resumed with changed settings
 are different runs, refused unless `--allow-changes` (then the verdict is "different" and names them); other
@@ -34,6 +41,7 @@ from persona_lora.train.reproduce.record import config_dict, original_history
 REPORT_NAME = "reproduce.json"
 REPORT_SCHEMA = "persona-lora/reproduce@1"
 REPRODUCED, CLOSE = 1e-4, 1e-2  # max |loss difference| for "reproduced" (same device type) and "close"
+MIN_UPDATES = 2  # optimizer updates the compared losses must reach for any verdict but "inconclusive"
 # Run-defining settings where a difference comes from the machine, not the record: reported, never "reproduced"
 ENVIRONMENTAL = ("training.dtype", "training.world_size")
 # Inputs checked before training: a difference there is refused (or, allowed, a named change)
@@ -281,7 +289,8 @@ def plan_reproduction(original: Original, *, data: str | None = None, base: str 
     if loaded.source == "local":
         cfg["data"]["revision"] = None
     training = cfg["training"]
-    training.update(output_dir=str(out_path), resume="false", overwrite=False, allow_changes=False)
+    training.update(output_dir=str(out_path), resume="false", overwrite=False, allow_changes=False,
+                    logging_steps=1)  # every step's loss: each logged original loss is compared over its steps
     # logging integrations do not shape the result; a reproduction never logs to someone's wandb project
     training["report_to"] = [r for r in training.get("report_to") or [] if r == "tensorboard"] or ["none"]
     template_dir = tempfile.TemporaryDirectory(prefix="persona-lora-reproduce-") if template_file else None
@@ -325,12 +334,43 @@ def _points(history, key: str, upto: int | None) -> dict[int, float]:
 
 
 def _rows(original: dict[int, float], reproduced: dict[int, float]) -> list[dict]:
+    """One row per original point, compared at the same step."""
     rows = []
     for step in sorted(original):
         new = reproduced.get(step)
         rows.append({"step": step, "original": original[step], "reproduced": new,
                      "diff": None if new is None else new - original[step]})
     return rows
+
+
+def _window_rows(original: dict[int, float], reproduced: dict[int, float]) -> list[dict]:
+    """One row per original train loss: Trainer logged the mean loss of the steps since its previous log, so it is
+    compared with the mean of the reproduction's per-step losses over those same steps (all of them must be
+    there). `steps` says which steps each row covers."""
+    rows, previous = [], 0
+    for step in sorted(original):
+        covered = list(range(previous + 1, step + 1))
+        values = [reproduced.get(s) for s in covered]
+        new = None if any(v is None for v in values) else sum(values) / len(values)
+        rows.append({"step": step, "steps": [covered[0], covered[-1]], "original": original[step], "reproduced": new,
+                     "diff": None if new is None else new - original[step]})
+        previous = step
+    return rows
+
+
+def updates_compared(train: list[dict], evals: list[dict]) -> int:
+    """Optimizer updates behind the latest loss compared: a train loss at step k was computed before step k's
+    update (k-1 updates), an eval loss at step k after it (k)."""
+    done = [r["step"] - 1 for r in train if r["reproduced"] is not None]
+    done += [r["step"] for r in evals if r["reproduced"] is not None]
+    return max(done, default=0)
+
+
+def conclusive_steps(history) -> int | None:
+    """The smallest --max-steps whose comparison reaches MIN_UPDATES updates, from the original's logged steps."""
+    candidates = [e.step for e in history if e.step is not None and (
+        (e.loss is not None and e.step - 1 >= MIN_UPDATES) or (e.eval_loss is not None and e.step >= MIN_UPDATES))]
+    return min(candidates, default=None)
 
 
 def _max_abs(rows: list[dict]) -> float:
@@ -345,10 +385,12 @@ def compare(original: Original, plan: Plan, reproduced: Manifest) -> dict:
     m = original.manifest
     history = m.metrics.history
     new_history = reproduced.metrics.history if reproduced.metrics else []
-    train = _rows(_points(history, "loss", plan.compare_upto), _points(new_history, "loss", None))
+    train = _window_rows(_points(history, "loss", plan.compare_upto), _points(new_history, "loss", None))
     evals = _rows(_points(history, "eval_loss", plan.compare_upto), _points(new_history, "eval_loss", None))
     missing = [r["step"] for r in train + evals if r["reproduced"] is None]
     max_diff = max(_max_abs(train), _max_abs(evals))
+    updates = updates_compared(train, evals)
+    steps_run = reproduced.metrics.steps if reproduced.metrics else 0
 
     changes = list(plan.changes)
     environment = []
@@ -369,7 +411,15 @@ def compare(original: Original, plan: Plan, reproduced: Manifest) -> dict:
     libraries = {name: {"original": old_libs.get(name), "reproduced": new_libs.get(name)}
                  for name in sorted(set(old_libs) | set(new_libs)) if old_libs.get(name) != new_libs.get(name)}
 
-    verdict, reasons = decide(max_diff, changes, environment, missing, same_device)
+    verdict, reasons = decide(max_diff, changes, environment, missing, same_device, updates=updates)
+    if verdict == "inconclusive":
+        logged = sorted({e.step for e in history if e.loss is not None and e.step is not None})
+        enough = conclusive_steps(history)
+        fix = (f"reproduce with --max-steps {enough} or more" if enough else
+               "the original itself ran too few steps for a conclusive comparison")
+        shown = ", ".join(map(str, logged[:6])) + (", …" if len(logged) > 6 else "")
+        reasons.append(f"the original logged its train loss at steps {shown}; of the {steps_run} step(s) run, the "
+                       f"losses compared reach {updates} optimizer update(s): {fix}")
     report = {
         "schema": REPORT_SCHEMA,
         "verdict": verdict,
@@ -380,6 +430,8 @@ def compare(original: Original, plan: Plan, reproduced: Manifest) -> dict:
         "config_from": plan.config_from,
         "max_steps": plan.stop_after,
         "steps_compared": [train[0]["step"], train[-1]["step"]] if train else None,
+        "steps_run": steps_run,
+        "updates_compared": updates,
         "max_abs_diff": max_diff,
         "thresholds": {"reproduced": REPRODUCED, "close": CLOSE},
         "train_loss": train,
@@ -396,15 +448,18 @@ def compare(original: Original, plan: Plan, reproduced: Manifest) -> dict:
 
 
 def decide(max_diff: float, changes: list[str], environment: list[str], missing: list[int],
-           same_device: bool = True) -> tuple[str, list[str]]:
+           same_device: bool = True, updates: int = MIN_UPDATES) -> tuple[str, list[str]]:
     """reproduced: max |Δ| <= 1e-4 on the same device type with the same inputs; close: <= 1e-2 (or <= 1e-4 on
     another device type, dtype or process count); otherwise different. Changed inputs, or steps the reproduction
-    never reached, make it different whatever the losses say."""
+    never reached, make it different whatever the losses say; losses that reach fewer than MIN_UPDATES optimizer
+    updates make it inconclusive (the caller adds how to make it conclusive)."""
     reasons = list(changes)
     if missing:
         reasons.append(f"the reproduction logged no loss at step(s) {', '.join(map(str, sorted(set(missing))))}")
     if reasons:
         return "different", reasons
+    if updates < MIN_UPDATES:
+        return "inconclusive", []
     if not same_device:
         environment = ["'reproduced' needs the device type it was trained on", *environment]
     if max_diff <= REPRODUCED and not environment:
@@ -414,8 +469,8 @@ def decide(max_diff: float, changes: list[str], environment: list[str], missing:
 
 def summary_line(report: dict) -> str:
     """The one-line verdict: the word, the largest difference against its threshold and over what, where it ran,
-    then the reasons (e.g. `reproduced — max |Δ loss| 9.5e-07 ≤ 1e-04 over 6 train + 3 eval losses (steps 1-6,
-    cpu as trained)`)."""
+    the optimizer updates the compared losses reach, then the reasons (e.g. `reproduced — max |Δ loss| 9.5e-07 ≤
+    1e-04 over 6 train + 3 eval losses (steps 1-6, 6 optimizer updates, cpu as trained)`)."""
     span = report["steps_compared"]
     steps = f"steps {span[0]}-{span[1]}" if span and span[0] != span[1] else f"step {span[0]}" if span else "no steps"
     device = report["environment"]["device"]
@@ -423,8 +478,10 @@ def summary_line(report: dict) -> str:
              f"trained on {device['original'] or 'an unrecorded device'}, reproduced on {device['reproduced']}")
     diff = report["max_abs_diff"]
     bound = next((f" ≤ {t:.0e}" for t in (REPRODUCED, CLOSE) if diff <= t), f" > {CLOSE:.0e}")
+    updates = report.get("updates_compared")
+    reach = f", {updates} optimizer update{'s' if updates != 1 else ''}" if updates is not None else ""
     line = (f"{report['verdict']} — max |Δ loss| {diff:.1e}{bound} over {len(report['train_loss'])} train + "
-            f"{len(report['eval_loss'])} eval losses ({steps}, {where})")
+            f"{len(report['eval_loss'])} eval losses ({steps}{reach}, {where})")
     if report["reasons"]:
         line += "; " + "; ".join(r.replace("\n", " ") for r in report["reasons"])
     return line
