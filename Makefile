@@ -1,5 +1,6 @@
 # persona-lora: the two commands of the README, and their set-up.
 #   make quickstart   embedded default end to end: tiny base -> data check/preview -> train -> card -> demo
+#   make data-example our example script -> data extract -> data build -> data check (no model, seconds)
 #   make test         the whole test suite (installs Debian chromium for the browser test when run as root)
 #   make test-fast    everything but the slow tests (training, merging, subprocesses, HTTP) and the browser test
 #   make test-gpu     the CUDA tests alone (skipped without a CUDA device)
@@ -15,7 +16,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
 
-.PHONY: install quickstart lint test test-fast test-gpu test-vllm-cpu browser-deps bench bench-peers schema-docs arch-docs clean
+.PHONY: install quickstart data-example lint test test-fast test-gpu test-vllm-cpu browser-deps bench bench-peers schema-docs arch-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,12 @@ quickstart: runs/tiny-base/config.json
 	$(MAKE) --no-print-directory runs/tiny-adapter/persona_manifest.json
 	$(BIN)/persona-lora card runs/tiny-adapter
 	$(BIN)/persona-lora demo --base runs/tiny-base --adapter runs/tiny-adapter --port $(PORT)
+
+data-example: $(STAMP)
+	$(BIN)/persona-lora data extract examples/script/palace.txt --out runs/palace.dialogue.jsonl --overwrite
+	$(BIN)/persona-lora data build runs/palace.dialogue.jsonl --character 林婉 --alias 婉婉 --alias 婉嫔 \
+	  --system-prompt "你是林婉，宫中的一位小主。" --out runs/palace.json --overwrite
+	$(BIN)/persona-lora data check runs/palace.json
 
 browser-deps:
 	@if [ -x /usr/bin/chromium ]; then :; \

@@ -145,6 +145,10 @@ def near_names(name: str, speakers: Counter) -> list[str]:
     return sorted(out, key=lambda s: -speakers[s])
 
 
+def _scenes(n: int) -> str:
+    return f"{n} scene{'s' if n != 1 else ''}"
+
+
 def _lines(n: int) -> str:
     return f"{n} line{'s' if n != 1 else ''}"
 
@@ -320,8 +324,8 @@ def run_build(opts: BuildOptions, print_line=print) -> int:
     kept = len(result.train) + len(result.eval)
     drops = ", ".join(f"{reason} {n}" for reason, n in result.dropped.items() if n) or "none"
     print_line(f"{result.candidates} turns of {opts.character}: {kept} records kept, dropped: {drops}")
-    print_line(f"wrote {data_path} ({len(result.train)} records, {len(result.scenes_train)} scenes)"
-               + (f", {eval_path} ({len(result.eval)} records, {len(result.scenes_eval)} scenes)" if result.eval
+    print_line(f"wrote {data_path} ({len(result.train)} records, {_scenes(len(result.scenes_train))})"
+               + (f", {eval_path} ({len(result.eval)} records, {_scenes(len(result.scenes_eval))})" if result.eval
                   else "") + f", {card_path}")
     print_line(f"next: persona-lora data check {data_path}")
     return 0

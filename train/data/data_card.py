@@ -72,9 +72,9 @@ def _body(block: dict, result: Any) -> str:
              f"| Character | {block['character']} |",
              f"| Aliases | {', '.join(f'{a} → {n}' for a, n in block['aliases'].items()) or 'none'} |",
              f"| Context turns | {block['build']['context']} |",
-             f"| Train | `{block['data_file']}`: {len(result.train)} records, {len(result.scenes_train)} scenes |",
+             f"| Train | `{block['data_file']}`: {len(result.train)} records, {len(result.scenes_train)} scene(s) |",
              "| Eval (held-out scenes) | "
-             + (f"`{block['eval_file']}`: {len(result.eval)} records, {len(result.scenes_eval)} scenes |"
+             + (f"`{block['eval_file']}`: {len(result.eval)} records, {len(result.scenes_eval)} scene(s) |"
                 if block["eval_file"] else "none |"),
              "", "## Filters", "", "| reason | records dropped |", "|---|---|"]
     lines += [f"| {reason} | {n} |" for reason, n in result.dropped.items()]
