@@ -159,8 +159,8 @@ def _hub_rows(hub_id: str, revision: str | None) -> list[tuple[str, object]]:
     except ValueError as e:  # datasets: no config of that name
         if "votes" in str(e) and "config" in str(e).lower():
             raise UsageError(f"{hub_id}: a hub dataset without a `votes` config, so not the votes of a persona-lora "
-                            "demo or Space; give the dataset `--push-votes-to` or the Space's votes_dataset wrote",
-                            hub_id) from None
+                             "demo or Space; give the dataset that `demo --push-votes-to` or a Space's votes_dataset "
+                             "wrote") from None
         raise _hub_failed(hub_id, e) from e
     except Exception as e:  # datasets raises many types (connection, not found); all mean the same here
         raise _hub_failed(hub_id, e) from e
