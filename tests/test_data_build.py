@@ -86,8 +86,9 @@ def test_aliases_from_flags_and_files_and_the_did_you_mean_line(tmp_path, capsys
     assert code == 0 and len(records(out)) == 1
     # 嬛嬛 shares a character with 甄嬛; 莞嫔 (a title) has nothing in common with the name, so only a flag finds it
     assert re.search(r"did you mean: 嬛嬛 \(1 line\) — the same character as 甄嬛\? if so add: --alias 嬛嬛\n", stdout)
+    assert "did you mean: Thomas (1 line) is THOMAS (1 line)? if so add: --alias Thomas=THOMAS" in stdout
     code, stdout, _ = build(capsys, path, out, "--character", "甄嬛", "--eval-fraction", "0", "--overwrite",
-                            "--alias", "嬛嬛", "--alias", "莞嫔")
+                            "--alias", "嬛嬛", "--alias", "莞嫔", "--alias", "Thomas=THOMAS")
     assert [r["output"] for r in records(out)] == ["a1", "a2", "a3"] and "did you mean" not in stdout
     assert re.search(r"甄嬛\s+3\s+33\.3%", stdout)  # the speakers table, after aliases
     for name, text in [("aliases.json", json.dumps({"甄嬛": ["嬛嬛", "莞嫔"]}, ensure_ascii=False)),

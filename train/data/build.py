@@ -66,6 +66,7 @@ class BuildResult:
     scenes_eval: list[int]
     suggestions: list[str]
     alias_map: dict[str, str]
+    variants: list[tuple[str, str]] = field(default_factory=list)  # (alias, name) of one speaker spelt two ways
 
 
 def parse_aliases(character: str, flags: list[str], file: str | None) -> dict[str, str]:
@@ -151,6 +152,18 @@ def _scenes(n: int) -> str:
 
 def _lines(n: int) -> str:
     return f"{n} line{'s' if n != 1 else ''}"
+
+
+def spelling_variants(speakers: Counter) -> list[tuple[str, str]]:
+    """Speakers that differ only in case or spacing (`Thomas`, `THOMAS`): (the rarer spelling, the commoner)."""
+    groups: dict[str, list[str]] = {}
+    for name in speakers:
+        groups.setdefault("".join(name.split()).casefold(), []).append(name)
+    out = []
+    for names in groups.values():
+        names.sort(key=lambda n: -speakers[n])
+        out += [(other, names[0]) for other in names[1:]]
+    return out
 
 
 def label(speaker: str, text: str) -> str:
@@ -244,6 +257,7 @@ def build_dataset(dialogue: DialogueFile, opts: BuildOptions, system: str | None
                          f"{opts.dialogue}; closest: {shown}; fix: --character with one of them, or --alias "
                          f"{opts.character}=NAME")
     suggestions = [s for s in near_names(character, speakers) if s not in alias_map]
+    variants = spelling_variants(speakers)
     dropped: Counter = Counter({reason: 0 for reason in FILTERS})
     per_scene: dict[int, list[dict]] = {}
     seen: set[str] = set()
@@ -256,7 +270,8 @@ def build_dataset(dialogue: DialogueFile, opts: BuildOptions, system: str | None
                 per_scene.setdefault(scene, []).extend(records)
     train_scenes, eval_scenes = split_scenes(per_scene, opts.eval_fraction, opts.seed, opts.dialogue)
     return BuildResult([r for s in train_scenes for r in per_scene[s]], [r for s in eval_scenes for r in per_scene[s]],
-                       dropped, speakers, candidates, train_scenes, eval_scenes, suggestions, alias_map)
+                       dropped, speakers, candidates, train_scenes, eval_scenes, suggestions, alias_map,
+                       variants)
 
 
 def split_scenes(per_scene: dict[int, list[dict]], fraction: float, seed: int,
@@ -313,6 +328,9 @@ def run_build(opts: BuildOptions, print_line=print) -> int:
         flags = " ".join(f"--alias {s}" for s in result.suggestions)
         listed = ", ".join(f"{s} ({_lines(result.speakers[s])})" for s in result.suggestions)
         print_line(f"did you mean: {listed} — the same character as {opts.character}? if so add: {flags}")
+    for alias, name in result.variants:
+        print_line(f"did you mean: {alias} ({_lines(result.speakers[alias])}) is {name} "
+                   f"({_lines(result.speakers[name])})? if so add: --alias {alias}={name}")
     write_atomically(data_path, json.dumps(result.train, ensure_ascii=False, indent=1) + "\n")
     if result.eval:
         write_atomically(eval_path, json.dumps(result.eval, ensure_ascii=False, indent=1) + "\n")
