@@ -36,7 +36,8 @@ ANSI_TRAINED, ANSI_RESET = "\033[1;32m", "\033[0m"
 
 def configure_data(data: argparse.ArgumentParser) -> None:
     """`persona-lora data` with its `check` and `preview` subcommands."""
-    data.description = "Validate a dataset and see exactly what training will see."
+    data.description = ("Make a dataset from a script or a novel (extract, build), validate it and see exactly what "
+                        "training will see (check, preview).")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
     check = sub.add_parser("check", help="validate a dataset and print statistics",
