@@ -122,3 +122,45 @@ def run_eval(args: argparse.Namespace) -> int:
               f"{report['forgetting']['base_loss']:.4f} (+{f['delta']:.4f} > --fail-if-forgetting "
               f"{options.fail_if_forgetting})", file=sys.stderr)
     return FORGETTING_EXIT if forgot else 0
+
+
+def configure_leaderboard(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Rate every model the votes compared (arena battles and blind A/B votes of `persona-lora demo` or a Space): "
+        "Bradley-Terry ratings (ties as half wins) with bootstrap 95%% intervals, votes and win rate per model, the "
+        "pairwise win-rate and predicted win-probability matrices. Writes DIR/leaderboard.json, a self-contained "
+        "DIR/leaderboard.html, DIR/ratings.png and DIR/win_rates.png. Several sources are merged, each vote "
+        "counted once; models are identified by content (an adapter's weights sha256), not by folder name.")
+    p.add_argument("votes", nargs="+", metavar="VOTES",
+                   help="the demo's votes.sqlite, a votes.jsonl export, or a hub dataset of votes (owner/name, its "
+                        "`votes` config); several are merged")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the leaderboard's files")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR when it holds an earlier leaderboard")
+    p.add_argument("--rounds", type=int, default=1000, metavar="N", help="bootstrap rounds (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0: the same votes give the same page)")
+    p.add_argument("--revision", metavar="REV", help="revision of a hub dataset source")
+
+
+def run_leaderboard(args: argparse.Namespace) -> int:
+    from persona_lora.evaluation.leaderboard import FILES, rate, table_lines, write
+    from persona_lora.output_folder import OutputFolder, check_target
+    from persona_lora.vote_sources import load_votes
+
+    if not 1 <= args.rounds <= 100_000:
+        raise UsageError(f"--rounds must be between 1 and 100000, got {args.rounds}")
+    target = check_target(args.out, option="--out", replace=args.overwrite,
+                          ours=lambda folder: (folder / FILES[0]).is_file(),
+                          foreign="holds no leaderboard.json", occupied_hint="choose a new folder or add --overwrite")
+    votes = load_votes(list(args.votes), revision=args.revision)
+    report, _ = rate(votes, rounds=args.rounds, seed=args.seed)
+    with OutputFolder(target) as work:
+        write(report, work)
+    print("\n".join(table_lines(report)))
+    if votes.duplicates:
+        print(f"{votes.duplicates} repeated vote(s) among the sources were counted once", file=sys.stderr)
+    if report["groups"]:
+        print(f"warning: the models fall into {len(report['groups'])} groups never compared with each other; "
+              "ratings are comparable only within a group", file=sys.stderr)
+    for name in FILES:
+        print(args.out / name)
+    return 0

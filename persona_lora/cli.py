@@ -49,6 +49,8 @@ COMMANDS = (
             reproduce_cli.configure_reproduce, reproduce_cli.run_reproduce),
     Command("eval", "compare the base and adapters over a prompt set: losses, answers, forgetting guard, judge; "
             "report.json + report.html", eval_cli.configure_eval, eval_cli.run_eval),
+    Command("leaderboard", "rate the models arena and A/B votes compared: Bradley-Terry with bootstrap intervals; "
+            "leaderboard.json + .html + plots", eval_cli.configure_leaderboard, eval_cli.run_leaderboard),
     Command("card", "regenerate the model card (README.md) of an adapter or merged-model folder",
             card_cli.configure_card, card_cli.run_card),
     Command("push", "upload an adapter (or merged model) folder to a hub as one commit",

@@ -169,8 +169,8 @@ def _hub_rows(hub_id: str, revision: str | None) -> list[tuple[str, object]]:
 
 def _hub_failed(hub_id: str, e: Exception) -> UsageError:
     detail = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
-    return UsageError(f"{hub_id}: could not load the hub dataset's votes ({detail}); fix: check the id, the revision "
-                      "and HF_ENDPOINT, or give a local votes file")
+    return UsageError(f"{hub_id}: no local file of that name, and as a hub dataset its votes could not be loaded "
+                      f"({detail}); fix: check the path, or the id, revision and HF_ENDPOINT")
 
 
 def _checked(rows: list[tuple[str, object]], source: str) -> list[dict]:
