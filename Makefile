@@ -31,13 +31,16 @@ runs/tiny-base/config.json: $(STAMP)
 	rm -rf runs/tiny-base
 	$(BIN)/persona-lora tiny-base runs/tiny-base
 
-runs/tiny-adapter/persona_manifest.json: runs/tiny-base/config.json configs/tiny.yaml
+# The target is a *finished* run: the stamp is written only when `train` exits 0 (Ctrl-C exits 130), so the next
+# `make quickstart` after an interruption gets here again and `--resume auto` continues from the last checkpoint.
+runs/.tiny-adapter.finished: runs/tiny-base/config.json configs/tiny.yaml examples/data/persona_zh.json
 	$(BIN)/persona-lora train configs/tiny.yaml --resume auto
+	touch $@
 
 quickstart: runs/tiny-base/config.json
 	$(BIN)/persona-lora data check examples/data/persona_zh.json --base runs/tiny-base --max-length 256
 	$(BIN)/persona-lora data preview examples/data/persona_zh.json --base runs/tiny-base -n 2
-	$(MAKE) --no-print-directory runs/tiny-adapter/persona_manifest.json
+	$(MAKE) --no-print-directory runs/.tiny-adapter.finished
 	$(BIN)/persona-lora card runs/tiny-adapter
 	$(BIN)/persona-lora demo --base runs/tiny-base --adapter runs/tiny-adapter --port $(PORT)
 

@@ -26,6 +26,8 @@ from persona_lora.hub_ids import add_hub_option, add_source_option
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PORT, PORT_TRIES = 7860, 100  # Gradio's own default port and search range
+
 AUTH_ENV = "PERSONA_LORA_DEMO_AUTH"
 BACKENDS = ("local", "openai")
 
@@ -63,7 +65,9 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
     add_hub_option(p, help_prefix="hub for adapter ids and the votes push: ")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template for a base whose tokenizer has none")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"port (default {DEFAULT_PORT}, or the next free one up to {DEFAULT_PORT + PORT_TRIES - 1} "
+                        "when it is taken, e.g. by another demo)")
     p.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (needs the internet; use with --auth)")
     p.add_argument("--auth", metavar="USER:PASSWORD",
@@ -122,7 +126,7 @@ def check_backend_options(args: argparse.Namespace) -> None:
 def check_args(args: argparse.Namespace) -> tuple[str, str] | None:
     """Validate the options that need no model; returns the auth pair."""
     check_backend_options(args)
-    if not 0 < args.port < 65536:
+    if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     for opt in ("max_new_tokens", "max_input_chars", "concurrency", "queue_size"):
         if getattr(args, opt) < 1:
@@ -196,19 +200,49 @@ def check_port_free(host: str, port: int) -> None:
                              "(nothing was loaded)") from None
 
 
+def choose_port(host: str, port: int | None) -> int:
+    """The port to serve on: `--port` as given (refused when taken), or without it the first free one from
+    DEFAULT_PORT on, so a second demo (or the test suite beside a running quickstart) starts anyway."""
+    if port is not None:
+        check_port_free(host, port)
+        return port
+    for candidate in range(DEFAULT_PORT, DEFAULT_PORT + PORT_TRIES):
+        try:
+            check_port_free(host, candidate)
+            return candidate
+        except UsageError:
+            continue
+    raise UsageError(f"ports {DEFAULT_PORT}-{DEFAULT_PORT + PORT_TRIES - 1} on {host} are all taken; choose one with "
+                     "--port (nothing was loaded)")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     check_args(args)
-    check_port_free(args.host, args.port)
+    port = choose_port(args.host, args.port)
     engine, demo, auth = build_from_args(args)
     print(f"A/B votes are stored in {args.votes or default_votes_path()}", file=sys.stderr)
     if args.backend == "openai":
         print(f"answers come from the engine at {engine.where}: base {engine.base}, adapters "
               f"{', '.join(engine.adapter_names()) or 'none'}", file=sys.stderr)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                    auth_message="persona-lora demo" if auth else None)
+        # quiet: Gradio's own start-up text names Python (`share=True` in `launch()`); ours names our flags
+        demo.launch(server_name=args.host, server_port=port, share=args.share, auth=auth, quiet=True,
+                    auth_message="persona-lora demo" if auth else None, prevent_thread_lock=True)
+        print(startup_line(demo, args.host, port, share=args.share, auth=bool(auth)), flush=True)
+        demo.block_thread()
     except OSError as e:  # port taken, address not available
-        raise UsageError(f"cannot serve on {args.host}:{args.port} ({e}); choose another --port or --host") from e
+        raise UsageError(f"cannot serve on {args.host}:{port} ({e}); choose another --port or --host") from e
     finally:
         engine.close()
     return 0
+
+
+def startup_line(demo, host: str, port: int, *, share: bool, auth: bool) -> str:
+    """Where the demo is, in our words: the local address, the public link with --share (or how to get one)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    line = f"demo running on http://{shown}:{port} (Ctrl-C to stop)"
+    if share:
+        link = getattr(demo, "share_url", None)
+        return line + (f"; public link: {link}" if link else "; no public link could be made (--share needs the "
+                                                             "internet)")
+    return line + ("; --share makes a public link" + ("" if auth else " (add --auth USER:PASSWORD with it)"))

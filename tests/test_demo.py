@@ -517,7 +517,7 @@ def test_cli_registers_demo_and_checks_options(tiny_base, tmp_path, capsys):
 
     args = build_parser().parse_args(["demo", "--base", str(tiny_base), "--adapter", "a", "--adapter", "o/n@v1",
                                       "--votes", str(tmp_path / "v.sqlite"), "--auth", "me:pw"])
-    assert args.adapter == ["a", "o/n@v1"] and args.port == 7860 and args.host == "127.0.0.1" and not args.share
+    assert args.adapter == ["a", "o/n@v1"] and args.port is None and args.host == "127.0.0.1" and not args.share
     from persona_lora.demo.cli import check_args
 
     assert check_args(args) == ("me", "pw")
@@ -527,6 +527,34 @@ def test_cli_registers_demo_and_checks_options(tiny_base, tmp_path, capsys):
     assert main(["demo", "--base", str(tiny_base), "--port", "70000"]) == 2
     assert main(["demo", "--base", str(tmp_path / "nobase"), "--votes", str(tmp_path / "v.sqlite")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_commands_work_while_the_default_port_is_taken(tiny_base, tmp_path, capsys):
+    """`make test` beside a running quickstart demo: with 7860 held (by this test, or already by something else)
+    the demo's refusals are the same, a demo without --port takes the next free port, and an explicit --port
+    that is taken is refused before anything is loaded."""
+    import socket
+
+    from persona_lora.cli import main
+    from persona_lora.demo.cli import DEFAULT_PORT, choose_port
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        try:
+            holder.bind(("127.0.0.1", DEFAULT_PORT))
+            holder.listen(1)
+        except OSError:
+            pass  # already taken by something else: the condition this test is about
+        assert main(["demo", "--base", str(tmp_path / "nobase"), "--votes", str(tmp_path / "v.sqlite")]) == 1
+        assert "does not exist" in capsys.readouterr().err
+        assert main(["demo", "--base", str(tiny_base), "--auth", "nopassword"]) == 2
+        assert "--auth must look like USER:PASSWORD" in capsys.readouterr().err
+        assert choose_port("127.0.0.1", None) > DEFAULT_PORT
+        assert main(["demo", "--base", str(tiny_base), "--port", str(DEFAULT_PORT)]) == 2
+        assert f"cannot serve on 127.0.0.1:{DEFAULT_PORT}" in capsys.readouterr().err
+        assert not (tmp_path / "v.sqlite").exists()  # nothing was written by the refused starts
+    finally:
+        holder.close()
 
 
 def demo_from_argv(argv: list[str]):
