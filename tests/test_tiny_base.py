@@ -345,3 +345,29 @@ def test_cli_bad_size_is_one_line_naming_the_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--hidden (100) must be divisible by --heads (3)" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_wide_base_writes_the_original_layout_one_layer_per_shard(tmp_path):
+    """The lite-wide writer (here at toy widths, bfloat16): transformers loads it with nothing missing or left
+    over, the experts fused from the per-expert tensors, one shard per layer plus embeddings and head; the same
+    arguments give the same bytes."""
+    from persona_lora.train.tiny_base import build_wide_base
+
+    widths = TinySpec(hidden=64, heads=2, experts=8, experts_per_token=2, moe_intermediate=32, dense_intermediate=96,
+                      kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=600)
+    a = build_wide_base(tmp_path / "a", layers=3, dtype="bfloat16", widths=widths)
+    b = build_wide_base(tmp_path / "b", layers=3, dtype="bfloat16", widths=widths)
+    shards = sorted(p.name for p in a.glob("*.safetensors"))
+    assert len(shards) == 5 and all((a / n).read_bytes() == (b / n).read_bytes() for n in shards)
+    index = json.loads((a / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in index and not any("gate_up" in k for k in index)
+    model, info = AutoModelForCausalLM.from_pretrained(a, output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.dtype == torch.bfloat16 and model.model.layers[1].mlp.experts.gate_up_proj.shape == (8, 64, 64)
+    assert torch.equal(model.model.norm.weight, torch.ones(64, dtype=torch.bfloat16))
+
+
+def test_lite_wide_refuses_size_flags(tmp_path, capsys):
+    assert main(["tiny-base", str(tmp_path / "w"), "--preset", "lite-wide", "--hidden", "64"]) != 0
+    assert "drop --hidden" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    assert main(["tiny-base", str(tmp_path / "t"), "--dtype", "bfloat16"]) != 0

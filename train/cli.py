@@ -102,8 +102,9 @@ def run_tiny_base(args: argparse.Namespace) -> int:
     if args.preset == "lite-wide":
         fixed = sorted(set(given) - {"layers", "seed"})
         if fixed:
-            raise UsageError(f"--preset lite-wide has the real model's sizes; drop {', '.join(
-                '--' + n.replace('_', '-') for n in fixed)} (only --layers, --seed, --dtype and --corpus apply)")
+            names = ", ".join("--" + n.replace("_", "-") for n in fixed)
+            raise UsageError(f"--preset lite-wide has the real model's sizes; drop {names} (only --layers, --seed, "
+                             "--dtype and --corpus apply)")
         out = build_wide_base(args.out_dir, given.get("layers", PRESETS["lite-wide"].layers),
                               args.dtype or "bfloat16", given.get("seed", 0), args.corpus)
     else:

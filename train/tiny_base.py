@@ -12,7 +12,10 @@ build, deterministically and in seconds, a model folder that looks like the real
   and merge code sees real shards.
 - a byte-level BPE tokenizer trained on our own sample text, with DeepSeek's special tokens and chat template.
 
-`real_config()` also gives the full-size config, used by the GPU benchmark with random weights.
+`real_config()` also gives the full-size config, used by the GPU benchmark with random weights, and
+`build_wide_base()` writes the `lite-wide` preset: random weights with the real model's exact widths (hidden 2048,
+64 routed experts of 1408, vocabulary 102,400, ...) and only a few layers, so that the speed of the routed-expert
+LoRA at full width can be measured on a CPU (bench/bench_wide.py) and, with all 27 layers, on a GPU.
 """
 
 from __future__ import annotations
@@ -63,6 +66,14 @@ class TinySpec:
     shards: int = 2
     seed: int = 0
     head_std_x1000: int = 80  # output-head init std ×1000 (see build_tiny_base)
+
+
+# DeepSeek-Coder-V2-Lite-Instruct's widths with 3 layers (one dense, two MoE): `tiny-base --preset lite-wide`.
+LITE_WIDE = TinySpec(layers=3, hidden=2048, heads=16, experts=64, experts_per_token=6, shared_experts=2,
+                     moe_intermediate=1408, dense_intermediate=10944, kv_lora_rank=512, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128, vocab_size=102400, head_std_x1000=20)
+PRESETS = {"toy": TinySpec(), "lite-wide": LITE_WIDE}
+DTYPES = ("float32", "bfloat16")
 
 
 def real_config(**overrides) -> dict:
@@ -362,4 +373,70 @@ def build_tiny_base(out_dir: Path, spec: TinySpec = TinySpec(), corpus_files: li
         f"until a LoRA adapter is trained on it.\n"
     )
     log.info("tiny base written to %s", out_dir)
+    return out_dir
+
+
+def build_wide_base(out_dir: Path, layers: int = LITE_WIDE.layers, dtype: str = "bfloat16", seed: int = 0,
+                    corpus_files: list[Path] | None = None, widths: TinySpec = LITE_WIDE) -> Path:
+    """Write the `lite-wide` base: DeepSeek-Coder-V2-Lite's exact widths, `layers` layers (layer 0 dense, the rest
+    MoE), random weights (std 0.02, norms 1) in the original per-expert layout, one safetensors shard per layer
+    plus one for the embeddings and one for the final norm and output head. Same arguments -> same bytes.
+
+    At these widths a model built whole (as `build_tiny_base` does) and then re-laid out per expert would hold the
+    weights two or three times over (3 layers: 1.67B parameters, 6.7 GB in fp32); here each tensor is drawn, cast
+    and written one layer at a time from the shapes of a model built on the meta device, so peak memory is about
+    one layer. `widths`: other sizes written the same way (tests)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    spec = TinySpec(**{**widths.__dict__, "layers": layers, "seed": seed})
+    validate_spec(spec)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UsageError(f"{out_dir} exists and is not empty; choose a new folder or remove it first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tokenizer(corpus_texts(corpus_files), spec.vocab_size)
+    tokenizer.save_pretrained(out_dir)
+    cfg = tiny_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    cfg["torch_dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out_dir))
+    shapes = to_original_layout({k: v for k, v in meta.state_dict().items()})
+    groups: dict[int, list[str]] = {}
+    for key in shapes:
+        layer = _layer_of(key)
+        groups.setdefault(layer if layer >= 0 or key.startswith("model.embed_tokens") else layers, []).append(key)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    order = sorted(groups)  # -1: embeddings, 0..layers-1, then the final norm and the output head
+    for i, group in enumerate(order, 1):
+        name = f"model-{i:05d}-of-{len(order):05d}.safetensors"
+        tensors = {}
+        for key in sorted(groups[group]):
+            t = torch.empty(shapes[key].shape, dtype=torch.float32)
+            if key.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, (spec.head_std_x1000 / 1000) if key == "lm_head.weight" else 0.02, generator=generator)
+            tensors[key] = t.to(getattr(torch, dtype))
+            total += tensors[key].numel() * tensors[key].element_size()
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.eos_token_id, do_sample=False, max_new_tokens=64).save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(
+        f"# lite-wide deepseek_v2 base (random weights)\n\nBuilt by `persona-lora tiny-base --preset lite-wide` for "
+        f"benchmarks: DeepSeek-Coder-V2-Lite-Instruct's exact widths and checkpoint layout with {layers} layers "
+        f"(layer 0 dense, the rest MoE: 64 routed experts of 1408, top-6, 2 shared), {dtype}. Its answers are "
+        f"noise.\n"
+    )
+    log.info("lite-wide base written to %s", out_dir)
     return out_dir
