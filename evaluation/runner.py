@@ -122,6 +122,7 @@ def evaluate(o: EvalOptions, stream=None) -> dict:
            "device": str(models.device) if models is not None else None}
     report = build_report(plan, store.rows(), judge_id=judge.id if judge else None, run=run)
     run["created_at"] = report["created_at"]
+    store.claim()  # the folder exists once there is a report to write
     write_json(report, Path(o.out) / REPORT_JSON)
     write_html(report, Path(o.out) / REPORT_HTML)
     return report

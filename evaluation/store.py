@@ -8,7 +8,10 @@ rerun with the same `--out` continues where it stopped.
   its own.
 - `report.json`, `report.html`: rebuilt from the rows at the end of every run.
 
-A folder that holds other files and no `run.json` is not ours: nothing is written into it.
+A folder that holds other files and no `run.json` is not ours: nothing is written into it. The folder is checked
+when the store opens (`persona_lora.output_folder.check_target`, like every command's output) but created (and,
+with `--overwrite`, the old evaluation's files removed) only when the first row is written (`claim`): an evaluation
+refused at start-up (an adapter that does not load, say) leaves no folder and loses no earlier rows.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 from pathlib import Path
 
 from persona_lora.errors import UsageError
+from persona_lora.output_folder import check_target
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +58,24 @@ class RowStore:
     def __init__(self, out: Path, fingerprint: dict, *, overwrite: bool = False):
         self.out = Path(out)
         self.rows_path = self.out / ROWS_FILE
-        self._open(fingerprint, overwrite)
+        self._fingerprint, self._overwrite, self._claimed = fingerprint, overwrite, False
+        self._check(fingerprint, overwrite)
         self._rows: dict[tuple, dict] = {}
-        for row in self._read():
+        for row in ([] if overwrite else self._read()):
             self._rows.setdefault(row_key(row), row)
         self.resumed = bool(self._rows)
 
-    def _open(self, fingerprint: dict, overwrite: bool) -> None:
+    def _check(self, fingerprint: dict, overwrite: bool) -> None:
+        """Refuse an `--out` this evaluation may not use; changes nothing."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} is a file; give a folder for the report")
+        check_target(out, option="--out", add=True)  # an unwritable place is refused before any model loads
         run = out / RUN_FILE
         if out.is_dir() and not run.is_file() and any(p.name not in OURS for p in out.iterdir()):
             raise UsageError(f"--out {out} holds other files and no {RUN_FILE}: it is not an evaluation folder; give "
                              "an empty or new folder")
-        if overwrite:
-            for name in OURS:
-                (out / name).unlink(missing_ok=True)
-        elif run.is_file():
+        if not overwrite and run.is_file():
             try:
                 old = json.loads(run.read_text(encoding="utf-8"))
             except ValueError:
@@ -80,10 +84,22 @@ class RowStore:
                 changed = "; ".join(_changes(old, fingerprint)[:6])
                 raise UsageError(f"--out {out} holds an evaluation with other settings ({changed}); rerun with the "
                                  "same settings to resume it, give another --out, or --overwrite to start over")
+
+    def claim(self) -> None:
+        """Create the folder with its `run.json` (with `--overwrite`, the old evaluation's files go now); done
+        once, before the first row or the report is written."""
+        if self._claimed:
+            return
+        out, run = self.out, self.out / RUN_FILE
+        if self._overwrite:
+            for name in OURS:
+                (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         tmp = run.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(fingerprint, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(self._fingerprint, ensure_ascii=False, indent=1, sort_keys=True) + "\n",
+                       encoding="utf-8")
         os.replace(tmp, run)
+        self._claimed = True
 
     def _read(self) -> list[dict]:
         if not self.rows_path.is_file():
@@ -112,6 +128,7 @@ class RowStore:
         """Write finished rows for good (flushed and synced) before anything else happens."""
         if not rows:
             return
+        self.claim()
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         with open(self.rows_path, "a+b") as f:
             if f.tell() > 0:

@@ -112,7 +112,7 @@ def push_space(plan: SpacePlan, *, push_adapters: bool = False, overwrite: bool 
         _push_adapters(plan, repo_id.split("/")[0], token)
     with tempfile.TemporaryDirectory(prefix="persona-lora-space-") as tmp:
         folder = Path(tmp) / "space"
-        files = write_space(plan, folder)
+        files = write_space(plan, folder, option="the Space's temporary folder")
         _refuse_token_in_files(folder, files, token)
         stale = sorted(set(existing.old_files) - set(files))
         with be.errors("push the Space", repo_id, token=token):
