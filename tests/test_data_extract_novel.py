@@ -269,3 +269,24 @@ def test_a_resume_after_kill_9_sends_no_answered_chunk_again(novel, server, tmp_
     assert resent == []
     assert len(server.requests) - sent_before == chunks - len(answered)
     assert speech(out) == lines
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_exit_130_keeps_the_answers_and_writes_no_output(novel, server, tmp_path):
+    import signal
+
+    path, text, lines = novel
+    out, cache = tmp_path / "d.jsonl", tmp_path / "cache"
+    server.token_delay = 0.004
+    cmd = [sys.executable, "-m", "persona_lora", "data", "extract", str(path), "--out", str(out), "--format",
+           "novel", "--endpoint", server.url, "--model", "extractor", "--cache-dir", str(cache), "--chunk-chars",
+           str(CHUNK), "--overlap-chars", str(OVERLAP), "--concurrency", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and 1 <= len(list(cache.glob("*.json"))) < n_chunks(text)
+    assert main(cmd[3:]) == 0 and speech(out) == lines
