@@ -214,3 +214,23 @@ def test_training_on_a_built_file_carries_the_provenance_into_manifest_and_card(
     assert extraction.source_sha256 == sha256_file(EXAMPLES / "palace.txt")
     card = (run / "README.md").read_text(encoding="utf-8")
     assert "palace.txt" in card and extraction.source_sha256 in card and "palace.card.md" in card
+
+
+def test_a_broken_dialogue_file_names_every_problem(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"kind": "speech", "speaker": "Anne", "line": "hi", "scene": 0}\n'
+                    '{"kind": "speech", "speaker": "", "line": "x"}\nnot json\n[1]\n'
+                    '{"kind": "song", "text": "la"}\n'
+                    '{"kind": "speech", "speaker": "Cleo", "line": "ok", "scene": -1}\n',
+                    encoding="utf-8")
+    code, _, err = build(capsys, path, tmp_path / "data.json", "--character", "Cleo")
+    assert code == 1 and "Traceback" not in err
+    for problem in ("line 2: 'speaker' must be a non-empty string", "line 3: not JSON", "line 4: expected a JSON "
+                    "object", "line 5: kind 'song' is not one of", "line 6: 'scene' must be a scene index"):
+        assert problem in err
+    for raw, message in [(b"", "is empty"), (b"\xff\xfe{}", "not UTF-8 (invalid byte at byte offset 0)"),
+                         (b'{"kind": "scene", "text": "S", "scene": 0}\n', "holds no speech records")]:
+        path.write_bytes(raw)
+        code, _, err = build(capsys, path, tmp_path / "data.json", "--character", "Cleo")
+        assert code == 1 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "data.json").exists()

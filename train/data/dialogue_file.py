@@ -63,7 +63,11 @@ def read_dialogue(path: str | Path) -> DialogueFile:
         raise SourceFileError(f"{path} does not exist; fix: give the file `persona-lora data extract --out` wrote")
     out = DialogueFile()
     problems: list[str] = []
-    text = path.read_text(encoding="utf-8", errors="strict") if path.stat().st_size else ""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceFileError(f"{path}: not UTF-8 (invalid byte at byte offset {e.start}); fix: give the file "
+                              "`persona-lora data extract --out` wrote, or save it as UTF-8") from None
     if not text.strip():
         raise SourceFileError(f"{path} is empty; fix: run `persona-lora data extract SOURCE --out {path.name}` first")
     for number, line in enumerate(text.split("\n"), start=1):
