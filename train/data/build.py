@@ -345,5 +345,8 @@ def run_build(opts: BuildOptions, print_line=print) -> int:
     print_line(f"wrote {data_path} ({len(result.train)} records, {_scenes(len(result.scenes_train))})"
                + (f", {eval_path} ({len(result.eval)} records, {_scenes(len(result.scenes_eval))})" if result.eval
                   else "") + f", {card_path}")
+    if system:
+        print_line("every record carries the system prompt; set data.system_prompt in the training config to the "
+                   "same text too, so the manifest, the demo and eval prompt the persona as it was trained")
     print_line(f"next: persona-lora data check {data_path}")
     return 0
