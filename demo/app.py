@@ -216,7 +216,8 @@ class _Handlers:
 
     def info_markdown(self, name: str | None) -> str:
         sides = self.engine.describe(name)
-        return f"**Base pane:** {_code(sides['base'])}  \n**Adapter pane:** {_code(sides['adapter'])}"
+        notice = f"**Note:** {html.escape(sides['notice'])}  \n" if sides.get("notice") else ""
+        return notice + f"**Base pane:** {_code(sides['base'])}  \n**Adapter pane:** {_code(sides['adapter'])}"
 
     def on_pick(self, name):
         try:
@@ -423,18 +424,23 @@ def _reject(problem: str | Exception) -> gr.Error:
     if isinstance(problem, PersonaLoraError) or isinstance(problem, str):
         message = str(problem).strip() or type(problem).__name__
         log.warning("request refused: %s", message.splitlines()[0])
+        if isinstance(problem, Exception):
+            log.debug("traceback of the refused request", exc_info=problem)
     else:
         message = (f"unexpected {type(problem).__name__}: {str(problem).strip() or 'no details'}; the server log has "
                    "more (run the demo with -vv for the traceback)")
         log.error("request failed: %s", message)
         log.debug("traceback of the failed request", exc_info=problem)
-    return gr.Error(message)
+    # print_exception=False: Gradio would print the whole chained traceback for every refusal; the line above says
+    # it, and -vv adds the traceback
+    return gr.Error(message, print_exception=False)
 
 
 def _chatbot(label: str, elem_id: str, height: int) -> gr.Chatbot:
     """A chat pane that renders Markdown but never runs HTML from prompts or answers (sanitized, no custom tags)."""
+    # min_width: two panes side by side need ~600 px; on a narrower window (a phone) the row wraps them
     return gr.Chatbot(label=label, height=height, sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
-                      elem_id=elem_id)
+                      elem_id=elem_id, min_width=300)
 
 
 def _with(turns: list[dict], answer: str) -> list[dict]:

@@ -17,6 +17,7 @@ its model computes alone, so every side's greedy answer equals standalone `gener
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -24,6 +25,19 @@ from typing import Any, Protocol
 from persona_lora.errors import UsageError
 
 log = logging.getLogger(__name__)
+
+# C0 control characters but tab and newline, and DEL: a model (a random one certainly) can emit the bytes, and a
+# pane or a terminal showing them would look broken
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def shown_text(text: str, *, done: bool) -> str:
+    """An answer as the panes show it, mid-stream or final: control characters removed, and the replacement
+    characters that stand for the first bytes of a character still being generated held back (a byte-level
+    tokenizer emits a CJK character over several tokens; decoding mid-way gives U+FFFD). A final answer cut by
+    the token limit in the middle of a character drops that half character the same way."""
+    text = _CONTROLS.sub("", text).lstrip()
+    return text.rstrip().rstrip("\ufffd").rstrip() if done else text.rstrip("\ufffd")
 
 
 @dataclass(frozen=True)
@@ -207,5 +221,4 @@ class Job:
     def _text(self, r: Row) -> str:
         if self.codec is None:
             return ""
-        text = self.codec.decode(r.tokens)
-        return text.strip() if r.done else text.lstrip().rstrip("\ufffd")  # no half UTF-8 character mid-stream
+        return shown_text(self.codec.decode(r.tokens), done=r.done)

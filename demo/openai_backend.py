@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_lora.demo.backend import SideFailed, final
-from persona_lora.demo.decode import GenerationSettings
+from persona_lora.demo.decode import GenerationSettings, shown_text
 from persona_lora.errors import UsageError
 from persona_lora.openai_endpoint import endpoint_url, read_api_key, scrubber, shown_url
 
@@ -297,19 +297,19 @@ class OpenAIBackend:
                     piece = choice.delta.content if choice.delta is not None else None
                     if piece:
                         text += piece
-                        events.put(("text", side.index, text.lstrip().rstrip("\ufffd")))
+                        events.put(("text", side.index, shown_text(text, done=False)))
                     finished = choice.finish_reason or finished
             if side.cancelled.is_set():
                 return
             if finished is None:
                 raise _StreamCut()
-            events.put(("done", side.index, text.strip()))
+            events.put(("done", side.index, shown_text(text, done=True)))
         except Exception as e:  # noqa: BLE001 - every failure ends this side with one message
             if side.cancelled.is_set():
                 return
             why = self._explain(e, side.model, mid_answer=side.attached)
             log.warning("%s side (%s) failed: %s", "base" if side.model == self.base else "adapter", side.model, why)
-            events.put(("error", side.index, (why, text.strip())))
+            events.put(("error", side.index, (why, shown_text(text, done=True))))
         finally:
             side.cancel()
 

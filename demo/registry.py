@@ -23,6 +23,7 @@ from persona_lora.chat_format import require_chat_template
 from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 from persona_lora.hub_ids import is_commit
+from persona_lora.model_loading import has_random_weights
 from persona_lora.peft_compat import has_expert_lora
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class AdapterRegistry:
             if manifest.kind == "merged":
                 raise ModelLoadError(f"{folder} is a merged model, not an adapter; run the demo with --base {folder}")
             chat, preset = manifest.chat or ChatInfo(), (manifest.lora.preset if manifest.lora else None)
+            if interrupted := manifest.interrupted_at():  # an unfinished run must not pass for a finished one
+                warnings.append(f"unfinished: training was {interrupted}; the weights are from that step")
         else:
             warnings.append(f"no {MANIFEST_NAME}: no system prompt, the base's chat template is assumed")
             log.warning("%s has no %s: it was not written by persona-lora", folder, MANIFEST_NAME)
@@ -188,13 +191,21 @@ class AdapterRegistry:
         base_rev = self.base.revision or ("local folder" if self.base.source == "local" else "main")
         if self.base.source != "local" and is_commit(self.base.path.name) and self.base.path.name != base_rev:
             base_rev = f"{base_rev} ({self.base.path.name[:10]})"  # the snapshot actually loaded
+        notice = {"notice": random_base_notice(self.base.id)} if has_random_weights(self.base.path) else {}
         if not name:
             return {"base": f"base {self.base.id} ({base_rev}) · chat template: {self.base_template_origin}",
-                    "adapter": "no adapter loaded"}
+                    "adapter": "no adapter loaded", **notice}
         info = self.get(name)
         tmpl = f"chat template: {info.template_origin}, sha {template_sha(info.chat_template)}"
         warn = "".join(f" · WARNING: {w}" for w in info.warnings)
         return {
             "base": f"base {self.base.id} ({base_rev}), no adapter · {tmpl}",
             "adapter": f"adapter {info.name} ({info.source}, {info.version}) on base {self.base.id} · {tmpl}{warn}",
+            **notice,
         }
+
+
+def random_base_notice(base_id: str) -> str:
+    """One line for a base built with random weights (`persona-lora tiny-base`): what each pane is expected to show."""
+    return (f"{base_id} is the tiny test model with random weights: the Base pane writes noise (random characters) "
+            "by design; an adapter trained on it answers its training prompts in persona.")

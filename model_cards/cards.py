@@ -75,8 +75,11 @@ def build_context(m: Manifest, adapter_config: dict | None, *, loss_png: str | N
         trained_on = code(dataset.name)
     if trained_on and is_num(stats.train_examples):
         trained_on += f" ({num(stats.train_examples)} training examples)"
+    interrupted = m.interrupted_at()
     return {
         "kind": m.kind,
+        "interrupted": (f"**Unfinished: training was {esc(interrupted)}.** These weights are from the last step "
+                        "reached; `persona-lora train CONFIG --resume` continues the run.") if interrupted else None,
         "name": esc(name or own_id),
         "base_ref": base_ref,
         "base_model_type": code(base.model_type) if base.model_type else None,

@@ -255,6 +255,8 @@ class RunInfo:
                                                      "steps alone")
     resumed: bool | None = _f(None, "continued from a checkpoint")
     interrupted: bool | None = _f(None, "stopped early by Ctrl-C: the weights are from the last step reached")
+    planned_steps: int | None = _f(None, "optimizer steps the run was scheduled for (metrics.steps of them done)",
+                                   omit_none=True)
     changes: list[str] = _f([], "settings changed when the run was resumed (--allow-changes), with the step")
 
     @property
@@ -319,6 +321,18 @@ class Manifest:
     preference: PreferenceInfo | None = _f(None, "preference tuning (dpo, kto): method, reference, lineage, data")
     config: dict[str, Any] | None = _f(None, "the resolved training config the run used (every section and key; "
                                              "local paths reduced to names), so it can be run again")
+
+    def interrupted_at(self) -> str | None:
+        """`interrupted at step 32 of 220` for a run stopped by Ctrl-C (None otherwise): the card's first lines and
+        the demo's info line say it in these words, so an unfinished adapter is never taken for a finished one."""
+        if self.run is None or not (self.run.interrupted or self.run.state == "interrupted"):
+            return None
+        done = self.metrics.steps if self.metrics is not None else None
+        planned = self.run.planned_steps or (self.training.max_steps if self.training is not None
+                                             and (self.training.max_steps or 0) > 0 else None)
+        if done is None:
+            return "interrupted"
+        return f"interrupted at step {done}" + (f" of {planned}" if planned else "")
 
     def to_dict(self) -> dict:
         """The JSON object written to disk (and what cards render after scrubbing)."""

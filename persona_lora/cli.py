@@ -27,6 +27,7 @@ from persona_lora.hub_tools.merge import cli as merge_cli
 from persona_lora.hub_tools.serve import cli as serve_cli
 from persona_lora.hub_tools.space import cli as space_cli
 from persona_lora.model_cards import cli as card_cli
+from persona_lora.progress import set_invocation
 from persona_lora.train import cli as train_cli
 from persona_lora.train.data import cli as data_cli
 from persona_lora.train.reproduce import cli as reproduce_cli
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    set_invocation(argv if argv is not None else sys.argv[1:])  # for the commands that print how to continue
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -19,6 +19,22 @@ from persona_lora.hub_ids import SOURCES, is_repo_id
 log = logging.getLogger(__name__)
 
 # Only what a model needs, never pickled weights.
+# config.json key of the bases `persona-lora tiny-base` builds: random weights, so their answers are noise. The demo
+# reads it to say so on the page (a newcomer would otherwise take the noise for a fault).
+RANDOM_WEIGHTS_KEY = "persona_lora_random_weights"
+
+
+def has_random_weights(model_dir: Path) -> bool:
+    """Whether the base in `model_dir` was built with random weights (its config.json says so)."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get(RANDOM_WEIGHTS_KEY) is True
+
+
 BASE_PATTERNS = [
     "*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "README.md", "LICENSE*"
 ]
@@ -150,6 +166,9 @@ def from_pretrained(path, name: str, kwargs: dict, device: str, how: str = ""):
     one ModelLoadError naming `name`; `how` says how it was being loaded (e.g. " sharded over 2 processes")."""
     from transformers import AutoModelForCausalLM
 
+    from persona_lora.progress import quiet_libraries
+
+    quiet_libraries()  # no "Loading weights" bar between our own progress lines (shown at -v)
     if device.startswith("cuda"):
         kwargs = {**kwargs, "attn_implementation": attention_implementation()}
     try:
@@ -177,6 +196,9 @@ def load_base_model(
 
     rb = base if isinstance(base, ResolvedBase) else resolve_base(base, revision=revision, source=source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():  # torch would fail with an AssertionError
+        raise UsageError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}); "
+                         "use --device cpu or leave --device out")
     kwargs = {"dtype": parse_dtype(dtype, device), "trust_remote_code": trust_remote_code}
     if load_in_4bit:
         if not device.startswith("cuda") or not torch.cuda.is_available():

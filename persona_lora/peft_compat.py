@@ -54,10 +54,16 @@ import functools
 import logging
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# PeftModel's constructor asks the model `is_gradient_checkpointing`, which transformers 5 deprecated for
+# `is_activation_checkpointing`: a FutureWarning printed on every training run and demo start that the user can do
+# nothing about. Filtered here, where the PEFT internals are kept, for that message alone.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 VERIFIED_PEFT = "0.21.2"
 _lock = threading.RLock()

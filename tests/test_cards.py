@@ -465,3 +465,19 @@ def test_control_characters_from_model_answers_never_reach_the_card(tmp_path):
     text = card_text(folder_from("attention_hub", tmp_path, noisy))
     assert not any(ch in text for ch in "\x00\x1b\x07")
     assert "| hi\ufffd | \ufffd\\[31mred\ufffd\\[0m | tab\tand<br>newline\ufffd |" in text
+
+
+def test_an_interrupted_run_says_so_in_the_cards_first_lines(tmp_path):
+    """Ctrl-C leaves a usable adapter: its card must say in its first lines that it is unfinished, and how far it
+    got, not only in the results section further down."""
+
+    def interrupted(m):
+        m["run"] = {**(m.get("run") or {}), "state": "interrupted", "interrupted": True, "planned_steps": 220}
+        m.setdefault("metrics", {})["steps"] = 32
+
+    text = card_text(folder_from("attention_hub", tmp_path, interrupted))
+    body = text.split("---", 2)[2].lstrip().splitlines()
+    assert body[0].startswith("# ")
+    assert "**Unfinished: training was interrupted at step 32 of 220.**" in "\n".join(body[:4])
+    finished = card_text(folder_from("attention_hub", tmp_path / "f"))
+    assert "Unfinished" not in finished and "interrupted at step" not in finished

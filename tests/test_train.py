@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -361,7 +362,11 @@ def test_ctrl_c_leaves_a_usable_adapter_and_resume_auto_continues(tiny_base, sma
     proc.send_signal(signal.SIGINT)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, text[-2000:]  # interrupted: not a success
-    assert "interrupted: checkpoint saved" in text
+    assert re.search(r"interrupted at step \d+ of 24: checkpoint saved", text), text[-2000:]
+    # the exact command that continues it: the command as run, with --resume
+    i = args.index("--resume")
+    assert "persona-lora train " + " ".join(args[1:i] + args[i + 2:]) + " --resume\n" in text, text[-2000:]
+    assert "{'loss'" not in text and "Loading weights" not in text and "FutureWarning" not in text
     m = manifest(out)
     steps = m["metrics"]["steps"]
     assert m["run"]["interrupted"] is True and m["run"]["resumed"] is False and 3 < steps < 24

@@ -367,8 +367,14 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
 
     from persona_lora.train.fsdp import all_ranks_planned
     from persona_lora.train.prepare import PreparedData
+    from persona_lora.train.progress import (
+        interrupted_at,
+        replace_library_output,
+        summary_lines,
+        train_progress_callback,
+    )
     from persona_lora.train.provenance import build_manifest
-    from persona_lora.train.run_folder import CHECKPOINTS, claim_output, complete_output, plan_output
+    from persona_lora.train.run_folder import CHECKPOINTS, abandon_output, claim_output, complete_output, plan_output
     from persona_lora.train.steps import (
         StopOnSignal,
         check_some_step_updates,
@@ -416,32 +422,39 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
     draft = build_manifest(cfg, setup, data, model, None, [], plan.out)
     _preference_section(draft, cfg, init, run, [])
     out = plan.work
-    if setup.rank == 0:  # only rank 0 writes the folder (data parallel runs)
-        claim_output(plan, model.trainable * (4 + 12 * cfg.training.save_total_limit))
-        write_manifest(out, draft)
-    else:
-        print_fn = lambda *a, **k: None  # noqa: E731
-    print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total) + "\n"
-             + coverage_note(cfg))
-    stop, tally = StopOnSignal(), new_tally()
-    callbacks = loop_callbacks(stop, tally, allow_no_update=cfg.training.allow_no_update)
-    trainer = preference_trainer(cfg, setup, model, run, out, callbacks)
-    t0 = time.time()
-    with stop, native_targets():
-        trainer.train()
-    result = loop_result(trainer, tally, t0, resumed=False, interrupted=stop.interrupted)
-    if not trainer.is_world_process_zero():
+    try:
+        if setup.rank == 0:  # only rank 0 writes the folder (data parallel runs)
+            claim_output(plan, model.trainable * (4 + 12 * cfg.training.save_total_limit))
+            write_manifest(out, draft)
+        else:
+            print_fn = lambda *a, **k: None  # noqa: E731
+        print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total) + "\n"
+                 + coverage_note(cfg))
+        stop, tally = StopOnSignal(), new_tally()
+        callbacks = [*loop_callbacks(stop, tally, allow_no_update=cfg.training.allow_no_update),
+                     train_progress_callback(method)]
+        trainer = preference_trainer(cfg, setup, model, run, out, callbacks)
+        replace_library_output(trainer)
+        t0 = time.time()
+        with stop, native_targets():
+            trainer.train()
+        result = loop_result(trainer, tally, t0, resumed=False, interrupted=stop.interrupted)
+        if not trainer.is_world_process_zero():
+            if result.interrupted:
+                raise TrainingInterrupted("interrupted")
+            return None
+        if REF in model.peft_model.peft_config:
+            model.peft_model.delete_adapter(REF)  # the folder holds the tuned adapter only
+            model.peft_model.set_adapter("default")
+        finalise(cfg, setup, data, model, result, out, started, [],
+                 extend_manifest=lambda m: _preference_section(m, cfg, init, run, result.history))
         if result.interrupted:
-            raise TrainingInterrupted("interrupted")
-        return None
-    if REF in model.peft_model.peft_config:
-        model.peft_model.delete_adapter(REF)  # the folder holds the tuned adapter only
-        model.peft_model.set_adapter("default")
-    finalise(cfg, setup, data, model, result, out, started, [],
-             extend_manifest=lambda m: _preference_section(m, cfg, init, run, result.history))
-    if result.interrupted:
-        raise TrainingInterrupted(f"interrupted: the adapter in {out} is from the last step reached (its card says "
-                                  f"so); checkpoints under {out / CHECKPOINTS}")
-    out = complete_output(plan)
-    print_fn(f"adapter written to {out}")
+            raise TrainingInterrupted(f"{interrupted_at(result)}: the adapter in {out} is from the last step reached "
+                                      f"(its card says so); checkpoints under {out / CHECKPOINTS}")
+        out = complete_output(plan)
+        for line in summary_lines(out, cfg.base.model, result):
+            print_fn(line)
+    except BaseException as e:
+        abandon_output(plan, e)  # a failed replacement leaves nothing; an interrupted one is kept to continue
+        raise
     return out

@@ -97,6 +97,7 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
                                     if result.wall_time_s > result.eval_time_s else None),
             resumed=result.resumed,
             interrupted=result.interrupted,
+            planned_steps=result.planned_steps,
             changes=list(changes or []),
         )
     world_size = result.world_size if result is not None else setup.world_size

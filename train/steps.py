@@ -51,6 +51,7 @@ class TrainResult:
     resumed: bool
     interrupted: bool
     eval_time_s: float  # of wall_time_s, the eval passes
+    planned_steps: int | None = None  # the optimizer steps the whole run is scheduled for ("step N of M")
 
 
 def set_up(cfg: TrainConfig) -> RunSetup:
@@ -195,7 +196,8 @@ def loop_result(trainer, tally: dict, started: float, *, resumed: bool, interrup
     """The TrainResult of a finished `trainer.train()` that ran with `loop_callbacks(..., tally)`."""
     return TrainResult(history=trainer.state.log_history, wall_time_s=time.time() - started,
                        tokens=max(tally["end"] - tally["start"], 0), world_size=trainer.args.world_size,
-                       resumed=resumed, interrupted=interrupted, eval_time_s=tally["eval_s"])
+                       resumed=resumed, interrupted=interrupted, eval_time_s=tally["eval_s"],
+                       planned_steps=trainer.state.max_steps or None)
 
 
 def loop_callbacks(stop: StopOnSignal, tally: dict, stop_after: int | None = None, allow_no_update: bool = False):

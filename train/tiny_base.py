@@ -29,6 +29,7 @@ from pathlib import Path
 from persona_lora import sample_data
 from persona_lora.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 from persona_lora.errors import UsageError
+from persona_lora.model_loading import RANDOM_WEIGHTS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +344,7 @@ def build_tiny_base(out_dir: Path, spec: TinySpec = TinySpec(), corpus_files: li
     tokenizer.save_pretrained(out_dir)
 
     cfg = tiny_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    cfg[RANDOM_WEIGHTS_KEY] = True  # the demo says so: a pane of noise is then expected, not a fault
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     config = AutoConfig.from_pretrained(out_dir)
@@ -402,6 +404,7 @@ def build_wide_base(out_dir: Path, layers: int = LITE_WIDE.layers, dtype: str = 
     tokenizer = train_tokenizer(corpus_texts(corpus_files), spec.vocab_size)
     tokenizer.save_pretrained(out_dir)
     cfg = tiny_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    cfg[RANDOM_WEIGHTS_KEY] = True  # the demo says so: a pane of noise is then expected, not a fault
     cfg["torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     with torch.device("meta"):

@@ -22,6 +22,7 @@ from persona_lora.artifact import write_manifest
 from persona_lora.chat_format import IGNORE_INDEX
 from persona_lora.errors import TrainingInterrupted, UsageError
 from persona_lora.peft_compat import native_targets
+from persona_lora.progress import verbose
 from persona_lora.train import fsdp
 from persona_lora.train.answer_logits import answer_logits_trainer
 from persona_lora.train.config import TrainConfig
@@ -33,8 +34,23 @@ from persona_lora.train.model_setup import (
     save_adapter,
 )
 from persona_lora.train.prepare import PreparedData, prepare_data
+from persona_lora.train.progress import (
+    interrupted_at,
+    replace_library_output,
+    resume_command,
+    summary_lines,
+    train_progress_callback,
+)
 from persona_lora.train.provenance import build_manifest, run_changes
-from persona_lora.train.run_folder import CHECKPOINTS, LOGS, OutputPlan, claim_output, complete_output, plan_output
+from persona_lora.train.run_folder import (
+    CHECKPOINTS,
+    LOGS,
+    OutputPlan,
+    abandon_output,
+    claim_output,
+    complete_output,
+    plan_output,
+)
 from persona_lora.train.samples import sample_answers
 from persona_lora.train.steps import (
     RunAlreadyFinished,
@@ -111,7 +127,7 @@ def training_arguments(cfg: TrainConfig, out: Path, setup: RunSetup, has_eval: b
         use_cpu=device == "cpu",
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
-        disable_tqdm=False,
+        disable_tqdm=not verbose(),  # train/progress.py draws the progress line; tqdm's bar only at -v
         log_level="warning",
         ddp_find_unused_parameters=False,
     )
@@ -154,8 +170,9 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
         eval_dataset=_to_dataset(data.eval) if data.eval else None,
         data_collator=_collator(cfg, setup.tokenizer, setup.device),
         processing_class=setup.tokenizer,
-        callbacks=loop_callbacks(stop, tally, stop_after, cfg.training.allow_no_update),
+        callbacks=[*loop_callbacks(stop, tally, stop_after, cfg.training.allow_no_update), train_progress_callback()],
     )
+    replace_library_output(trainer)
     started = time.time()
     with stop, native_targets():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -228,30 +245,36 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
         print_fn(f"{e}; nothing to do")
         return plan.out
     out = plan.work
-    if setup.rank == 0:
-        # adapter + optimizer state per kept checkpoint, in fp32: what the folder will need at most
-        claim_output(plan, model.trainable * (4 + 12 * cfg.training.save_total_limit))
-        draft.run.changes = changes
-        write_manifest(out, draft)  # the folder is recognisably this run's from its first step on
-    print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total))
-    if model.dropout_note:
-        print_fn(f"note: {model.dropout_note}")
-    if plan.resume_from:
-        print_fn(f"resuming from {plan.resume_from}")
-    trainer, result = train_loop(cfg, setup, data, model, out, plan.resume_from, stop_after)
-    if model.sharded and not trainer.is_world_process_zero():
-        finalise(cfg, setup, data, model, result, out, started, changes, write=False)
-    if trainer.is_world_process_zero():
-        finalise(cfg, setup, data, model, result, out, started, changes)
-        if result.interrupted:
-            where = (f"the new run is kept in {out}, the previous one in {plan.out} is untouched"
-                     if plan.replaces else f"the adapter in {out} is from the last step reached (its card says so)")
-            raise TrainingInterrupted(f"interrupted: checkpoint saved under {out / CHECKPOINTS}; {where}; continue "
-                                      f"with --resume{' --output-dir ' + str(out) if plan.replaces else ''}")
-        out = complete_output(plan)
-        print_fn(f"adapter written to {out}")
-    elif result.interrupted:
-        raise TrainingInterrupted("interrupted")
+    try:
+        if setup.rank == 0:
+            # adapter + optimizer state per kept checkpoint, in fp32: what the folder will need at most
+            claim_output(plan, model.trainable * (4 + 12 * cfg.training.save_total_limit))
+            draft.run.changes = changes
+            write_manifest(out, draft)  # the folder is recognisably this run's from its first step on
+        print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total))
+        if model.dropout_note:
+            print_fn(f"note: {model.dropout_note}")
+        if plan.resume_from:
+            print_fn(f"resuming from {plan.resume_from}")
+        trainer, result = train_loop(cfg, setup, data, model, out, plan.resume_from, stop_after)
+        if model.sharded and not trainer.is_world_process_zero():
+            finalise(cfg, setup, data, model, result, out, started, changes, write=False)
+        if trainer.is_world_process_zero():
+            finalise(cfg, setup, data, model, result, out, started, changes)
+            if result.interrupted:
+                where = (f"the new run is kept in {out}, the previous one in {plan.out} is untouched"
+                         if plan.replaces else f"the adapter in {out} is from the last step reached (its card says so)")
+                raise TrainingInterrupted(
+                    f"{interrupted_at(result)}: checkpoint saved under {out / CHECKPOINTS}; {where}. Continue "
+                    f"with:\n  {resume_command(out, output_dir_flag=plan.replaces)}")
+            out = complete_output(plan)
+            for line in summary_lines(out, cfg.base.model, result):
+                print_fn(line)
+        elif result.interrupted:
+            raise TrainingInterrupted("interrupted")
+    except BaseException as e:
+        abandon_output(plan, e)  # a failed replacement leaves nothing; an interrupted one is kept to continue
+        raise
     return out
 
 

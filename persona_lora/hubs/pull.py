@@ -140,19 +140,39 @@ def local_or_pulled(spec: str, *, hub: str = "hf", revision: str | None = None,
                     what: str = "ADAPTER") -> tuple[Path, HubRef | None, str | None]:
     """(local folder, hub reference or None, pulled commit or None) for a folder path or `owner/name[@revision]`.
 
-    An existing folder wins; otherwise a hub id is pulled and verified; anything else names the problem."""
+    An existing folder wins; otherwise a hub id is pulled and verified; anything else names the problem. A path
+    whose parent folder exists here (`runs/tiny-adaptr`) is a mistyped folder, not a hub id: it is reported as
+    such, with the closest names in that folder, and the hub is never asked (a network error would hide the cause)."""
     local = Path(spec).expanduser()
     if local.is_dir():
         return local.resolve(), None, None
     ref = parse_hub_ref(spec)
-    if ref is None or spec.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{what} {spec}: no such folder, and it is not a hub id (owner/name[@revision])")
+    parent_here = str(local.parent) not in (".", "") and local.parent.is_dir()
+    if ref is None or spec.startswith((".", "/", "~")) or parent_here:
+        message = f"{what} {spec}: no such folder"
+        if ref is None:
+            message += ", and it is not a hub id (owner/name[@revision])"
+        elif parent_here:
+            message += f" (not tried as a hub id: {local.parent} is a folder here)"
+        raise ModelLoadError(message + (_closest(local) if parent_here else ""))
     ref = HubRef(ref.repo_id, revision or ref.revision)
     try:
         folder = pull(ref.repo_id, hub=hub, revision=ref.revision)
     except HubError as e:
-        raise HubError(f"{e} ({what} {spec} was tried as a hub id: there is no local folder of that name)") from e
+        raise HubError(f"{what} {spec}: there is no local folder of that name, and as a hub id: {e}") from e
     return folder.resolve(), ref, folder.name if is_commit(folder.name) else None
+
+
+def _closest(path: Path) -> str:
+    """`; did you mean runs/tiny-adapter?` from the names beside a mistyped folder."""
+    import difflib
+
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(str(path.parent / c) for c in close)}?" if close else ""
 
 
 def list_adapters(base_id: str, *, hub: str = "hf", token: str | None = None) -> list[str]:
