@@ -178,7 +178,7 @@ def trained_adapter(tiny_base, small_persona_data, tmp_path_factory) -> Path:
     """A real adapter folder written by `persona-lora train` (all preset, ~60 steps on 16 records)."""
     from persona_lora.cli import main
 
-    out = tmp_path_factory.mktemp("runs") / "tiny-persona"
+    out = tmp_path_factory.mktemp("runs") / "tiny-adapter"
     assert main(train_args(tiny_base, small_persona_data, out)) == 0
     return out
 

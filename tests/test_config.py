@@ -166,3 +166,15 @@ def test_help_config_lists_every_key(capsys):
     assert main(["train", "--help-config"]) == 0
     out = capsys.readouterr().out
     assert "training.learning_rate" in out and "lora.preset" in out and "base.load_in_4bit" in out
+
+
+def test_every_shipped_config_names_its_adapter_as_its_output_folder():
+    """One name per adapter: the card (config `name`), the demo's picker and the DPO lineage (the folder's name)
+    and the README's hub ids must not call the same adapter two things."""
+    from pathlib import Path
+
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert cfg["name"] == Path(cfg["training"]["output_dir"]).name, path.name

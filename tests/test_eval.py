@@ -444,7 +444,7 @@ def test_trained_adapter_beats_the_base_on_its_records_and_its_held_out_split_is
     assert main(["eval", str(trained_adapter), "--base", str(tiny_base), "--data", str(small_persona_data),
                  "--split", "train", "-n", "6", "--max-new-tokens", "4", "--guard", "off", "--out", str(out)]) == 0
     r = report_of(out)
-    assert r["summary"]["tiny-persona"]["loss"] < r["summary"]["base"]["loss"]
+    assert r["summary"]["tiny-adapter"]["loss"] < r["summary"]["base"]["loss"]
     assert r["adapters"][0]["held_out"] is False and "not held-out figures" in r["adapters"][0]["warnings"][0]
     assert r["settings"]["markers"] == ["本宫", "臣妾"]  # data.markers of configs/tiny.yaml, from the manifest
 

@@ -77,7 +77,7 @@ def test_training_writes_a_complete_adapter_folder(trained_adapter):
 @pytest.mark.slow
 def test_manifest_records_the_run(trained_adapter, tiny_base, small_persona_data):
     m = json.loads((trained_adapter / MANIFEST_NAME).read_text())
-    assert m["kind"] == "adapter" and m["name"] == "tiny-persona"
+    assert m["kind"] == "adapter" and m["name"] == "tiny-adapter"
     assert m["base_model"]["id"] == "tiny-base" and m["base_model"]["model_type"] == "deepseek_v2"
     assert m["base_model"]["config_sha256"] == hashlib.sha256((tiny_base / "config.json").read_bytes()).hexdigest()
     assert m["dataset"]["sha256"] == hashlib.sha256(small_persona_data.read_bytes()).hexdigest()
