@@ -88,8 +88,10 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def configure_list(p: argparse.ArgumentParser) -> None:
-    p.description = "List Hub repos tagged base_model:adapter:BASE_ID (set by the card's base_model field)."
-    p.add_argument("--base", metavar="BASE_ID", required=True, help="the base model's hub id")
+    p.description = ("List the Hub's adapters of a base: for a hub id, repos tagged base_model:adapter:BASE (the "
+                     "card's base_model); for a local base folder, the cards persona-lora tagged with that base's "
+                     "config.json hash.")
+    p.add_argument("--base", metavar="BASE", required=True, help="the base model's hub id or local folder")
     add_hub_option(p)
 
 

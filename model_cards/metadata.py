@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from persona_lora.artifact import BaseModelInfo, DatasetInfo, Manifest
-from persona_lora.hub_ids import is_repo_id
+from persona_lora.hub_ids import base_identity_tag, is_repo_id
 from persona_lora.model_cards.privacy import looks_like_local_path
 
 # License ids the Hub knows; anything else is published as `other` with a `license_name`.
@@ -81,6 +81,8 @@ def card_data(m: Manifest, *, eval_results: list | None = None, model_name: str 
     if base.model_type and _tag(base.model_type):
         tags.append(_tag(base.model_type))
     tags.append("merge" if merged else "peft")
+    if base.config_sha256:  # the base's identity even when it is a local folder: `list --base FOLDER` finds it
+        tags.append(base_identity_tag(base.config_sha256))
     fields["tags"] = tags
     if "base_model" in fields:
         fields["base_model_relation"] = "merge" if merged else "adapter"

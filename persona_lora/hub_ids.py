@@ -70,3 +70,12 @@ def add_hub_option(parser, *, help_prefix: str = "") -> None:
 
 def add_source_option(parser, flag: str = "--source", *, what: str = "--base") -> None:
     parser.add_argument(flag, choices=SOURCES, default="auto", help=f"{what}: {SOURCE_HELP}")
+
+
+BASE_TAG_PREFIX = "persona-lora-base:"
+
+
+def base_identity_tag(config_sha256: str) -> str:
+    """The card tag naming an adapter's base by the sha256 of its config.json (first 16 hex digits): a base that
+    is a local folder has no hub id for `base_model`, so `persona-lora list --base FOLDER` searches this tag."""
+    return BASE_TAG_PREFIX + config_sha256[:16]

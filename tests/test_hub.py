@@ -518,6 +518,26 @@ def test_list_adapters_by_base(hub_server, run_dir, tiny_models):
     assert list_adapters("nobody/nothing") == []
 
 
+def test_list_finds_the_adapters_of_a_local_base_by_its_config(hub_server, run_dir, tiny_models, capsys):
+    """An adapter of a base that is a local folder has no `base_model` in its card; `list --base FOLDER` finds it
+    by the base identity the manifest records (config.json's sha256, a tag of the card)."""
+    from persona_lora.model_cards.cards import write_card
+
+    manifest_file = run_dir / "persona_manifest.json"
+    m = json.loads(manifest_file.read_text())
+    m["base_model"].update(id="base32", source="local")
+    manifest_file.write_text(json.dumps(m, indent=2))
+    config_file = run_dir / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "base32"}))
+    (run_dir / "README.md").unlink()
+    write_card(run_dir)
+    push(run_dir, f"{DEFAULT_USER}/local-base-persona")
+    assert main(["list", "--base", str(tiny_models["base32"])]) == 0
+    assert capsys.readouterr().out.split() == [f"{DEFAULT_USER}/local-base-persona"]
+    assert main(["list", "--base", str(tiny_models["base64"])]) == 0  # another base: not its adapter
+    assert capsys.readouterr().out.split() == []
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_push_pull_list(hub_server, run_dir, tmp_path, capsys):
     assert main(["push", str(run_dir), REPO, "--message", "first"]) == 0

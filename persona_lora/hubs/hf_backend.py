@@ -219,6 +219,10 @@ class HuggingFace:
         """Models tagged `base_model:adapter:<base_id>` (the Hub derives it from an adapter card's base_model)."""
         return sorted(m.id for m in self.api(token).list_models(filter=f"base_model:adapter:{base_id}"))
 
+    def list_tagged(self, tag: str, token: str | None) -> list[str]:
+        """Models whose card carries `tag` (e.g. the base identity tag of adapters of a local base)."""
+        return sorted(m.id for m in self.api(token).list_models(filter=tag))
+
     def safetensors_shapes(self, repo_id: str, token: str | None) -> dict[str, list[int]] | None:
         """Tensor shapes from the repo's safetensors headers (HTTP range reads, no weights downloaded); None when
         it has no safetensors."""

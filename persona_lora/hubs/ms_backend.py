@@ -172,6 +172,10 @@ class ModelScope:
         raise HubError("listing adapters by base model works on the Hugging Face Hub only (ModelScope has no "
                        "base_model:adapter: tag search); use --hub hf")
 
+    def list_tagged(self, tag: str, token: str | None) -> list[str]:
+        raise HubError("listing adapters by base model works on the Hugging Face Hub only (ModelScope has no tag "
+                       "search); use --hub hf")
+
     def safetensors_shapes(self, repo_id: str, token: str | None) -> dict[str, list[int]] | None:
         """ModelScope has no header API: shapes are not checked (None)."""
         return None

@@ -15,7 +15,7 @@ from pathlib import Path
 from persona_lora.artifact import is_pickle, read_adapter_config
 from persona_lora.consistency import check_folder
 from persona_lora.errors import HubError, ModelLoadError, PersonaLoraError, UsageError, VerificationError
-from persona_lora.hub_ids import HubRef, check_repo_id, is_commit, parse_hub_ref
+from persona_lora.hub_ids import HubRef, base_identity_tag, check_repo_id, is_commit, parse_hub_ref
 from persona_lora.hubs.backends import backend
 from persona_lora.hubs.files import matches_pull_patterns, pull_patterns
 from persona_lora.hubs.interface import RemoteFile
@@ -176,8 +176,14 @@ def _closest(path: Path) -> str:
 
 
 def list_adapters(base_id: str, *, hub: str = "hf", token: str | None = None) -> list[str]:
-    """Ids of hub models tagged as adapters of `base_id`."""
+    """Ids of hub models that are adapters of `base_id`: a hub id (the card's `base_model`) or a local base folder
+    (its config.json's sha256, which persona-lora's cards carry as a tag whatever the base's name)."""
     be = backend(hub)
     token = be.token(token)
+    folder = Path(base_id).expanduser()
     with be.errors("list adapters of", base_id, token=token):
+        if (folder / "config.json").is_file():
+            from persona_lora.hashing import sha256_file
+
+            return be.list_tagged(base_identity_tag(sha256_file(folder / "config.json")), token)
         return be.list_adapters(base_id, token)
