@@ -201,10 +201,11 @@ class Arena:
         self._remember(battle)
         yield texts[0], texts[1], battle
 
-    def battle(self, message: str, system_prompt: str, settings: GenerationSettings) -> Battle:
-        """One whole battle (the API's `battle`)."""
+    def battle(self, message: str, system_prompt: str, settings: GenerationSettings,
+               pair: tuple[Contestant, Contestant] | None = None) -> Battle:
+        """One whole battle (the API's `battle`); `pair` (A, B) instead of a drawn one."""
         last = None
-        for *_, last in self.stream_battle(message, system_prompt, settings):
+        for *_, last in self.stream_battle(message, system_prompt, settings, pair):
             pass
         return last
 
