@@ -79,7 +79,8 @@ def app_url(sync_api, tiny_base, tmp_path_factory):
     engine = Engine(str(tiny_base), device="cpu", max_new_tokens_cap=16)
     engine.add_adapter(str(folder))
     votes = VoteStore(tmp_path_factory.mktemp("votes") / "votes.sqlite")
-    app = build_demo(HtmlAnswers(engine), votes=votes, default_max_new_tokens=10, refresh_seconds=2)
+    app = build_demo(HtmlAnswers(engine), votes=votes, default_max_new_tokens=10, refresh_seconds=2,
+                     arena=True)  # one adapter: the Arena tab only because it is asked for
     _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url, votes
     app.close()
@@ -169,3 +170,30 @@ def test_chat_and_blind_vote_in_the_browser(app_url, page, tmp_path):
     assert len(rows) == 1 and rows[0]["vote"] == "A" and rows[0]["adapter_name"] == EVIL_NAME
     assert rows[0]["winner"] == rows[0]["a_side"]
     assert ("link" in rows[0]["answer_a"]) == (rows[0]["a_side"] == "adapter")
+
+
+def test_arena_battle_in_the_browser(app_url, page, tmp_path):
+    """A battle of the base against the (HTML-answering) adapter: two anonymous answers, a vote, the names revealed
+    as text, the leaderboard row; nothing from a prompt, an answer or a name runs."""
+    url, votes = app_url
+    before = votes.count()
+    page.goto(url)
+    page.wait_for_selector("#chat-message textarea", timeout=60_000)
+    page.get_by_role("tab", name="Arena").click()
+    page.fill("#arena-message textarea", "Who are you? <img src=q onerror=window.__pwned=9>")
+    page.click("#arena-go")
+    page.wait_for_selector("#arena-vote-B:not([disabled])", timeout=60_000)
+    a_text = wait_stable(page, '#arena-a [data-testid="bot"]')
+    b_text = wait_stable(page, '#arena-b [data-testid="bot"]')
+    assert a_text.strip() and b_text.strip() and ("link" in a_text) != ("link" in b_text)
+    assert EVIL_NAME not in page.locator("#arena-tab").inner_text()  # blind until the vote
+    page.click("#arena-vote-B")
+    page.wait_for_function("document.querySelector('#arena-reveal').innerText.includes('You voted')", timeout=30_000)
+    reveal = page.locator("#arena-reveal").inner_text()
+    assert "B is better" in reveal and EVIL_NAME in reveal
+    page.wait_for_function("document.querySelector('#arena-table').innerText.includes('evil')", timeout=30_000)
+    assert_nothing_ran(page)
+    save_shot(page, tmp_path, "arena")
+    rows = votes.votes()
+    assert len(rows) == before + 1 and rows[-1]["settings"]["mode"] == "arena" and rows[-1]["vote"] == "B"
+    assert ("link" in rows[-1]["answer_b"]) == (rows[-1]["winner"] == "adapter")
