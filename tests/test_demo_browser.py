@@ -186,7 +186,8 @@ def test_arena_battle_in_the_browser(app_url, page, tmp_path):
     a_text = wait_stable(page, '#arena-a [data-testid="bot"]')
     b_text = wait_stable(page, '#arena-b [data-testid="bot"]')
     assert a_text.strip() and b_text.strip() and ("link" in a_text) != ("link" in b_text)
-    assert EVIL_NAME not in page.locator("#arena-tab").inner_text()  # blind until the vote
+    shown = page.locator("#arena-a").inner_text() + page.locator("#arena-b").inner_text()
+    assert EVIL_NAME not in shown and "base" not in shown  # blind until the vote (the panes are Model A and B)
     page.click("#arena-vote-B")
     page.wait_for_function("document.querySelector('#arena-reveal').innerText.includes('You voted')", timeout=30_000)
     reveal = page.locator("#arena-reveal").inner_text()
