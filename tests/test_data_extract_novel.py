@@ -287,6 +287,6 @@ def test_ctrl_c_stops_with_exit_130_keeps_the_answers_and_writes_no_output(novel
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, (proc.returncode, err)
     assert not out.exists() and 1 <= len(list(cache.glob("*.json"))) < n_chunks(text)
     assert main(cmd[3:]) == 0 and speech(out) == lines
