@@ -32,6 +32,7 @@ import logging
 import os
 
 from persona_lora.errors import UsageError
+from persona_lora.train.config import TriState
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +93,18 @@ def decide(cfg, device: str, plan_one_device=None) -> bool:
     mode = cfg.training.fsdp
     n = world_size()
     if accelerate_asked_fsdp():  # the launch config asked for FSDP: that is the user's choice for this run
-        mode = "true"
-    if mode == "false":
+        mode = TriState.TRUE
+    if mode == TriState.FALSE:
         return False
     if n < 2:
-        if mode == "true":
+        if mode == TriState.TRUE:
             raise UsageError(f"training.fsdp: true needs more than one process, but this run has WORLD_SIZE={n}; "
                              f"{LAUNCH_HINT}; or set training.fsdp: false (or auto) for one device")
         return False
     if cfg.base.load_in_4bit:
         raise UsageError("training.fsdp with base.load_in_4bit: a 4-bit base cannot be sharded (and 4-bit loading does "
                          "not shrink the fused experts); set base.load_in_4bit: false")
-    if mode == "true":
+    if mode == TriState.TRUE:
         return True
     plan = plan_one_device()
     capacity = device_memory_bytes(device)

@@ -201,19 +201,20 @@ def memory_section(cfg, data, model, device: str, dtype) -> str:
     a dtype; checkpointing on unless it is turned off, as on a GPU), then this run's verdict on this device."""
     from persona_lora.dtypes import torch_dtype
     from persona_lora.train import fsdp
+    from persona_lora.train.config import TriState
     from persona_lora.train.model_setup import use_gradient_checkpointing
 
     shape = model_shape(model.peft_model)
     seq = sequence_length(cfg, data)
     table_dtype = "bfloat16" if cfg.base.dtype == "auto" else cfg.base.dtype
-    checkpointing = cfg.training.gradient_checkpointing != "false"
+    checkpointing = cfg.training.gradient_checkpointing != TriState.FALSE
     rows = plan_table(shape, batch=cfg.training.batch_size, seq=seq,
                       weight_bytes=weight_bytes(cfg, torch_dtype(table_dtype)), checkpointing=checkpointing)
     n = fsdp.world_size()
     one = run_plan(cfg, data, model, device, dtype, devices=1, sharded=False)
     capacity = fsdp.device_memory_bytes(device)
-    mode = "true" if fsdp.accelerate_asked_fsdp() else cfg.training.fsdp
-    sharded = n > 1 and (mode == "true" or (mode == "auto" and not one.fits(capacity)))
+    mode = TriState.TRUE if fsdp.accelerate_asked_fsdp() else cfg.training.fsdp
+    sharded = n > 1 and (mode == TriState.TRUE or (mode == TriState.AUTO and not one.fits(capacity)))
     this = run_plan(cfg, data, model, device, dtype, devices=n, sharded=sharded) if n > 1 else one
     return "\n".join([
         format_table(rows, batch=cfg.training.batch_size, seq=seq, dtype_name=table_dtype, checkpointing=checkpointing),

@@ -15,7 +15,7 @@ from persona_lora.errors import UsageError
 from persona_lora.expert_lora import use_lora_aware_experts
 from persona_lora.model_loading import ResolvedBase, load_base_model
 from persona_lora.peft_compat import attach_new_adapter, portable_config
-from persona_lora.train.config import TrainConfig
+from persona_lora.train.config import TrainConfig, TriState
 
 
 @dataclass
@@ -43,9 +43,9 @@ def resolve_device(cfg: TrainConfig) -> str:
 
 
 def use_gradient_checkpointing(cfg: TrainConfig, device: str) -> bool:
-    if cfg.training.gradient_checkpointing == "auto":
+    if cfg.training.gradient_checkpointing == TriState.AUTO:
         return device.startswith("cuda")
-    return cfg.training.gradient_checkpointing == "true"
+    return cfg.training.gradient_checkpointing == TriState.TRUE
 
 
 def check_packing(cfg: TrainConfig, device: str) -> None:
