@@ -17,6 +17,7 @@ from persona_lora.evaluation.plan import BASE, EvalOptions, Plan, make_plan
 from persona_lora.evaluation.report import answer_row, build_report, write_json
 from persona_lora.evaluation.sets import EvalSet
 from persona_lora.evaluation.store import REPORT_HTML, REPORT_JSON, RowStore
+from persona_lora.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def run_set(models, store: RowStore, s: EvalSet, names: list[str], *, answers: b
         if not todo:
             continue
         done, tokens, start = len(s.items) - len(todo), 0, time.perf_counter()
+        line = ProgressLine(f"eval {s.name} set, {name}, prompts", len(s.items), stream=stream)
         with models.use(name):
             for k in range(0, len(todo), batch_size):
                 batch = todo[k:k + batch_size]
@@ -58,8 +60,9 @@ def run_set(models, store: RowStore, s: EvalSet, names: list[str], *, answers: b
                 tokens += new
                 store.append([answer_row(s.name, it.index, name, loss, a) for it, loss, a in zip(batch, losses, got)])
                 done += len(batch)
-                rate = f", {tokens / max(time.perf_counter() - start, 1e-9):,.1f} tokens/s" if answers else ""
-                print(f"eval {s.name} set, {name}: {done}/{len(s.items)} prompts{rate}", file=stream, flush=True)
+                rate = f"{tokens / max(time.perf_counter() - start, 1e-9):,.1f} tokens/s" if answers else ""
+                line.update(done, [rate], force=done >= len(s.items))
+        line.close()
 
 
 def _run_judge(plan: Plan, store: RowStore, judge, stream) -> None:

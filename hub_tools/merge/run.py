@@ -66,6 +66,7 @@ from persona_lora.hub_tools.merge.write import (
     write_shard,
 )
 from persona_lora.output_folder import OutputFolder, Target, human_size
+from persona_lora.progress import ProgressLine
 from persona_lora.safetensors_io import ShardReader
 
 if TYPE_CHECKING:
@@ -186,11 +187,13 @@ def write_merge(plan: MergePlan, tmp: Path) -> None:
     inputs = plan.inputs
     keep_meta = inputs.max_bytes is None  # re-sharded output gets transformers' own shard metadata
     applied: Counter = Counter()
+    line = ProgressLine("merge, shards", len(plan.layout))
     with one_torch_thread():
         for i, (shard_name, shard_tensors) in enumerate(plan.layout, 1):
             meta = plan.shards[shard_name].metadata if keep_meta else {"format": "pt"}
             write_shard(tmp / shard_name, shard_tensors, meta, plan.shards, plan.deltas, applied)
-            log.info("wrote %s (%d/%d)", shard_name, i, len(plan.layout))
+            line.update(i, [shard_name], force=i == len(plan.layout))
+    line.close()
     check_applied(applied, plan.expected, inputs.out)
     if plan.index is not None or len(plan.layout) > 1:
         meta = ((plan.index or {}).get("metadata") or {}) if keep_meta else {}
