@@ -6,11 +6,13 @@ refuses otherwise. Nothing the user made is lost on the way:
 
 - `plan_output` only looks: it names every reason the folder cannot be used before the data is read or the
   model is loaded;
-- `claim_output` acts, after the data and the model were validated: it creates the folder, or, to replace a
-  previous run, a hidden sibling that takes the folder's place only when the new run has finished
-  (`complete_output`); a failed or interrupted replacement leaves the previous run as it was;
+- `claim_output` acts, after the data and the model were validated and the disk was found to have room: it
+  creates the folder, or, to replace a previous run, the hidden staging sibling of `persona_lora.output_folder`
+  that takes the folder's place only when the new run has finished (`complete_output`); a failed replacement is
+  removed (`abandon_output`), an interrupted one is kept to be continued, and either way the previous run stays
+  as it was;
 - `--overwrite` only ever replaces a folder whose manifest says persona-lora wrote it (every run writes one
-  before its first step);
+  before its first step), through `output_folder.check_target`, the check every command's output passes;
 - a checkpoint whose files are incomplete or corrupt is skipped for the newest intact one.
 """
 
@@ -18,22 +20,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from persona_lora.artifact import MANIFEST_NAME, Manifest, is_ours, read_manifest
-from persona_lora.errors import ManifestError, UsageError, VerificationError
+from persona_lora.errors import ManifestError, TrainingInterrupted, UsageError, VerificationError
+from persona_lora.output_folder import OutputFolder, Target, check_free_space, check_target
 from persona_lora.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
-REPLACEMENT = ".{name}.replacement"  # the hidden sibling a replacing run trains in
-DISK_MARGIN = 64 << 20
+OPTION = "--output-dir"
 
 
 @dataclass
@@ -41,54 +42,46 @@ class OutputPlan:
     """Where this run writes and what it continues or replaces."""
 
     out: Path  # the folder the user named
-    work: Path  # where this run writes: `out`, or a hidden sibling that replaces `out` at the end
     resume_from: Path | None  # the checkpoint to continue
     previous: Manifest | None  # the manifest already in `out` (the run resumed or replaced)
+    target: Target | None = None  # set when the run replaces `out`: written through a staging sibling
+    staging: OutputFolder | None = None
+
+    def __post_init__(self):
+        if self.target is not None and self.target.replaces:
+            # every process of a multi-process run names the one staging folder after their launcher
+            owner = os.getppid() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+            self.staging = OutputFolder(self.target, keep_on=(TrainingInterrupted,), owner=owner)
 
     @property
     def replaces(self) -> bool:
-        return self.work != self.out
+        return self.staging is not None
+
+    @property
+    def work(self) -> Path:
+        """Where this run writes: `out`, or the hidden sibling that replaces `out` at the end."""
+        return self.staging.work if self.staging is not None else self.out
 
 
 def plan_output(cfg: TrainConfig) -> OutputPlan:
     """Decide what this run does with its output folder; changes nothing, refuses with the reason and the fix."""
     out = Path(cfg.training.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file, not a folder; choose a folder for the adapter")
-    check_writable(out)
-    previous = _previous_manifest(out)
     resume = cfg.training.resume
-    ckpt = latest_checkpoint(out) if resume in ("true", "auto") else None
+    ckpt = None
+    if out.is_dir() and resume in ("true", "auto"):
+        ckpt = latest_checkpoint(out)
     if resume == "true" and ckpt is None:
+        check_target(out, option=OPTION, add=True)  # a file in the way or an unwritable place says so first
         raise UsageError(f"--resume: no checkpoint found in {out / CHECKPOINTS}; start without --resume")
     if ckpt is not None:
-        return OutputPlan(out, out, ckpt, previous)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.training.overwrite:
-            raise UsageError(f"output folder {out} exists and is not empty; pass --overwrite to replace it, --resume "
-                             "to continue its latest checkpoint, or choose another --output-dir")
-        if not is_ours(out):
-            raise UsageError(f"--overwrite refused: {out} does not look like a persona-lora run folder (no readable "
-                             f"{MANIFEST_NAME}); nothing was changed; remove it yourself if you mean it")
-        return OutputPlan(out, out.parent / REPLACEMENT.format(name=out.name), None, previous)
-    return OutputPlan(out, out, None, None)
-
-
-def check_writable(out: Path) -> None:
-    """Refuse an output folder that cannot be written (read-only file system, no permission, a file in the way)
-    now, not after minutes of loading and training."""
-    probe_in = out
-    while not probe_in.exists():
-        if probe_in.parent == probe_in:
-            break
-        probe_in = probe_in.parent
-    if probe_in.exists() and not probe_in.is_dir():
-        raise UsageError(f"--output-dir {out}: {probe_in} is a file, so the folder cannot be created there")
-    try:
-        tempfile.TemporaryDirectory(dir=probe_in, prefix=".persona-lora-probe-").cleanup()
-    except OSError as e:
-        raise UsageError(f"--output-dir {out} cannot be written ({e.strerror} in {probe_in}); choose a folder on a "
-                         "writable disk") from None
+        check_target(out, option=OPTION, add=True)  # continued in place
+        return OutputPlan(out, ckpt, _previous_manifest(out))
+    target = check_target(
+        out, option=OPTION, replace=cfg.training.overwrite, ours=is_ours,
+        foreign=f"does not look like a persona-lora run folder (no readable {MANIFEST_NAME})",
+        occupied_hint="pass --overwrite to replace it, --resume to continue its latest checkpoint, or choose another "
+                      "--output-dir")
+    return OutputPlan(out, None, _previous_manifest(out) if target.replaces else None, target)
 
 
 def _previous_manifest(out: Path) -> Manifest | None:
@@ -102,29 +95,27 @@ def _previous_manifest(out: Path) -> Manifest | None:
 
 
 def claim_output(plan: OutputPlan, need_bytes: int) -> None:
-    """Create the folder this run writes in (after every check passed), with room for its files."""
-    if plan.replaces and plan.work.exists():
-        shutil.rmtree(plan.work)  # an earlier replacement that did not finish: ours, never the user's folder
-    plan.work.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(plan.work).free
-    if need_bytes + DISK_MARGIN > free:
-        raise UsageError(f"not enough disk space in {plan.work}: the adapter and its checkpoints need about "
-                         f"{need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free some space or choose "
-                         "another --output-dir")
+    """Create the folder this run writes in, once every check passed and the disk has room for its files (checked
+    first, so a refusal leaves no folder behind)."""
+    check_free_space(plan.out, need_bytes, option=OPTION, what="the adapter and its checkpoints")
+    if plan.staging is not None:
+        plan.staging.begin()  # an earlier replacement that was killed is removed here: ours by its marker
+    else:
+        plan.out.mkdir(parents=True, exist_ok=True)
 
 
 def complete_output(plan: OutputPlan) -> Path:
     """Put a finished replacement in place of the previous run (removed only now); returns the output folder."""
-    if not plan.replaces:
-        return plan.out
-    old = plan.out.parent / f".{plan.out.name}.replaced"
-    if old.exists():
-        shutil.rmtree(old)
-    plan.out.rename(old)
-    plan.work.rename(plan.out)
-    shutil.rmtree(old)
-    log.info("the previous run in %s was replaced", plan.out)
+    if plan.staging is not None:
+        plan.staging.commit()
     return plan.out
+
+
+def abandon_output(plan: OutputPlan, error: BaseException) -> None:
+    """A run that failed: a replacement's staging folder is removed (the previous run stays as it was), unless
+    the run was interrupted with a checkpoint that `--resume --output-dir` can continue."""
+    if plan.staging is not None and not isinstance(error, TrainingInterrupted):
+        plan.staging.discard()
 
 
 def latest_checkpoint(out: Path) -> Path | None:
