@@ -419,3 +419,149 @@ def test_fault(case, request, tmp_path, tiny_base, tiny_llama, pristine_adapter,
     after = tree_hashes(env.root, tiny_base)
     changed = sorted(p for p in before if before[p] != after.get(p))
     assert not changed, f"pre-existing files changed: {changed}"
+
+
+# ---------------------------------------------------------------------------------------------- nothing left behind
+# A refused or failed command leaves no trace: no output folder (empty or half-written), no staging folder, no
+# hub-client bookkeeping, no empty votes database, and no file of a pair rewritten when the other is refused.
+# The disk is "full" through `shutil.disk_usage` (what every preflight check reads) or through the write itself
+# failing with ENOSPC part way (what a disk that fills during the copy does).
+
+
+def _disk_nearly_full(env: Env) -> None:
+    env.monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+
+
+def _copy_fills_the_disk(env: Env) -> None:
+    """shutil.copyfile writes half of the file, then fails as a full disk does: OSError(ENOSPC) naming the
+    source file (as shutil's sendfile path reports it)."""
+    import errno
+    import os
+
+    def copyfile(src, dst, *, follow_symlinks=True):
+        data = Path(src).read_bytes()
+        Path(dst).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), str(dst))
+
+    env.monkeypatch.setattr(shutil, "copyfile", copyfile)
+
+
+def _space_dry_run(env: Env, out: str = "space") -> list[str]:
+    return ["space", "tester/space", "--base", str(env.base), "--include-base", "--adapter", str(env.adapter()),
+            "--dry-run", str(env.root / out)]
+
+
+def _export_disk_fills(env: Env) -> list[str]:
+    """safetensors' writer meets a full disk half way: it raises its own SafetensorError around the OS error."""
+    from safetensors import SafetensorError
+
+    def failing_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    env.monkeypatch.setattr("safetensors.torch.save_file", failing_save_file)
+    return ["export", str(env.adapter()), "--for", "sglang", "--out", str(env.root / "x"), "--base", str(env.base)]
+
+
+def _card_with_loss_curve(env: Env) -> Path:
+    """An adapter whose card has a loss curve, and a README.md the card cannot replace (a folder of that name)."""
+    folder = env.adapter()
+    edit_json(folder / MANIFEST_NAME, metrics={"history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
+                                               "final_train_loss": 1.5, "steps": 2})
+    (folder / "loss.png").write_bytes(b"the previous loss curve")
+    (folder / "README.md").unlink(missing_ok=True)
+    (folder / "README.md").mkdir()
+    return folder
+
+
+def _unreachable_endpoint(env: Env) -> list[str]:
+    """An OpenAI-compatible endpoint that refuses connections (a bound socket that does not listen) and a free
+    port for the demo."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    env.keep = closed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["demo", "--backend", "openai", "--endpoint", f"http://127.0.0.1:{closed.getsockname()[1]}/v1",
+            "--base", "tiny", "--port", str(port), "--votes", str(env.root / "votes" / "votes.sqlite")]
+
+
+def _disk_full(make: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+    def argv(env: Env) -> list[str]:
+        result = make(env)
+        _disk_nearly_full(env)
+        return result
+    return argv
+
+
+def _copy_full(make: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+    def argv(env: Env) -> list[str]:
+        result = make(env)
+        _copy_fills_the_disk(env)
+        return result
+    return argv
+
+
+LEFTOVER_CASES = [
+    Case("train-disk-full-leaves-no-folder", _disk_full(lambda e: e.train("--max-steps", "2", out="new/out")), 2,
+         ("not enough disk space for --output-dir", "free some space")),
+    Case("merge-disk-full-leaves-no-folder", _disk_full(lambda e: ["merge", str(e.adapter()), "--base", str(e.base),
+                                                                   "--out", str(e.root / "m")]), 2,
+         ("not enough disk space for --out", "the merged model")),
+    Case("export-disk-full-preflight", _disk_full(lambda e: ["export", str(e.adapter()), "--for", "sglang", "--out",
+                                                             str(e.root / "x"), "--base", str(e.base)]), 2,
+         ("not enough disk space for --out", "the export needs")),
+    Case("export-disk-fills-while-writing", _export_disk_fills, 2,
+         ("the disk is full: --out", "nothing was left behind")),
+    Case("space-dry-run-disk-full-preflight", _disk_full(_space_dry_run), 2,
+         ("not enough disk space for --dry-run", "the Space folder needs")),
+    Case("space-dry-run-disk-fills-while-copying", _copy_full(_space_dry_run), 2,
+         ("the disk is full: --dry-run", "nothing was left behind")),
+    Case("card-readme-refused-keeps-loss-png", lambda e: ["card", str(_card_with_loss_curve(e))], 1,
+         ("README.md",)),
+    Case("pull-refused-leaves-no-local-dir", lambda e: ["pull", _pushed(e), "--base", str(e.llama), "--local-dir",
+                                                        str(e.root / "dl" / "adapter")], 1,
+         ("does not match base", "files removed again"), hub=True),
+    Case("pull-pickles-leave-no-local-dir", lambda e: [*_pickled(e), "--local-dir", str(e.root / "dl")], 1,
+         ("adapter_model.bin", "--allow-pickle"), hub=True),
+    Case("eval-failed-start-leaves-no-out", lambda e: ["eval", str(e.adapter()), "--base", str(e.base), "--data",
+                                                       str(e.data()), "--out", str(e.root / "ev"), "--device",
+                                                       "cuda"], 2, ("--device cuda: no CUDA device",)),
+    Case("demo-openai-failed-start-leaves-no-votes", _unreachable_endpoint, 2, ("cannot reach the engine",)),
+]
+
+
+def tree_entries(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if "__pycache__" not in p.parts}
+
+
+@pytest.mark.parametrize("case", LEFTOVER_CASES, ids=lambda c: c.id)
+def test_a_refused_command_leaves_nothing_behind(case, request, tmp_path, tiny_base, tiny_llama, pristine_adapter,
+                                                 capsys, monkeypatch):
+    env = Env(tmp_path / "case", tiny_base, tiny_llama, pristine_adapter)
+    env.root.mkdir()
+    env.monkeypatch = monkeypatch
+    if case.hub:
+        env.hub = request.getfixturevalue("hub_server")
+        env.hub.monkeypatch = monkeypatch
+    argv = case.argv(env)
+    capsys.readouterr()
+    before = tree_hashes(env.root, tiny_base)
+    entries_before = tree_entries(env.root)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    monkeypatch.undo()  # the real disk_usage / copyfile again for the checks below
+    err = capsys.readouterr().err
+    assert code == case.code, f"exit {code}, expected {case.code}: {err}"
+    assert "Traceback" not in err, err
+    message = err[err.index("persona-lora "):] if "persona-lora " in err else err
+    assert "error: " in message, err
+    for word in case.words:
+        assert word in message, f"{word!r} not in: {err}"
+    after = tree_hashes(env.root, tiny_base)
+    assert not [p for p in before if before[p] != after.get(p)], "pre-existing files changed"
+    left = sorted(tree_entries(env.root) - entries_before)
+    assert not left, f"left behind: {left}"
