@@ -58,9 +58,10 @@ def check_target(path: str | Path, *, option: str, replace: bool = False, ours: 
                  add: bool = False) -> Target:
     """The output folder `path` if it may be written; UsageError naming `option`, the reason and the fix if not.
 
-    replace: the user asked for a non-empty folder to be replaced (`--overwrite`); only one `ours(path)` accepts
-    is. foreign: why a refused folder is not ours ("is not a model folder …"). occupied_hint: the fix for a
-    non-empty folder without `replace`. add: a non-empty folder is fine, files are added to it."""
+    replace: the user asked for a non-empty folder to be replaced (`--overwrite`); it is, only if `ours(path)`
+    says persona-lora wrote it. foreign: why a refused folder is not ours ("is not a model folder …").
+    occupied_hint: the fix for a non-empty folder without `replace`. add: a non-empty folder is fine, files are
+    added to it (the caller refuses names it would replace)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} exists and is not a folder; choose a folder for the output")

@@ -58,7 +58,8 @@ def configure_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", metavar="BASE", required=True,
                    help="base model folder or hub id the adapter was trained on")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write the merged model to (new or empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a model folder already in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --out (one that "
+                   "persona-lora merge wrote), once the new one is complete")
     add_hub_option(p, help_prefix="hub of a hub-id ADAPTER: ")
     p.add_argument("--revision", metavar="REV", help="revision of a hub-id ADAPTER")
     add_merge_options(p, for_push=False)
