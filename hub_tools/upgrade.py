@@ -35,10 +35,12 @@ def upgrade_adapter(folder: str | Path, *, base: str | None = None, base_source:
 
     The modules the adapter adapts are read off the base's architecture (its config.json only: `base`, or the
     base the manifest records), so the rewrite names exactly the layers the adapter was trained on."""
+    from persona_lora.consistency import check_folder
     from persona_lora.hub_tools.merge.deltas import discover_layers
     from persona_lora.model_loading import resolve_base_config
 
     folder = require_adapter_files(Path(folder).expanduser())
+    check_folder(folder)  # a truncated or inconsistent adapter is refused, not called portable (or rewritten)
     config = read_adapter_config(folder)
     model_type = adapter_model_type(folder)
     if model_type is not None and not is_legacy_spelling(config, model_type):
@@ -48,7 +50,11 @@ def upgrade_adapter(folder: str | Path, *, base: str | None = None, base_source:
         if not (folder / MANIFEST_NAME).is_file():
             raise ModelLoadError(f"{folder} has no {MANIFEST_NAME} recording its base; pass --base BASE (the base "
                                  "model folder or hub id it was trained on)")
-        base = read_manifest(folder).base_model.id
+        recorded = read_manifest(folder).base_model
+        base = recorded.id
+        if recorded.source == "local" and not Path(base).expanduser().is_dir():
+            raise ModelLoadError(f"{folder} was trained on a local base recorded as {base!r}, which is not a folder "
+                                 f"here; pass --base with the path of that base folder (e.g. --base runs/{base})")
     rb = resolve_base_config(base, source=base_source)
     model_type = model_type or adapter_model_type(folder, rb.path)
     if not is_legacy_spelling(config, model_type):

@@ -150,6 +150,11 @@ def test_upgrade_adapter_command(adapters, tiny_base, tmp_path, capsys):
     assert main(["upgrade-adapter", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
+    # a local base is recorded by its folder's name: without --base, the message says to pass its path
+    again = legacy_copy(adapters["all"], tmp_path / "legacy-2")
+    assert main(["upgrade-adapter", str(again)]) == 1
+    err = capsys.readouterr().err
+    assert "trained on a local base recorded as 'tiny-base'" in err and "pass --base" in err
 
 
 def test_push_refuses_a_legacy_adapter_and_pull_says_how_to_upgrade(hub_server, adapters, tmp_path, caplog):
