@@ -34,7 +34,8 @@ def train_progress_callback(label: str = "train", stream=None):
         def on_train_begin(self, args, state, control, **kw):
             if not state.is_world_process_zero:
                 return
-            self.line = ProgressLine(label, state.max_steps or None, stream=stream)
+            # at -v transformers' own bar is shown too: plain lines then, so the two never overwrite each other
+            self.line = ProgressLine(label, state.max_steps or None, stream=stream, live=False if verbose() else None)
             self.tokens_at_start = state.num_input_tokens_seen or 0
 
         def fields(self, state) -> list[str]:
