@@ -510,6 +510,12 @@ def test_generated_app_answers_like_persona_lora_demo(tiny_base, adapters, wheel
                 assert got == tuple(local.predict(M1, name, SYSTEM, N, api_name="/compare"))
                 assert got[0] != got[1]
             assert votes.is_file()  # PERSONA_LORA_VOTES was honoured
+            assert {"/battle", "/vote", "/standings"} <= set(endpoints)  # the arena comes with the app
+            battle_id, answer_a, answer_b = space.predict(M1, SYSTEM, N, api_name="/battle")
+            assert space.predict(battle_id, "A", api_name="/vote")["vote_id"] == 1
+            from persona_lora.votes import read_votes
+
+            assert [v["settings"]["mode"] for v in read_votes(votes)] == ["arena"]
             assert "installing" not in log.read_text()  # the same persona-lora is installed: the wheel is not
         finally:
             demo.close()
