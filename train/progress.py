@@ -49,7 +49,8 @@ def train_progress_callback(label: str = "train", stream=None):
             return out
 
         def on_step_end(self, args, state, control, **kw):
-            if self.line is not None:
+            # a step that logs is shown by on_log with its new loss (in a log file, one line for it, not two)
+            if self.line is not None and not (control.should_log and not self.line.live):
                 self.line.update(state.global_step, self.fields(state))
 
         def on_log(self, args, state, control, logs=None, **kw):
