@@ -3,17 +3,19 @@
 takes until the top model's 95% interval separates from the second's, with uniformly drawn pairs against the
 arena's pair sampling (`demo.arena.pair_weights`: few votes and overlapping intervals first).
 
-Simulation: 10 models with the Elo ratings in STRENGTHS (the best two 60 points apart); each vote draws a pair
-(uniformly, or by the arena's weights from the current fit), and its winner with the BT probability. The fit
+Simulation: 10 models with the Elo ratings of a scenario (SCENARIOS: "close", all within 260 points and the best
+two 60 apart; "spread", the best two as close but the rest falling away to 590 below, as a base and early
+checkpoints would); each vote draws a pair (uniformly, or by the arena's weights from the current fit), and its
+winner with the BT probability. The fit
 (`persona_lora.ratings.bradley_terry`, --rounds bootstrap rounds) is redone every --every votes (the demo refits
 after every vote; batches keep the bench short), and a run stops at the first fit where the fitted best model's
 interval lies wholly above the fitted second's, or at --cap votes. Both strategies see the same seeds. The table
 says, per strategy, the median and mean votes needed, how many runs separated within the cap, and how often the
 model found on top was the true best.
 
-    .venv/bin/python bench/bench_arena.py [--seeds 20] [--every 25] [--rounds 200] [--cap 30000]
+    .venv/bin/python bench/bench_arena.py [--seeds 20] [--every 25] [--rounds 200] [--cap 30000] [--scenario …]
 
-Not a test: a few minutes on 2 CPU cores.
+Not a test: about ten minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from persona_lora.demo.arena import draw_pair, pair_weights  # noqa: E402
 from persona_lora.ratings import ELO_SCALE, bradley_terry, tally  # noqa: E402
 
-STRENGTHS = [1150, 1090, 1040, 1010, 990, 970, 950, 930, 910, 890]  # Elo; m0 is the best, m1 the second
+SCENARIOS = {  # Elo; m0 is the best, m1 the second
+    "close": [1150, 1090, 1040, 1010, 990, 970, 950, 930, 910, 890],
+    "spread": [1150, 1090, 1040, 1010, 950, 880, 800, 720, 640, 560],
+}
+STRENGTHS = SCENARIOS["close"]
 
 
 def timing(repeats: int) -> list[float]:
@@ -57,10 +63,11 @@ def separated(r) -> tuple[bool, str]:
     return bool(r.ci_low[top] > r.ci_high[second]), r.models[top]
 
 
-def votes_needed(strategy: str, seed: int, every: int, rounds: int, cap: int) -> tuple[int | None, bool]:
+def votes_needed(strategy: str, seed: int, every: int, rounds: int, cap: int,
+                 strengths: list[float]) -> tuple[int | None, bool]:
     """Votes until separation (None: not within `cap`) and whether the model on top was the true best."""
     rng = random.Random(seed)
-    theta = {f"m{k}": (s - 1000) / ELO_SCALE for k, s in enumerate(STRENGTHS)}
+    theta = {f"m{k}": (s - 1000) / ELO_SCALE for k, s in enumerate(strengths)}
     keys = list(theta)
     votes: list[tuple[str, str, str]] = []
     ratings = None
@@ -85,25 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds per refit in the simulation")
     p.add_argument("--cap", type=int, default=30_000, help="votes after which a run gives up")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats")
+    p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     args = p.parse_args(argv)
 
     times = timing(args.repeats)
     print(f"BT fit + 1,000 bootstrap rounds, 10,000 votes, 10 models: CPU {min(times):.3f} s best, "
           f"{statistics.median(times):.3f} s median of {args.repeats} (goal < 5 s)")
 
-    print(f"\nvotes until the top model's 95% interval separates from the second's ({args.seeds} seeds, refit every "
-          f"{args.every} votes, {args.rounds} bootstrap rounds, cap {args.cap})")
-    print(f"{'strategy':<10} {'median':>8} {'mean':>8} {'separated':>10} {'true best on top':>17}")
-    results = {}
-    for strategy in ("uniform", "arena"):
-        runs = [votes_needed(strategy, seed, args.every, args.rounds, args.cap) for seed in range(args.seeds)]
-        needed = [n if n is not None else args.cap for n, _ in runs]
-        results[strategy] = needed
-        print(f"{strategy:<10} {statistics.median(needed):>8.0f} {statistics.mean(needed):>8.0f} "
-              f"{sum(n is not None for n, _ in runs):>7}/{args.seeds} {sum(ok for _, ok in runs):>14}/{args.seeds}")
-    ratio = statistics.median(results["arena"]) / statistics.median(results["uniform"])
-    fewer = sum(a < u for a, u in zip(results["arena"], results["uniform"]))
-    print(f"arena / uniform, median votes: {ratio:.2f}; the arena needed fewer votes in {fewer} of {args.seeds} seeds")
+    for name in SCENARIOS if args.scenario == "all" else [args.scenario]:
+        print(f"\n{name}: Elo {SCENARIOS[name]}\nvotes until the top model's 95% interval separates from the second's "
+              f"({args.seeds} seeds, refit every {args.every} votes, {args.rounds} bootstrap rounds, cap {args.cap})")
+        print(f"{'strategy':<10} {'median':>8} {'mean':>8} {'separated':>10} {'true best on top':>17}")
+        results = {}
+        for strategy in ("uniform", "arena"):
+            runs = [votes_needed(strategy, seed, args.every, args.rounds, args.cap, SCENARIOS[name])
+                    for seed in range(args.seeds)]
+            needed = [n if n is not None else args.cap for n, _ in runs]
+            results[strategy] = needed
+            print(f"{strategy:<10} {statistics.median(needed):>8.0f} {statistics.mean(needed):>8.0f} "
+                  f"{sum(n is not None for n, _ in runs):>7}/{args.seeds} "
+                  f"{sum(ok for _, ok in runs):>14}/{args.seeds}")
+        ratio = statistics.median(results["arena"]) / statistics.median(results["uniform"])
+        fewer = sum(a < u for a, u in zip(results["arena"], results["uniform"]))
+        print(f"arena / uniform, median votes: {ratio:.2f}; the arena needed fewer votes in {fewer} of {args.seeds} "
+              "seeds")
     return 0
 
 

@@ -13,12 +13,14 @@ this base, so renaming a folder keeps its votes and two adapters with one name s
 given by name alone (`--backend openai --adapter NAME`) is known by that name; `NAME=FOLDER` adds the folder's
 weights hash.
 
-Pair sampling (`pair_weights`): each pair of loaded models is drawn with weight
-`(FLOOR + overlap) / sqrt(1 + votes of the pair)`, where `overlap` is how much the two models' 95% intervals
-overlap (1 when either has no votes yet, 0 when they are disjoint). Pairs whose order is still uncertain and
-pairs with few votes are drawn most; settled pairs keep a small share (FLOOR) so every model stays connected to
-the others and a wrong early separation can still be corrected. `bench/bench_arena.py` simulates it against
-uniform pairs (votes until the top model's interval separates from the second's).
+Pair sampling (`pair_weights`) serves the question the arena answers, "which model is best, and is that real?":
+each model's `contention` is how much its 95% interval overlaps the current leader's (1 for the leader, and for a
+model with no votes yet; a model with few votes has a wide interval, so it counts as a contender until its votes
+place it), and a pair is drawn with weight `FLOOR + (contention_a + contention_b) / 2`. Votes go to the models
+that may still be on top, against anyone; pairs of models already known to be below the leader keep a small
+share (FLOOR) so every model stays connected to the others and an early mistake can still be corrected.
+`bench/bench_arena.py` simulates it against uniform pairs (votes until the top model's interval separates from
+the second's).
 
 Battles wait for their vote on the server (`Arena.vote` takes a battle id), so the page and a script
 (`battle` / `vote` API endpoints) go through the same checks: one vote per battle, a vote on an unknown or
@@ -85,19 +87,31 @@ class Battle:
 def pair_weights(keys: list[str], ratings: Ratings | None) -> dict[tuple[str, str], float]:
     """The sampling weight of every pair of `keys` (see the module docstring); `ratings` may know other models
     too, and may be None (no votes yet: all pairs equal)."""
-    index = {m: i for i, m in enumerate(ratings.models)} if ratings else {}
+    contender = contention(keys, ratings)
     weights = {}
     for n, a in enumerate(keys):
         for b in keys[n + 1:]:
-            i, j = index.get(a), index.get(b)
-            if i is None or j is None:
-                votes, overlap = 0.0, 1.0
-            else:
-                votes = float(ratings.games[i, j])
-                known = math.isfinite(ratings.ci_low[i]) and math.isfinite(ratings.ci_low[j])
-                overlap = ratings.overlap(i, j) if known else 1.0
-            weights[(a, b)] = (FLOOR + overlap) / math.sqrt(1.0 + votes)
+            weights[(a, b)] = FLOOR + (contender[a] + contender[b]) / 2
     return weights
+
+
+def contention(keys: list[str], ratings: Ratings | None) -> dict[str, float]:
+    """How much each model may still be the best: 1 for the current leader and for a model without votes, else
+    how much its interval overlaps the leader's (0: certainly below it). A model with few votes has a wide
+    interval, which overlaps the leader's: it counts as a contender until its votes say otherwise."""
+    if ratings is None:
+        return {k: 1.0 for k in keys}
+    index = {m: i for i, m in enumerate(ratings.models)}
+    present = [index[k] for k in keys if k in index and math.isfinite(ratings.ci_low[index[k]])]
+    leader = max(present, key=lambda i: (ratings.rating[i], ratings.models[i]), default=None)
+    out = {}
+    for k in keys:
+        i = index.get(k)
+        if i is None or leader is None or i == leader or not math.isfinite(ratings.ci_low[i]):
+            out[k] = 1.0
+        else:
+            out[k] = ratings.overlap(i, leader)
+    return out
 
 
 def draw_pair(weights: dict[tuple[str, str], float], rng: random.Random) -> tuple[str, str]:

@@ -43,22 +43,26 @@ def greedy():
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def test_pair_weights_favour_pairs_with_few_votes_and_overlapping_intervals():
-    from persona_lora.demo.arena import FLOOR, pair_weights
+def test_pair_weights_favour_possible_leaders_and_models_with_few_votes():
+    from persona_lora.demo.arena import FLOOR, contention, pair_weights
     from persona_lora.ratings import bradley_terry, tally
 
     rng = np.random.default_rng(0)
-    votes = [("a", "b", "left" if rng.random() < 0.5 else "right") for _ in range(200)]  # equal: overlapping
-    votes += [("a", "c", "left")] * 190 + [("a", "c", "right")] * 10  # c far below a: separated
+    votes = [("a", "b", "left" if rng.random() < 0.5 else "right") for _ in range(200)]  # a, b: equal, on top
+    votes += [("c", "e", "left" if rng.random() < 0.5 else "right") for _ in range(100)]  # c, e: equal, below
+    for low in "ce":
+        votes += [("a", low, "left")] * 190 + [("a", low, "right")] * 10
     votes += [("b", "d", "left"), ("d", "b", "left")]  # d: two votes only
     r = bradley_terry(tally(votes), rounds=300)
-    a, b, c, d = (r.models.index(m) for m in "abcd")
-    assert r.overlap(a, b) > 0.5 and r.overlap(a, c) == 0
-    w = pair_weights(["a", "b", "c", "d", "new"], r)
-    assert w[("a", "b")] > 5 * w[("a", "c")]  # same number of votes; only the overlap differs
-    assert w[("a", "c")] == pytest.approx(FLOOR / np.sqrt(201))  # settled pairs keep a small share
-    assert w[("b", "d")] > w[("a", "b")]  # few votes
-    assert w[("a", "new")] == pytest.approx(1 + FLOOR)  # a model without votes: the full weight
+    keys = ["a", "b", "c", "d", "e", "new"]
+    c = contention(keys, r)
+    assert c["new"] == 1 and max(c["a"], c["b"]) == 1 and min(c["a"], c["b"]) > 0.5  # the leader and its rival
+    assert c["c"] == 0 and c["e"] == 0  # certainly below the leader
+    assert c["d"] > 0.5  # few votes: a wide interval that still reaches the leader's
+    w = pair_weights(keys, r)
+    assert w[("c", "e")] == pytest.approx(FLOOR)  # a settled pair keeps a small share
+    assert w[("a", "b")] > w[("a", "c")] > w[("c", "e")]
+    assert w[("b", "d")] > w[("a", "c")] and w[("a", "new")] > w[("a", "c")]
 
 
 # ---------------------------------------------------------------------------------------------- battles
