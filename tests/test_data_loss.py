@@ -96,8 +96,8 @@ def test_pull_never_replaces_local_files_and_leaves_nothing_rejected(hub_server,
     empty = tmp_path / "dl2"
     assert main(["pull", "tester/run", "--local-dir", str(empty), "--base", str(tiny_llama)]) == 1
     assert "refused and its files removed again" in capsys.readouterr().err
-    left = [p for p in empty.rglob("*") if p.is_file() and ".cache" not in p.parts]
-    assert not left, left
+    assert not empty.exists(), "a refused pull leaves nothing, not even the hub client's .cache/ bookkeeping"
+    assert not list(tmp_path.glob(".dl2.*")), "nor its staging folder"
     assert main(["pull", "tester/run", "--local-dir", str(target), "--force"]) == 0
     assert (target / "README.md").read_text() != "my notes"
 
