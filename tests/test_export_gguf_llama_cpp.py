@@ -1,0 +1,154 @@
+"""Optional, not in CI (`make test-llama-cpp`): a GGUF export runs in llama.cpp exactly as transformers + PEFT runs
+the adapter, on the tiny base with a trained `all` adapter (attention, dense MLP, shared and routed experts).
+
+The make target builds llama.cpp 11434 once into the cache `export` uses (PERSONA_LORA_LLAMA_CPP_CACHE names it
+here, so the export goes through the default path: cached sources, the converter's own environment). The test
+compiles tests/llama_cpp_probe.c against that build: llama.cpp formats each chat with its own template
+application (the GGUF's chat template), tokenizes it, and decodes greedily with an f32 KV cache and flash
+attention off. Compared, per prompt: the prompt text with our Ollama TEMPLATE's rendering, the prompt ids with
+`chat_format.encode_prompt`, the greedy tokens and the first-step logits with transformers + PEFT (f32: within
+1e-4; q8_0: greedy tokens equal). The figures (differences, export time, peak memory against the largest shard)
+are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = os.environ.get("PERSONA_LORA_LLAMA_CPP_CACHE")
+BUILD = Path(ROOT or "/nonexistent") / "src" / "build" / "bin"
+pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp,
+              pytest.mark.skipif(not (BUILD / "libllama.so").is_file(),
+                                 reason="set PERSONA_LORA_LLAMA_CPP_CACHE to a built cache (make test-llama-cpp)")]
+SYSTEM = "You are Zhen Huan, a consort in the imperial palace."
+CHATS = [
+    [{"role": "user", "content": "你是谁？"}],
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "user", "content": "What did you do today?"}, {"role": "assistant", "content": "I served tea."},
+     {"role": "user", "content": "Tell me about the palace."}],
+]
+N = 24
+F32_LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> Path:
+    src = BUILD.parents[1]
+    exe = tmp_path_factory.mktemp("probe") / "llama_cpp_probe"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(Path(__file__).with_name("llama_cpp_probe.c")),
+                    f"-I{src / 'include'}", f"-I{src / 'ggml' / 'include'}", f"-L{BUILD}", "-lllama", "-lggml",
+                    "-lggml-base", f"-Wl,-rpath,{BUILD}"], check=True)
+    return exe
+
+
+def run_probe(exe: Path, gguf: Path, messages: list[dict]) -> dict:
+    lines = "".join(f"{m['role']}\t{m['content'].replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}\n"
+                    for m in messages)
+    out = subprocess.run([str(exe), str(gguf), str(N)], input=lines, capture_output=True, text=True, check=True)
+    got = {}
+    for line in out.stdout.splitlines():
+        key, _, rest = line.partition(" ")
+        got[key] = rest
+    prompt = got["PROMPT"].replace("\\\\", "\0").replace("\\n", "\n").replace("\0", "\\")
+    return {"prompt": prompt, "ids": [int(x) for x in got["IDS"].split()],
+            "logits": [float(x) for x in got["LOGITS"].split()], "greedy": [int(x) for x in got["GREEDY"].split()]}
+
+
+_MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+
+
+def export(adapter: Path, base: Path, out: Path, quant: str, target: str = "llama.cpp") -> dict:
+    """The export as a user runs it, in a process of its own: its time, and the peak RSS of the largest process
+    (the export or llama.cpp's converter, which run one after the other), measured by a parent that runs nothing
+    else."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "persona_lora", "export",
+                           str(adapter), "--for", target, "--out", str(out), "--base", str(base), "--quant", quant],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"seconds": time.monotonic() - start, "peak_kib": int(proc.stdout.split()[-1]),
+            "gguf": next(out.glob("*.gguf"))}
+
+
+def reference(base: Path, adapter: Path | None, tokenizer, chats) -> list[dict]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from persona_lora.chat_format import conversation_for, encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for chat in chats:
+            ids = encode_prompt(tokenizer, conversation_for(chat, SYSTEM))
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0, -1]
+            gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=N,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+            out.append({"ids": ids, "logits": logits, "greedy": gen[0, len(ids):].tolist(),
+                        "text": tokenizer.apply_chat_template(conversation_for(chat, SYSTEM), tokenize=False,
+                                                              add_generation_prompt=True)})
+    return out
+
+
+def test_merged_gguf_is_exact_in_llama_cpp(trained_adapter, tiny_base, tmp_path, probe, capsys):
+    import gguf
+    import torch
+    from transformers import AutoTokenizer
+
+    from persona_lora.hub_tools.export.ollama import DEEPSEEK_V2_TEMPLATE
+    from tests.go_template import ollama_values, render
+
+    manifest = json.loads((trained_adapter / "persona_manifest.json").read_text())
+    assert manifest["lora"]["preset"] == "all"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    want = reference(tiny_base, trained_adapter, tokenizer, CHATS)
+    on_base = reference(tiny_base, None, tokenizer, CHATS)
+    assert any(b["greedy"] != a["greedy"] for b, a in zip(on_base, want)), "the adapter must change the answers"
+
+    f32 = export(trained_adapter, tiny_base, tmp_path / "f32", "f32", target="ollama")
+    q8 = export(trained_adapter, tiny_base, tmp_path / "q8", "q8_0")
+
+    reader = gguf.GGUFReader(f32["gguf"])
+    assert reader.fields["general.architecture"].contents() == "deepseek2"
+    assert reader.fields["deepseek2.attention.q_lora_rank"].contents() == 0
+    assert reader.fields["deepseek2.block_count"].contents() == 4
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+
+    rows = []
+    for chat, ref in zip(CHATS, want):
+        got = run_probe(probe, f32["gguf"], [{"role": "system", "content": SYSTEM}, *chat])
+        assert tokenizer.bos_token + got["prompt"] == ref["text"], "llama.cpp's template application"
+        assert got["prompt"] == render(DEEPSEEK_V2_TEMPLATE, ollama_values(chat, SYSTEM)), "the Ollama TEMPLATE"
+        assert got["ids"] == ref["ids"]
+        diff = (torch.tensor(got["logits"]) - ref["logits"]).abs().max().item()
+        q = run_probe(probe, q8["gguf"], [{"role": "system", "content": SYSTEM}, *chat])
+        q_diff = (torch.tensor(q["logits"]) - ref["logits"]).abs().max().item()
+        rows.append((chat[-1]["content"], len(ref["greedy"]), got["greedy"] == ref["greedy"], diff,
+                     q["greedy"] == ref["greedy"], q_diff))
+        assert got["greedy"] == ref["greedy"]
+        assert diff < F32_LOGIT_TOL
+        assert q["greedy"] == ref["greedy"]
+
+    shards = sorted(tiny_base.glob("*.safetensors"))
+    largest = max(p.stat().st_size for p in shards)
+    with capsys.disabled():
+        print("\nprompt | greedy tokens | f32 greedy equal | f32 max |logit diff| | q8_0 greedy equal | q8_0 max diff")
+        for r in rows:
+            print(f"{r[0]!r} | {r[1]} | {r[2]} | {r[3]:.3g} | {r[4]} | {r[5]:.3g}")
+        for name, e in (("f32 (ollama)", f32), ("q8_0 (llama.cpp)", q8)):
+            print(f"export {name}: {e['seconds']:.1f} s, peak RSS {e['peak_kib'] / 1024:.0f} MiB, largest base shard "
+                  f"{largest / 2**20:.1f} MiB, GGUF {e['gguf'].stat().st_size / 2**20:.1f} MiB")
