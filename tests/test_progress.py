@@ -75,3 +75,30 @@ def test_summary_and_interrupted_step():
                for x in lines)
     assert [x.split()[1] for x in lines[3:]] == ["demo", "eval", "card", "push"]
     assert interrupted_at(result) == "interrupted at step 10 of 220"
+
+
+def test_the_trainer_callback_prints_one_line_per_logging_step_and_eval_lines():
+    """Driven as transformers' Trainer drives a callback: in a log, a logging step gives one line with its loss
+    and learning rate, an evaluation its own line, and nothing looks like a dict."""
+    from persona_lora.train.progress import train_progress_callback
+
+    out = io.StringIO()
+    callback = train_progress_callback(stream=out)
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=4, num_input_tokens_seen=0, epoch=0.0,
+                            global_step=0)
+    callback.on_train_begin(None, state, SimpleNamespace(should_log=False))
+    for step in range(1, 5):
+        state.global_step, state.epoch, state.num_input_tokens_seen = step, step / 2, step * 100
+        logs = step in (1, 4)
+        callback.on_step_end(None, state, SimpleNamespace(should_log=logs))
+        if logs:
+            callback.on_log(None, state, None, logs={"loss": 2.0 / step, "learning_rate": 0.0 if step == 1 else 1e-4,
+                                                     "grad_norm": 1.0})
+    callback.on_log(None, state, None, logs={"eval_loss": 0.75, "eval_runtime": 3.0})
+    callback.on_train_end(None, state, None)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("train 1/4 · epoch 0.50 · loss 2.0000 · lr 0.00e+00 · ")
+    assert lines[1].startswith("train 4/4 · epoch 2.00 · loss 0.5000 · lr 1.00e-04 · ")
+    assert lines[2] == "eval at step 4: loss 0.7500 (3s)"
+    assert "{" not in out.getvalue() and "grad_norm" not in out.getvalue()
