@@ -66,6 +66,7 @@ ADAPTER_HISTORY = [user("Hello"), assistant("Greetings to you, I am the consort 
 def expected(tiny_base, adapters) -> dict:
     """Standalone greedy answers: {(side, case): text}, side "base" or an adapter name."""
     from persona_lora.chat_format import conversation_for
+    from persona_lora.demo.decode import shown_text
     from persona_lora.model_loading import load_base_model, load_tokenizer
     from persona_lora.peft_compat import load_adapter
     from persona_lora.train.samples import generate_greedy
@@ -81,7 +82,9 @@ def expected(tiny_base, adapters) -> dict:
         convs = {**cases, "multi": BASE_HISTORY if side == "base" else ADAPTER_HISTORY}
         names = list(convs)
         answers = generate_greedy(model, tok, [conversation_for(convs[k], SYSTEM) for k in names], N)
-        out.update({(side, k): a for k, a in zip(names, answers)})
+        # as the panes show an answer: a random base emits bytes that never form a character (U+FFFD) and control
+        # characters, which the demo leaves out
+        out.update({(side, k): shown_text(a, done=True) for k, a in zip(names, answers)})
     for name in adapters:  # the random LoRA must make a visible difference, or the tests prove nothing
         assert out[(name, "m1")] != out[("base", "m1")]
     assert out[("persona-all", "m1")] != out[("persona-all-2", "m1")]
@@ -289,7 +292,8 @@ def test_engine_refuses_bad_input(engine, tmp_path):
 @pytest.mark.slow  # served over HTTP
 def test_compare_api_equals_standalone_greedy(server, expected):
     c = client(server)
-    assert list(c.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/compare"]
+    endpoints = list(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert endpoints == ["/compare", "/battle", "/vote", "/standings"]  # the arena's next to compare
     for name in ADAPTERS:
         got = c.predict(M1, name, SYSTEM, N, api_name="/compare")
         assert tuple(got) == (expected[("base", "m1")], expected[(name, "m1")])
@@ -690,3 +694,13 @@ def test_refused_requests_give_one_log_line_and_never_an_empty_message(engine, a
         ui.compare_api("hello", "any", "", 4)
     assert e.value.message.startswith("unexpected RuntimeError: no details")
     assert [r.levelname for r in caplog.records] == ["ERROR", "DEBUG"] and caplog.records[1].exc_info
+
+
+def test_answers_are_shown_without_control_or_replacement_characters():
+    """A byte-level tokenizer decodes half a CJK character as U+FFFD; a random base emits control bytes: the panes
+    show neither, mid-stream or final, and a character completed later appears whole."""
+    from persona_lora.demo.decode import shown_text
+
+    assert shown_text(" 本宫\ufffd", done=False) == "本宫"  # the next token completes it
+    assert shown_text(" 本宫\x00 累了\x1b[0m\ufffd \n", done=True) == "本宫 累了[0m"
+    assert shown_text("a\tb\nc", done=True) == "a\tb\nc"
