@@ -18,6 +18,8 @@ from persona_lora.hub_ids import add_hub_option, add_source_option
 
 FORGETTING_EXIT = 3
 GUARD_MODES = ("full", "loss", "off")
+# Longest greedy answer eval writes: beyond it a typo (an extra zero) would decode for hours; the demo's cap is 512
+MAX_NEW_TOKENS_CAP = 4096
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
                         "held-out)")
     p.add_argument("-n", type=int, metavar="N", help="evaluate N prompts, sampled with --seed (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens per greedy answer "
-                   "(default 128)")
+                   f"(default 128, at most {MAX_NEW_TOKENS_CAP})")
     p.add_argument("--system", metavar="TEXT", help="system prompt for records without one (default: the one the "
                    "adapters were trained with; \"\" for none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the -n sample (default 0)")
@@ -51,8 +53,9 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
                    "prompt at a time)")
     p.add_argument("--max-length", type=int, metavar="N", help="tokens per scored example (default: the adapters' "
                    "training max length)")
-    p.add_argument("--guard", choices=GUARD_MODES, default="full", help="forgetting guard: full (loss and answers, "
-                   "default), loss (loss only, fast) or off")
+    p.add_argument("--guard", choices=GUARD_MODES, default="loss", help="forgetting guard on ~50 general prompts: "
+                   "loss (their loss per model, seconds; default), full (their greedy answers too: base and each "
+                   "adapter decode every guard prompt, the longest part of an evaluation) or off")
     p.add_argument("--guard-data", metavar="FILE_OR_ID", help="replace the shipped guard prompts (general questions "
                    "in Chinese and English)")
     p.add_argument("--fail-if-forgetting", type=float, metavar="X", help="exit with code 3 when an adapter's loss "
@@ -79,6 +82,9 @@ def options_from_args(args: argparse.Namespace):
                              ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 8)):
         if value is not None and value < low:
             problems.append(f"{flag} must be at least {low}, got {value}")
+    if args.max_new_tokens is not None and args.max_new_tokens > MAX_NEW_TOKENS_CAP:
+        problems.append(f"--max-new-tokens {args.max_new_tokens} is more than {MAX_NEW_TOKENS_CAP} tokens per answer "
+                        f"(every prompt of every model would decode that far); give at most {MAX_NEW_TOKENS_CAP}")
     x = args.fail_if_forgetting
     if x is not None and (not math.isfinite(x) or x < 0):
         problems.append(f"--fail-if-forgetting must be a difference in loss >= 0, got {x}")

@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
 from persona_lora.errors import PersonaLoraError, UsageError
 from persona_lora.evaluation.sets import DATA_DIR
+from persona_lora.openai_endpoint import read_api_key
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,9 @@ class Judge:
         self.model = model
         self.rubric = read_rubric(rubric_path)
         self.id = f"{model}@{hashlib.sha256(self.rubric.encode('utf-8')).hexdigest()[:12]}"
-        self._key = "no-key"  # servers that need none ignore it; the client needs one
-        if key_env:
-            key = os.environ.get(key_env, "")
-            if not key:
-                raise UsageError(f"--judge-key-env {key_env}: the variable is not set (or empty); export {key_env}=KEY "
-                                 "or leave --judge-key-env out for an endpoint that needs no key")
-            self._key = key
+        # servers that need none ignore it; the client needs one. A key given where its variable's name belongs is
+        # never printed back (`read_api_key`)
+        self._key = read_api_key(key_env, option="--judge-key-env") if key_env else "no-key"
         self._client = None
 
     def _redact(self, text: str) -> str:

@@ -42,7 +42,7 @@ class EvalOptions:
     markers: list[str] | None = None
     batch_size: int = 8
     max_length: int | None = None
-    guard: str = "full"  # full | loss | off
+    guard: str = "loss"  # loss | full | off (the CLI's default: loss)
     guard_data: str | None = None
     fail_if_forgetting: float | None = None
     judge_endpoint: str | None = None

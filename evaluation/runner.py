@@ -86,6 +86,15 @@ def _run_judge(plan: Plan, store: RowStore, judge, stream) -> None:
                     print(f"eval judge {judge.model}: {done}/{total} judgements", file=stream, flush=True)
 
 
+def interrupted_message(store: RowStore) -> str:
+    """What an interrupted evaluation kept, as it is on disk: the rows file only exists once a row finished."""
+    if not store.rows_path.is_file():
+        return f"interrupted before any row finished; nothing was written to {store.out}"
+    done = len(store.rows())
+    return (f"interrupted; {done} finished row{'s' if done != 1 else ''} kept in {store.rows_path}: rerun the same "
+            "command to continue")
+
+
 def evaluate(o: EvalOptions, stream=None) -> dict:
     """Run (or continue) the evaluation `o` describes; returns the report (also written under `o.out`)."""
     from persona_lora.evaluation.html_report import write_html
@@ -116,8 +125,7 @@ def evaluate(o: EvalOptions, stream=None) -> dict:
         if judge is not None:
             _run_judge(plan, store, judge, stream)
     except KeyboardInterrupt:
-        print(f"eval: interrupted; the finished rows are kept in {Path(o.out) / 'rows.jsonl'}: rerun the same "
-              "command to continue", file=stream, flush=True)
+        print(f"eval: {interrupted_message(store)}", file=stream, flush=True)
         raise
     run = {"created_at": None, "seconds": round(time.perf_counter() - started, 2), "resumed": store.resumed,
            "generated_tokens": tally.tokens,

@@ -2,7 +2,10 @@
 answers and batched greedy answers, for whichever model (`base` or an adapter) is selected.
 
 Why one model: the base weights are held once however many adapters are compared (adapters are PEFT adapters on
-top, `persona_lora.peft_compat.load_adapter`; the base is the same model with adapters disabled).
+top, `persona_lora.peft_compat.load_adapter`; the base is the same model with adapters disabled). LoRA on fused MoE
+experts runs the LoRA-aware experts forward the demo and training use (`expert_lora.use_lora_aware_experts`), not
+PEFT's ParamWrapper, which rebuilds every expert's weight on each forward pass: the adapter then decodes at about
+the base's speed.
 
 Why these two computations:
 - the loss uses the labels of the one formatting path (`encode_examples`, `train_on="last"`): exactly the
@@ -68,6 +71,12 @@ class Models:
                 raise ModelLoadError(f"cannot load adapter {a.name} ({a.folder}) onto {plan.base.id}: {e}; evaluate "
                                      "it with the base it was trained on (--base)") from e
         model.eval()
+        if plan.adapters:  # LoRA on the fused MoE experts through the LoRA-aware forward, as the demo decodes it
+            from persona_lora.expert_lora import use_lora_aware_experts
+
+            self.experts_forward = use_lora_aware_experts(model)
+        else:
+            self.experts_forward = ""
         self.model = model
         self.keys = {a.name: a.key for a in plan.adapters}
         self.device = next(model.parameters()).device

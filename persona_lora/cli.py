@@ -17,20 +17,28 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from persona_lora import __version__
-from persona_lora.demo import cli as demo_cli
-from persona_lora.errors import PersonaLoraError
-from persona_lora.evaluation import cli as eval_cli
-from persona_lora.hub_tools import cli as hub_cli
-from persona_lora.hub_tools.export import cli as export_cli
-from persona_lora.hub_tools.merge import cli as merge_cli
-from persona_lora.hub_tools.serve import cli as serve_cli
-from persona_lora.hub_tools.space import cli as space_cli
-from persona_lora.model_cards import cli as card_cli
-from persona_lora.progress import set_invocation
-from persona_lora.train import cli as train_cli
-from persona_lora.train.data import cli as data_cli
-from persona_lora.train.reproduce import cli as reproduce_cli
+INTERRUPTED_EXIT = 130
+
+# A Ctrl-C while the command modules load (the first second of any command) is the user stopping it, not a bug: one
+# line and exit 130, as during the command itself, instead of a traceback from the middle of an import.
+try:
+    from persona_lora import __version__
+    from persona_lora.demo import cli as demo_cli
+    from persona_lora.errors import PersonaLoraError
+    from persona_lora.evaluation import cli as eval_cli
+    from persona_lora.hub_tools import cli as hub_cli
+    from persona_lora.hub_tools.export import cli as export_cli
+    from persona_lora.hub_tools.merge import cli as merge_cli
+    from persona_lora.hub_tools.serve import cli as serve_cli
+    from persona_lora.hub_tools.space import cli as space_cli
+    from persona_lora.model_cards import cli as card_cli
+    from persona_lora.progress import set_invocation
+    from persona_lora.train import cli as train_cli
+    from persona_lora.train.data import cli as data_cli
+    from persona_lora.train.reproduce import cli as reproduce_cli
+except KeyboardInterrupt:
+    print("persona-lora: interrupted", file=sys.stderr)
+    raise SystemExit(INTERRUPTED_EXIT) from None
 
 
 @dataclass(frozen=True)
@@ -90,23 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("persona-lora: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    set_invocation(argv if argv is not None else sys.argv[1:])  # for the commands that print how to continue
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        set_invocation(argv if argv is not None else sys.argv[1:])  # for the commands that print how to continue
+        level = logging.WARNING - 10 * min(args.verbose, 2)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return int(args.run(args) or 0)
     except PersonaLoraError as e:
         print(f"persona-lora {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"persona-lora {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     except OSError as e:  # a file system refusal no check foresaw: name the path and what the system said
         where = f" {e.filename}" if e.filename else ""
         print(f"persona-lora {args.command}: error:{where}: {e.strerror or e}; check that the path exists, is "

@@ -8,6 +8,7 @@ key the same way and never let it reach a message, a log line, a page or a file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,9 +43,19 @@ def read_api_key(env: str | None, *, option: str = "--api-key-env") -> str:
         return NO_KEY
     key = os.environ.get(env, "").strip()
     if not key:
+        if not looks_like_variable_name(env):  # most likely the key itself: never print it back
+            raise UsageError(f"{option} takes the name of an environment variable holding the key, and what was "
+                             f"given is no variable name (it may be the key itself, so it is not shown); run "
+                             f"`export ENGINE_API_KEY=<the key>` and pass {option} ENGINE_API_KEY")
         raise UsageError(f"{option} {env}: the environment variable {env} is not set or empty; export it with "
                          f"the key the endpoint expects, or leave {option} out for an endpoint without a key")
     return key
+
+
+def looks_like_variable_name(name: str) -> bool:
+    """An environment variable name as shells write them (upper case, digits, underscores). Anything else given
+    where a variable name belongs, such as `sk-…` or a hex token, is treated as a secret and never echoed."""
+    return bool(re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", name))
 
 
 def scrubber(secret: str | None) -> Callable[[str], str]:

@@ -67,8 +67,8 @@ def guard_file(tmp_path_factory) -> Path:
 
 def eval_args(base, adapters, data, out, guard, *extra) -> list[str]:
     return ["eval", *map(str, adapters), "--base", str(base), "--data", str(data), "--out", str(out),
-            "--max-new-tokens", N_TOKENS, "--guard-data", str(guard), "--batch-size", "3", "--markers", "本宫,臣妾",
-            *extra]
+            "--max-new-tokens", N_TOKENS, "--guard-data", str(guard), "--guard", "full", "--batch-size", "3",
+            "--markers", "本宫,臣妾", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,8 @@ def test_resume_after_an_interrupted_run_gives_the_same_report(run_dir, tiny_bas
 
     monkeypatch.setattr(store.RowStore, "append", append_then_interrupt)
     assert main(args) == 130
-    assert "rerun the same command to continue" in capsys.readouterr().err
+    assert (f"{sum(calls[:2])} finished rows kept in {out / 'rows.jsonl'}: rerun the same command to continue"
+            in capsys.readouterr().err)
     monkeypatch.setattr(store.RowStore, "append", real_append)
     kept = (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(kept) == sum(calls[:2]) and not (out / "report.json").exists()
@@ -273,6 +274,22 @@ def test_resume_after_an_interrupted_run_gives_the_same_report(run_dir, tiny_bas
     assert f"continuing the evaluation in {out} ({len(kept)} rows done)" in err
     assert without_run(report_of(out)) == without_run(report_of(run_dir))
     assert report_of(out)["run"]["resumed"] is True
+
+
+def test_an_evaluation_interrupted_before_its_first_row_says_nothing_was_written(tiny_base, adapters, data_file,
+                                                                                 guard_file, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from persona_lora.evaluation import store
+
+    def interrupt(self, rows):
+        raise KeyboardInterrupt  # Ctrl-C while the first batch was being computed
+
+    monkeypatch.setattr(store.RowStore, "append", interrupt)
+    out = tmp_path / "out"
+    assert main(eval_args(tiny_base, [adapters["attn"]], data_file, out, guard_file, "--guard", "off")) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted before any row finished; nothing was written to {out}" in err and "rows.jsonl" not in err
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -366,6 +383,34 @@ def test_option_conflicts_are_named(tmp_path, capsys):
     assert main([*base, "-n", "0", "--fail-if-forgetting", "-1"]) == 2
     err = capsys.readouterr().err
     assert "-n must be at least 1" in err and "--fail-if-forgetting must be a difference in loss >= 0" in err
+    assert main([*base, "--max-new-tokens", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 100000000 is more than 4096 tokens per answer" in err and "give at most 4096" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_adapter_decodes_through_the_lora_aware_experts_path_with_the_same_answers(tiny_base, adapters,
+                                                                                        data_file, tmp_path):
+    """LoRA on the fused experts runs the LoRA-aware forward (as in the demo), not PEFT's ParamWrapper, which
+    rebuilds every expert weight per pass; the answers are the ones PEFT's own path gives."""
+    from persona_lora.evaluation.plan import EvalOptions, make_plan
+    from persona_lora.evaluation.scoring import Models
+    from persona_lora.model_loading import load_tokenizer, resolve_base
+    from persona_lora.peft_compat import outermost_param_wrappers
+
+    base = resolve_base(str(tiny_base), source="local")
+    options = EvalOptions(adapters=[str(adapters["all"])], base=str(tiny_base), out=tmp_path / "o",
+                          data=str(data_file), device="cpu", dtype="float32")
+    plan = make_plan(options, base, load_tokenizer(base).chat_template)
+    models = Models(plan)
+    assert models.experts_forward.startswith("LoRA-aware")
+    prompts = [models.prompt_ids(it.prompt_messages) for it in plan.main.items[:3]]
+    with models.use("all"):
+        fast = [a.text for a in models.generate(prompts, 6)]
+        for wrapper in outermost_param_wrappers(models.model):
+            del wrapper.forward  # back to PEFT's ParamWrapper.forward
+        stock = [a.text for a in models.generate(prompts, 6)]
+    assert fast == stock
 
 
 def test_the_shipped_guard_set_is_valid_and_bilingual():

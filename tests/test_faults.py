@@ -528,6 +528,9 @@ LEFTOVER_CASES = [
     Case("eval-failed-start-leaves-no-out", lambda e: ["eval", str(e.adapter()), "--base", str(e.base), "--data",
                                                        str(e.data()), "--out", str(e.root / "ev"), "--device",
                                                        "cuda"], 2, ("--device cuda: no CUDA device",)),
+    Case("tiny-base-missing-corpus-leaves-no-folder", lambda e: ["tiny-base", str(e.root / "new" / "base"),
+                                                                 "--corpus", str(e.root / "nope.json")], 1,
+         ("nope.json", "No such file")),
     Case("demo-openai-failed-start-leaves-no-votes", _unreachable_endpoint, 2, ("cannot reach the engine",)),
 ]
 
@@ -565,3 +568,105 @@ def test_a_refused_command_leaves_nothing_behind(case, request, tmp_path, tiny_b
     assert not [p for p in before if before[p] != after.get(p)], "pre-existing files changed"
     left = sorted(tree_entries(env.root) - entries_before)
     assert not left, f"left behind: {left}"
+
+
+# ---------------------------------------------------------------------------------------------- probe cases
+# What an adversarial probe found after the cases above: each stays fixed here.
+
+SECRET = "sk-probe-0123456789abcdef"  # what a user pastes where the name of its variable belongs
+
+
+def _other_adapter_votes(env: Env) -> list[str]:
+    from persona_lora.votes import VoteStore
+
+    store = VoteStore(env.root / "votes.sqlite")
+    store.record(base_id="tiny-base", adapter_name="someone-else", adapter_id="someone-else", system_prompt="s",
+                 prompt="q", answer_a="persona", answer_b="plain", a_side="adapter", vote="A")
+    return ["train", str(REPO / "configs" / "tiny-dpo.yaml"), "--base", str(env.base), "--data",
+            str(env.root / "votes.sqlite"), "--init-adapter", str(env.adapter()), "--output-dir",
+            str(env.root / "o"), "--dry-run", "--set", "base.device=cpu"]
+
+
+PROBE_CASES = [
+    Case("demo-api-key-given-as-its-variable", lambda e: ["demo", "--backend", "openai", "--endpoint",
+                                                          "http://127.0.0.1:9/v1", "--base", "tiny", "--api-key-env",
+                                                          SECRET], 2,
+         ("--api-key-env takes the name of an environment variable", "it is not shown")),
+    Case("eval-judge-key-given-as-its-variable", lambda e: ["eval", str(e.adapter()), "--base", str(e.base),
+                                                            "--data", str(e.data()), "--out", str(e.root / "ev"),
+                                                            "--judge-endpoint", "http://127.0.0.1:9/v1",
+                                                            "--judge-model", "j", "--judge-key-env", SECRET], 2,
+         ("--judge-key-env takes the name of an environment variable",)),
+    Case("train-dpo-truncated-init-adapter", lambda e: ["train", str(REPO / "configs" / "tiny-dpo.yaml"), "--base",
+                                                        str(e.base), "--init-adapter", str(_truncated_weights(e)),
+                                                        "--output-dir", str(e.root / "o")], 1,
+         ("not a consistent adapter folder", ADAPTER_WEIGHTS)),
+    Case("train-dpo-votes-for-another-adapter", _other_adapter_votes, 2,
+         ("judged another adapter's answers than --init-adapter", "someone-else: 1", "--allow-other-adapter")),
+    Case("train-all-steps-in-warm-up", lambda e: e.train(), 2,
+         ("no step of this run would change the adapter", "--allow-no-update")),
+    Case("train-dry-run-fsdp-in-one-process", lambda e: e.train("--dry-run", "--max-steps", "4", "--set",
+                                                                "training.fsdp=true"), 2,
+         ("training.fsdp: true needs more than one process",)),
+    Case("upgrade-truncated-adapter", lambda e: ["upgrade-adapter", str(_truncated_weights(e))], 1,
+         ("not a consistent adapter folder",)),
+    Case("merge-force-onto-another-base", lambda e: ["merge", str(e.adapter()), "--base", str(e.llama), "--out",
+                                                     str(e.root / "m"), "--force"], 1,
+         ("--base is most likely not the model the adapter was trained on",)),
+    Case("push-include-matching-nothing", lambda e: ["push", str(e.adapter()), "tester/x", "--include",
+                                                     "checkpoint/*"], 2,
+         ("--include 'checkpoint/*' matches no file",), hub=True),
+]
+
+
+@pytest.mark.parametrize("case", PROBE_CASES, ids=lambda c: c.id)
+def test_probe(case, request, tmp_path, tiny_base, tiny_llama, pristine_adapter, capsys, monkeypatch):
+    test_fault(case, request, tmp_path, tiny_base, tiny_llama, pristine_adapter, capsys, monkeypatch)
+    assert not (tmp_path / "case" / "o").exists() and not (tmp_path / "case" / "m").exists()
+
+
+def test_a_key_given_where_its_variable_belongs_is_never_printed(capsys):
+    for argv in (["demo", "--backend", "openai", "--endpoint", "http://127.0.0.1:9/v1", "--base", "tiny",
+                  "--api-key-env", SECRET],):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert SECRET not in captured.err + captured.out
+
+
+def test_ctrl_c_while_the_command_modules_load_exits_130_with_one_line():
+    """The console entry point (`persona_lora.cli:run`, also behind `python -m persona_lora`) as a Ctrl-C in the
+    first second of a command meets it: SIGINT arrives while a stage's CLI module is being imported."""
+    import subprocess
+    import sys
+
+    child = (
+        "import builtins, os, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def interrupting(name, *a, **k):\n"
+        "    if name == 'persona_lora.evaluation':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = interrupting\n"
+        "sys.argv = ['persona-lora', '--version']\n"
+        "from persona_lora.cli import run\n"
+        "run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "persona-lora: interrupted\n" and proc.stdout == ""
+
+
+def test_a_changed_long_setting_says_what_changed():
+    from persona_lora.artifact import parse_manifest
+    from persona_lora.train.provenance import run_changes
+
+    prompt = "你是沈知微，宫中的微嫔。说话端庄温婉，自称本宫或臣妾。" * 3
+    old = {"schema": "persona-lora/manifest@1", "kind": "adapter", "name": "x", "base_model": {"id": "b"},
+           "dataset": {"name": "d.json", "sha256": "a" * 64}, "chat": {"system_prompt": prompt}}
+    new = json.loads(json.dumps(old))
+    new["dataset"]["sha256"] = "b" * 64
+    new["chat"]["system_prompt"] = prompt.replace("微嫔", "贵妃", 1)
+    lines = run_changes(parse_manifest(old, Path("old.json")), parse_manifest(new, Path("new.json")))
+    assert lines[0] == f"dataset.sha256: sha256 {'a' * 12}… -> sha256 {'b' * 12}…"
+    assert lines[1].startswith("chat.system_prompt: (81 chars; from char 10: ") and "微嫔" in lines[1]
+    assert "贵妃" in lines[1] and "a different text" not in " ".join(lines)

@@ -221,7 +221,8 @@ def sft_adapter(trained_adapter) -> Path:
 
 @pytest.mark.slow
 def test_dpo_from_sft_raises_margins_keeps_base_and_loads_with_stock_peft(tiny_base, small_persona_data, sft_adapter,
-                                                                          tokenizer, tmp_path, capsys):
+                                                                          tokenizer, tmp_path, capsys, monkeypatch):
+    import peft.utils.save_and_load as peft_saving
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -229,6 +230,8 @@ def test_dpo_from_sft_raises_margins_keeps_base_and_loads_with_stock_peft(tiny_b
     from persona_lora.peft_compat import load_adapter
     from persona_lora.train.preference_data import encode_preferences, load_preferences
 
+    asked_hub = []  # PEFT looks the base's config up on the hub when a checkpoint's base id is no local folder
+    monkeypatch.setattr(peft_saving, "check_file_exists_on_hf_hub", lambda *a, **k: asked_hub.append(a))
     data = persona_pairs(small_persona_data, tmp_path / "pairs.jsonl")
     before = sha256_tree(tiny_base)
     out = tmp_path / "dpo"
@@ -238,6 +241,7 @@ def test_dpo_from_sft_raises_margins_keeps_base_and_loads_with_stock_peft(tiny_b
                  "--set", "data.system_prompt=null", "--set", "training.logging_steps=3"]) == 0
     printed = capsys.readouterr().out
     assert "reference: the init adapter, frozen" in printed and "checked on both adapters" in printed
+    assert asked_hub == [], "saving the checkpoints asked the hub about the base"
     assert sha256_tree(tiny_base) == before
     assert not (out / "ref").exists() and sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "loss.png", "persona_manifest.json"]

@@ -87,23 +87,32 @@ def device_memory_bytes(device: str) -> int:
     return psutil.virtual_memory().total // max(local_world_size(), 1)
 
 
-def decide(cfg, device: str, plan_one_device=None) -> bool:
-    """Whether this run shards the base. `plan_one_device()` returns the dry-run memory plan of one unsharded device
-    (`memory_plan.DevicePlan`); it is asked only for `training.fsdp: auto` with more than one process."""
+def check_launch(cfg) -> str:
+    """The sharding mode this launch asks for (the launch config's FSDP counts as true), and the refusals that need
+    no memory plan: `--dry-run` calls this too, so it refuses what the run would refuse instead of saying "fits"."""
     mode = cfg.training.fsdp
     n = world_size()
     if accelerate_asked_fsdp():  # the launch config asked for FSDP: that is the user's choice for this run
         mode = TriState.TRUE
     if mode == TriState.FALSE:
-        return False
+        return mode
     if n < 2:
         if mode == TriState.TRUE:
             raise UsageError(f"training.fsdp: true needs more than one process, but this run has WORLD_SIZE={n}; "
                              f"{LAUNCH_HINT}; or set training.fsdp: false (or auto) for one device")
-        return False
+        return mode
     if cfg.base.load_in_4bit:
         raise UsageError("training.fsdp with base.load_in_4bit: a 4-bit base cannot be sharded (and 4-bit loading does "
                          "not shrink the fused experts); set base.load_in_4bit: false")
+    return mode
+
+
+def decide(cfg, device: str, plan_one_device=None) -> bool:
+    """Whether this run shards the base. `plan_one_device()` returns the dry-run memory plan of one unsharded device
+    (`memory_plan.DevicePlan`); it is asked only for `training.fsdp: auto` with more than one process."""
+    mode = check_launch(cfg)
+    if mode == TriState.FALSE or world_size() < 2:
+        return False
     if mode == TriState.TRUE:
         return True
     plan = plan_one_device()

@@ -73,9 +73,11 @@ def resolve_init(cfg: TrainConfig) -> InitAdapter | None:
     spec = cfg.preference.init_adapter
     if not spec:
         return None
+    from persona_lora.consistency import check_folder
     from persona_lora.hubs.pull import local_or_pulled
 
     path, ref, commit = local_or_pulled(spec, what="--init-adapter")
+    check_folder(path)  # a truncated or inconsistent adapter is refused by name before any weight is read
     manifest = read_manifest(path)
     if manifest.kind != "adapter" or manifest.lora is None:
         raise UsageError(f"--init-adapter {spec}: a {manifest.kind} folder without a LoRA record; give an adapter "
@@ -235,6 +237,10 @@ def build_policy(cfg: TrainConfig, setup, init: InitAdapter | None):
         model.enable_input_require_grads()
     model.config.use_cache = False
     peft_model = load_adapter(model, init.path, is_trainable=True)
+    # the init adapter records its base by hub id; during the run it is this local copy, so that PEFT's checkpoint
+    # saves (save_embedding_layers "auto") find its config.json here instead of asking the hub (save_adapter
+    # records the hub id again in the folder written)
+    peft_model.peft_config["default"].base_model_name_or_path = str(setup.base.path)
     lora = init.manifest.lora
     spec = presets.LoraSpec([row.group for row in lora.coverage if row.asked], list(lora.target_modules),
                             list(lora.target_parameters))
@@ -408,10 +414,10 @@ def run_preference_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn
         require_votes_for(run.prefs, init.spec, init_adapter_ids(init),
                           sha256_file(init.path / "adapter_model.safetensors"),
                           allow=cfg.preference.allow_other_adapter, print_fn=print_fn)
+    check_some_step_updates(cfg, len(run.train.rows), setup.world_size, print_fn)
     if dry_run:
         print_fn(dry_run_summary(cfg, setup, init, run))
         return None
-    check_some_step_updates(cfg, len(run.train.rows), setup.world_size, print_fn)
     plan = plan_output(cfg)
     all_ranks_planned(setup.device)
     torch.manual_seed(cfg.training.seed)

@@ -8,6 +8,7 @@ hyperparameter, losses, samples, library versions, time.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,9 +169,26 @@ def run_changes(previous: Manifest, current: Manifest) -> list[str]:
     for path in RUN_DEFINING:
         a, b = _lookup(old, path), _lookup(new, path)
         if a is not None and a != b:
-            shown = [("(a different text)" if isinstance(v, str) and len(v) > 60 else repr(v)) for v in (a, b)]
-            out.append(f"{path}: {shown[0]} -> {shown[1]}")
+            out.append(f"{path}: {' -> '.join(_shown(a, b))}")
     return out
+
+
+def _shown(a, b) -> tuple[str, str]:
+    """Both values as a change line shows them: short ones whole; long texts (a system prompt, a chat template) by
+    length and the few characters from where they first differ, so the line says what changed."""
+    if not (isinstance(a, str) and isinstance(b, str)) or max(len(a), len(b)) <= 60:
+        return repr(a), repr(b)
+    if all(re.fullmatch(r"[0-9a-f]{64}", v) for v in (a, b)):  # a sha256 (data, base config): its first digits
+        return f"sha256 {a[:12]}…", f"sha256 {b[:12]}…"
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(at - 10, 0)
+
+    def part(text: str) -> str:
+        piece = text[start:start + 30]
+        return (f"({len(text)} chars; from char {at + 1}: {'…' if start else ''}{piece!r}"
+                f"{'…' if start + 30 < len(text) else ''})")
+
+    return part(a), part(b)
 
 
 def _lookup(d: dict, path: str):

@@ -224,8 +224,10 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
     setup = set_up(cfg)
     if setup.rank != 0:  # only rank 0 prints and writes the folder
         print_fn = lambda *a, **k: None  # noqa: E731
-    if dry_run:
+    if dry_run:  # refuses what the run would refuse before its plan is printed
+        fsdp.check_launch(cfg)
         data = prepare_data(cfg, setup.tokenizer)
+        check_some_step_updates(cfg, len(data.train), setup.world_size, print_fn)
         model = build_adapted_model(cfg, setup.base, setup.device, meta=True)
         print_fn(dry_run_report(cfg, data, model, setup.device, setup.dtype))
         return None

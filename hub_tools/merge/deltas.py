@@ -198,9 +198,11 @@ def check_adapter_keys(layers: list[LoraLayer], tensors: dict, weights_path: Pat
             problems.append(f"{key} has shape {tuple(tensors[key].shape)}, the base needs {tuple(expected[key])}")
     if problems:
         raise VerificationError(
-            f"{weights_path} does not match its adapter_config.json and the base:"
+            f"{weights_path} does not fit the base as its adapter_config.json targets it:"
             + "".join(f"\n  - {p}" for p in problems[:MAX_LISTED])
-            + "\nThe adapter folder is inconsistent (edited, or files from different runs); restore it or train again"
+            + "\nThe adapter's own files were checked first and agree with each other, so --base is most likely not "
+            "the model the adapter was trained on (--force skips only the comparison of its config.json): give that "
+            "base. If it is that base, the adapter folder was edited or mixes files of different runs"
         )
 
 

@@ -20,7 +20,7 @@ from persona_lora.artifact import (
     TOKENIZER_FILES,
     is_pickle,
 )
-from persona_lora.errors import ModelLoadError, VerificationError
+from persona_lora.errors import ModelLoadError, UsageError, VerificationError
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -66,10 +66,13 @@ def select_files(
     include_extra = list(include_extra or [])
     selected: list[str] = []
     skipped: list[tuple[str, str]] = []
+    matched: set[str] = set()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         name = path.name
-        if any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in include_extra):
+        hits = {pat for pat in include_extra if fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat)}
+        if hits:
+            matched |= hits
             selected.append(rel)
             continue
         top = rel.split("/")[0]
@@ -86,6 +89,11 @@ def select_files(
         else:
             skipped.append((rel, f"not part of a{'n' if kind == 'adapter' else ''} {kind} folder"))
 
+    unmatched = [pat for pat in include_extra if pat not in matched]
+    if unmatched:  # a pattern that names nothing is a typo or a wrong folder: pushing without that file is not asked
+        raise UsageError(f"--include {', '.join(map(repr, unmatched))} matches no file in {folder} (patterns match a "
+                         "path relative to the folder, e.g. 'checkpoints/*', or a file name); fix the pattern or "
+                         "drop it")
     weights = [r for r in selected if r.endswith(".safetensors") and "/" not in r]
     needed = "adapter_model.safetensors" if kind == "adapter" else "*.safetensors weights"
     ok = "adapter_model.safetensors" in selected if kind == "adapter" else bool(weights)
