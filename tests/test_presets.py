@@ -181,3 +181,18 @@ def test_no_kv_b_presets_leave_out_kv_b_proj_only(tiny_base, preset):
     assert not any(n.endswith("kv_b_proj") for n in found)
     assert found == {n for n in adapted(full) if not n.endswith("kv_b_proj")}
     check_coverage(peft_model, spec)
+
+
+def test_coverage_check_fails_when_an_asked_target_is_missing(tiny_base):
+    """The check compares both ways: a module asked for but left without LoRA (and routed experts asked for but not
+    adapted) fail it, as an unexpected one does."""
+    spec, peft_model, _ = attach(fresh(tiny_base), "attention")
+    check_coverage(peft_model, spec)  # as asked: passes
+    asked_more = presets.LoraSpec(spec.groups, [*spec.target_modules, "model.layers.0.mlp.shared_experts.up_proj"],
+                                  list(spec.target_parameters))
+    with pytest.raises(ConfigError, match=r"missing \['model\.layers\.0\.mlp\.shared_experts\.up_proj'\], "
+                                          r"unexpected \[\]"):
+        check_coverage(peft_model, asked_more)
+    experts_asked = presets.LoraSpec(spec.groups, list(spec.target_modules), ["mlp.experts.gate_up_proj"])
+    with pytest.raises(ConfigError, match=r"LoRA on routed experts differs from what was asked \(0 applied, [1-9]"):
+        check_coverage(peft_model, experts_asked)
