@@ -56,6 +56,10 @@ def plan_push(folder: str | Path, include_extra: list[str] | None = None) -> Pus
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a folder; give the adapter folder `persona-lora train` wrote")
+    from persona_lora.hub_tools.export.gguf import check_gguf_export, is_gguf_export
+
+    if is_gguf_export(folder):  # `export --for llama.cpp|ollama`: exactly the files its record lists
+        return PushPlan(folder, "gguf", check_gguf_export(folder), [])
     kind = folder_kind(folder)
     files, skipped = select_files(folder, kind, include_extra)
     check_folder(folder, allow_pickle=any(is_pickle(f) for f in files))

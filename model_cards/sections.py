@@ -324,4 +324,13 @@ def serving_section(m: Manifest) -> list[tuple[str, str, str]] | None:
     else:
         rows.append((vllm, "yes", code(f"persona-lora export {name} --for vllm --out DIR")))
     rows.append((sglang, "yes", code(f"persona-lora export {name} --for sglang --out DIR")))
+    # On your own machine: a merged GGUF (llama.cpp's deepseek2 graph skips LoRA on MLA attention, so a LoRA GGUF
+    # or Ollama's ADAPTER would not answer as trained); the export writes the ollama/llama-cli commands.
+    mla = m.base_model.model_type in MLA_MODEL_TYPES
+    target = "ollama" if m.base_model.model_type == "deepseek_v2" else "llama.cpp"
+    rows.append(("llama.cpp / Ollama (run it locally)",
+                 "yes, as one merged GGUF file" + (" (not as a LoRA GGUF: llama.cpp skips LoRA on MLA attention)"
+                                                   if mla else ""),
+                 code(f"persona-lora export {name} --for {target} --out DIR")
+                 + " (its README has the `ollama` / `llama-cli` commands)"))
     return rows

@@ -209,7 +209,7 @@ def test_lora_gguf_is_refused_naming_the_attention_projections(adapters, tmp_pat
     assert rc == 2 and "--lora-gguf is not offered" in err and "q_proj" not in err
 
 
-def test_no_llama_cpp_and_no_compiler_is_one_message(adapters, tmp_path, monkeypatch, capsys):
+def test_no_llama_cpp_and_no_compiler_is_one_message(adapters, tiny_base, tmp_path, monkeypatch, capsys):
     """A k-quant needs llama-quantize: with no build tools on PATH the export says what is missing and how to give
     a llama.cpp instead, before downloading or writing anything."""
     empty = tmp_path / "empty-path"
@@ -217,7 +217,7 @@ def test_no_llama_cpp_and_no_compiler_is_one_message(adapters, tmp_path, monkeyp
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.setenv("PERSONA_LORA_LLAMA_CPP_CACHE", str(tmp_path / "cache"))
     rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(tmp_path / "o"),
-               "--quant", "q4_k_m"])
+               "--base", str(tiny_base), "--quant", "q4_k_m"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1
@@ -226,20 +226,21 @@ def test_no_llama_cpp_and_no_compiler_is_one_message(adapters, tmp_path, monkeyp
     assert not (tmp_path / "cache" / "src").exists()
 
 
-def test_llama_cpp_path_without_a_converter(adapters, tmp_path, capsys):
+def test_llama_cpp_path_without_a_converter(adapters, tiny_base, tmp_path, capsys):
     (tmp_path / "not-llama").mkdir()
     rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(tmp_path / "o"),
-               "--llama-cpp", str(tmp_path / "not-llama")])
+               "--base", str(tiny_base), "--llama-cpp", str(tmp_path / "not-llama")])
     assert rc == 2 and "no convert_hf_to_gguf.py there" in capsys.readouterr().err
 
 
-def test_existing_output_folder_is_refused_as_merge_does(adapters, tmp_path, capsys):
+def test_existing_output_folder_is_refused_as_merge_does(adapters, tiny_base, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out)])
+    base = ["--base", str(tiny_base)]
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), *base])
     assert rc == 2 and "exists and is not empty" in capsys.readouterr().err
-    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--overwrite"])
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--overwrite", *base])
     assert rc == 2 and "is not a GGUF export persona-lora wrote" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep"
 
@@ -282,7 +283,8 @@ def test_adapter_of_another_base_is_refused(adapters, tmp_path, converter_env, c
 
 
 @pytest.mark.slow
-def test_ollama_export_hands_the_converter_the_merged_model(adapters, tiny_base, tmp_path, converter_env, capsys):
+def test_ollama_export_hands_the_converter_the_merged_model(adapters, tiny_base, tmp_path, converter_env, capsys,
+                                                            hub_server):
     """Stand-in converter: the GGUF holds exactly what we handed the converter. Its tensors are the merged model's
     (not the base's), its metadata shows the converter-readable copy and the pre-tokenizer fallback reached the
     converter; the folder holds the GGUF, README, Modelfile and record, and nothing of the intermediate steps."""
@@ -329,9 +331,32 @@ def test_ollama_export_hands_the_converter_the_merged_model(adapters, tiny_base,
     assert "llama-cli -m zhen-huan.f32.gguf -sys" in readme and "llama-server -m zhen-huan.f32.gguf" in readme
     record = json.loads((out / "persona_gguf.json").read_text())
     assert record["gguf"] == "zhen-huan.f32.gguf" and record["for"] == "ollama" and record["quant"] == "f32"
+    assert readme.startswith("---\ntags:\n- gguf\n- llama.cpp\n- ollama\n- persona-lora\n---\n")
+
+    # push sends exactly the export's files, byte for byte
+    from huggingface_hub import hf_hub_download
+
+    from persona_lora.hub_tools.push import push_folder
+    from tests.hub_fixtures import DEFAULT_USER
+
+    result = push_folder(out, f"{DEFAULT_USER}/zhen-huan-GGUF")
+    assert sorted(result.pushed) == sorted(record["files"])
+    for name in record["files"]:
+        assert Path(hf_hub_download(f"{DEFAULT_USER}/zhen-huan-GGUF", name)).read_bytes() == (out / name).read_bytes()
 
     # --overwrite replaces an export of ours (and only once the new one is complete)
     assert main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--base", str(tiny_base),
                  "--llama-cpp", str(checkout), "--quant", "f16", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "persona_gguf.json", "zhen-huan.f16.gguf"]
     assert os.access(out / "zhen-huan.f16.gguf", os.R_OK)
+
+
+def test_adapter_card_says_how_to_run_it_locally(adapters):
+    from persona_lora.artifact import read_manifest
+    from persona_lora.model_cards.sections import serving_section
+
+    rows = serving_section(read_manifest(adapters["all"]))
+    local = [r for r in rows if r[0].startswith("llama.cpp / Ollama")]
+    assert len(local) == 1
+    assert "merged GGUF" in local[0][1] and "not as a LoRA GGUF" in local[0][1]
+    assert "persona-lora export zhen-huan --for ollama --out DIR" in local[0][2]

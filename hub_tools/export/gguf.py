@@ -188,6 +188,23 @@ def is_gguf_export(folder: Path) -> bool:
     return all(p.is_file() and p.name in files for p in folder.iterdir())
 
 
+def check_gguf_export(folder: Path) -> list[str]:
+    """The files of a GGUF export to push (those its record lists), after checking each is there and each GGUF
+    starts with the GGUF magic; VerificationError otherwise."""
+    from persona_lora.errors import VerificationError
+
+    files = sorted(json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))["files"])
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise VerificationError(f"{folder} is an incomplete GGUF export: {name} is missing; export again")
+        if name.endswith(".gguf"):
+            with path.open("rb") as fh:
+                if fh.read(4) != b"GGUF":
+                    raise VerificationError(f"{path} is not a GGUF file (no GGUF magic); export again")
+    return files
+
+
 def _file_stem(manifest: Manifest, out: Path) -> str:
     raw = manifest.name or out.name
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in raw).strip("-.")
@@ -361,9 +378,17 @@ def run_commands(f: ExportFacts) -> list[str]:
 
 def render_readme(f: ExportFacts) -> str:
     from persona_lora import __version__
+    from persona_lora.hub_ids import is_repo_id
 
     cmds = run_commands(f)
+    # Hub card metadata: a GGUF repo is listed with its base and found by the gguf/llama.cpp/ollama tags.
+    front = ["---"]
+    if f.base_id and is_repo_id(f.base_id) and not f.base_id.startswith((".", "/", "~")):
+        front += [f"base_model: {f.base_id}", "base_model_relation: finetune"]
+    front += ["tags:", "- gguf", "- llama.cpp", *(["- ollama"] if f.target == "ollama" else []), "- persona-lora",
+              "---", ""]
     parts = [
+        *front,
         f"# {f.adapter_name} as GGUF ({f.quant})",
         "",
         f"The persona **{f.adapter_name}** merged into its base `{f.base_id}` and converted with llama.cpp's own "
