@@ -32,12 +32,12 @@ _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def shown_text(text: str, *, done: bool) -> str:
-    """An answer as the panes show it, mid-stream or final: control characters removed, and the replacement
-    characters that stand for the first bytes of a character still being generated held back (a byte-level
-    tokenizer emits a CJK character over several tokens; decoding mid-way gives U+FFFD). A final answer cut by
-    the token limit in the middle of a character drops that half character the same way."""
-    text = _CONTROLS.sub("", text).lstrip()
-    return text.rstrip().rstrip("\ufffd").rstrip() if done else text.rstrip("\ufffd")
+    """An answer as the panes show it, mid-stream or final: control characters and U+FFFD removed. A byte-level
+    tokenizer emits a CJK character over several tokens, so decoding mid-way gives U+FFFD for the bytes of a
+    character still being generated (held back until it is whole), and a model that emits bytes which never
+    form a character (a random base does) leaves U+FFFD that stand for nothing a reader could use."""
+    text = _CONTROLS.sub("", text).replace("\ufffd", "").lstrip()
+    return text.rstrip() if done else text
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,54 @@ def test_arena_battle_in_the_browser(app_url, page, tmp_path):
     rows = votes.votes()
     assert len(rows) == before + 1 and rows[-1]["settings"]["mode"] == "arena" and rows[-1]["vote"] == "B"
     assert ("link" in rows[-1]["answer_b"]) == (rows[-1]["winner"] == "adapter")
+
+
+@pytest.fixture(scope="module")
+def quickstart_url(sync_api, tiny_base, trained_adapter):
+    """The demo as the quickstart serves it: the tiny random base and an adapter trained by `persona-lora train`."""
+    from persona_lora.demo.app import build_demo
+    from persona_lora.demo.engine import Engine
+    from tests.conftest import free_port
+
+    engine = Engine(str(tiny_base), device="cpu", max_new_tokens_cap=48)
+    engine.add_adapter(str(trained_adapter))
+    app = build_demo(engine, votes=None, default_max_new_tokens=48)
+    _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    app.close()
+    engine.close()
+
+
+def test_what_a_newcomer_sees_and_the_panes_stack_on_a_narrow_window(quickstart_url, sync_api, tmp_path):
+    """The page of `make quickstart`: the note that the base has random weights, two answers without control or
+    replacement characters; on a 420 px window the panes stack instead of squeezing side by side. The wide
+    screenshot is the README's (`PERSONA_LORA_SCREENSHOT=docs/demo.png` saves it there)."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(quickstart_url)
+            page.wait_for_selector("#chat-message textarea", timeout=60_000)
+            assert "random weights" in page.locator("#sides-info").inner_text()
+            page.fill("#chat-message textarea", "你是谁？")
+            page.click("#chat-send")
+            base = wait_stable(page, '#base-chat [data-testid="bot"]', timeout=120)
+            adapter = wait_stable(page, '#adapter-chat [data-testid="bot"]', timeout=120)
+            for answer in (base, adapter):
+                assert answer.strip() and "\ufffd" not in answer
+                assert not any(ord(c) < 32 and c not in "\n\t" for c in answer)
+            shot = save_shot(page, tmp_path, "quickstart")
+            if os.environ.get("PERSONA_LORA_SCREENSHOT"):
+                page.evaluate("window.scrollTo(0, 0)")
+                page.screenshot(path=os.environ["PERSONA_LORA_SCREENSHOT"], full_page=False)
+            wide_base, wide_adapter = (page.locator(s).bounding_box() for s in ("#base-chat", "#adapter-chat"))
+            assert abs(wide_base["y"] - wide_adapter["y"]) < 5 and wide_adapter["x"] > wide_base["x"]  # side by side
+            page.set_viewport_size({"width": 420, "height": 900})
+            page.wait_for_timeout(500)
+            narrow_base, narrow_adapter = (page.locator(s).bounding_box() for s in ("#base-chat", "#adapter-chat"))
+            assert narrow_adapter["y"] >= narrow_base["y"] + narrow_base["height"] - 1, (narrow_base, narrow_adapter)
+            assert narrow_base["width"] > 300  # each pane takes the window's width, not ~155 px
+            save_shot(page, tmp_path, "narrow")
+            assert shot.exists()
+        finally:
+            browser.close()
