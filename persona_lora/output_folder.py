@@ -66,7 +66,7 @@ def check_target(path: str | Path, *, option: str, replace: bool = False, ours: 
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} exists and is not a folder; choose a folder for the output")
     check_writable(path, option=option)
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir() or is_empty(path):
         return Target(path, option)
     if add:
         return Target(path, option, adds=True)
@@ -76,6 +76,12 @@ def check_target(path: str | Path, *, option: str, replace: bool = False, ours: 
         raise UsageError(f"--overwrite refused: {option} {path} {foreign}; nothing was changed; choose another "
                          "folder, or remove that one yourself if you mean it")
     return Target(path, option, replaces=True)
+
+
+def is_empty(folder: Path) -> bool:
+    """Whether `folder` holds nothing (a staging folder's marker does not count): what a writer that only writes
+    into an empty folder asks, so it can be handed a staging folder."""
+    return not any(p.name != MARKER for p in Path(folder).iterdir())
 
 
 def nearest_existing(path: Path) -> Path:
@@ -245,7 +251,7 @@ class OutputFolder:
             shutil.rmtree(self.work)
             return target.path
         if target.path.is_dir() and not any(target.path.iterdir()):
-            target.path.rmdir()
+            target.path.rmdir()  # an empty folder the user gave
         if target.path.exists() and not target.replaces:
             self.discard()
             raise UsageError(f"{target.option} {target.path} was created by something else while this command ran; "

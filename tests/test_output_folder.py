@@ -246,3 +246,18 @@ def test_files_together_change_all_or_none(tmp_path):
     assert (blocked / "loss.png").read_bytes() == b"old png"
     assert entries(blocked) == ["README.md", "loss.png"]
     assert entries(tmp_path) == ["README.md", "blocked", "loss.png"]
+
+
+def test_a_writer_that_wants_an_empty_folder_takes_the_staging_folder(tmp_path, capsys):
+    """`tiny-base` builds into the staging folder (its marker does not make it "not empty") and the finished base
+    takes the name; the marker does not come along."""
+    from persona_lora.cli import main
+
+    out = tmp_path / "bases" / "tiny"
+    assert main(["tiny-base", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors")) and not (out / MARKER).exists()
+    assert entries(tmp_path / "bases") == ["tiny"]
+    assert main(["tiny-base", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"OUT_DIR {out} exists and is not empty" in err and entries(tmp_path / "bases") == ["tiny"]

@@ -97,6 +97,7 @@ def configure_tiny_base(p: argparse.ArgumentParser) -> None:
 
 def run_tiny_base(args: argparse.Namespace) -> int:
     from persona_lora.errors import UsageError
+    from persona_lora.output_folder import OutputFolder, check_target
 
     given = {f.name: getattr(args, f.name) for f in fields(TinySpec) if getattr(args, f.name) is not None}
     if args.preset == "lite-wide":
@@ -105,11 +106,14 @@ def run_tiny_base(args: argparse.Namespace) -> int:
             names = ", ".join("--" + n.replace("_", "-") for n in fixed)
             raise UsageError(f"--preset lite-wide has the real model's sizes; drop {names} (only --layers, --seed, "
                              "--dtype and --corpus apply)")
-        out = build_wide_base(args.out_dir, given.get("layers", PRESETS["lite-wide"].layers),
-                              args.dtype or "bfloat16", given.get("seed", 0), args.corpus)
-    else:
-        if args.dtype not in (None, "float32"):
-            raise UsageError("--dtype applies to --preset lite-wide; the toy base is written in float32")
-        out = build_tiny_base(args.out_dir, TinySpec(**given), args.corpus)
-    print(out)
+    elif args.dtype not in (None, "float32"):
+        raise UsageError("--dtype applies to --preset lite-wide; the toy base is written in float32")
+    target = check_target(args.out_dir, option="OUT_DIR", occupied_hint="choose a new folder or remove it first")
+    with OutputFolder(target) as work:  # a refused corpus or Ctrl-C leaves no half-written base
+        if args.preset == "lite-wide":
+            build_wide_base(work, given.get("layers", PRESETS["lite-wide"].layers), args.dtype or "bfloat16",
+                            given.get("seed", 0), args.corpus)
+        else:
+            build_tiny_base(work, TinySpec(**given), args.corpus)
+    print(target.path)
     return 0

@@ -30,6 +30,7 @@ from persona_lora import sample_data
 from persona_lora.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 from persona_lora.errors import UsageError
 from persona_lora.model_loading import RANDOM_WEIGHTS_KEY
+from persona_lora.output_folder import is_empty
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def build_tiny_base(out_dir: Path, spec: TinySpec = TinySpec(), corpus_files: li
 
     validate_spec(spec)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and not is_empty(out_dir):  # `tiny-base` hands over a staging folder (its marker only)
         raise UsageError(f"{out_dir} exists and is not empty; choose a new folder or remove it first")
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -397,7 +398,7 @@ def build_wide_base(out_dir: Path, layers: int = LITE_WIDE.layers, dtype: str = 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and not is_empty(out_dir):  # `tiny-base` hands over a staging folder (its marker only)
         raise UsageError(f"{out_dir} exists and is not empty; choose a new folder or remove it first")
     out_dir.mkdir(parents=True, exist_ok=True)
 
