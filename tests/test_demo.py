@@ -704,3 +704,19 @@ def test_answers_are_shown_without_control_or_replacement_characters():
     assert shown_text(" 本宫\ufffd", done=False) == "本宫"  # the next token completes it
     assert shown_text(" 本宫\x00 累了\x1b[0m\ufffd \n", done=True) == "本宫 累了[0m"
     assert shown_text("a\tb\nc", done=True) == "a\tb\nc"
+
+
+@pytest.mark.slow  # uses the module's engine
+def test_info_line_says_an_adapter_is_unfinished_and_the_base_is_random(engine, adapters, tmp_path):
+    """An adapter of an interrupted run says so where the comparison is read, with how far it got; the tiny base's
+    random weights are noted once (read from its config.json)."""
+    folder = tmp_path / "half-trained"
+    shutil.copytree(adapters["persona-attn"], folder)
+    manifest = json.loads((folder / "persona_manifest.json").read_text(encoding="utf-8"))
+    manifest["run"] = {**(manifest.get("run") or {}), "state": "interrupted", "interrupted": True, "planned_steps": 30}
+    manifest["metrics"] = {**(manifest.get("metrics") or {}), "steps": 7}
+    (folder / "persona_manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    engine.add_adapter(str(folder))
+    info = engine.describe("half-trained")
+    assert "WARNING: unfinished: training was interrupted at step 7 of 30" in info["adapter"]
+    assert "random weights" in info["notice"] and "WARNING" not in engine.describe("persona-attn")["adapter"]
