@@ -212,6 +212,60 @@ def margins(base: Path, adapter: Path | None, rows: list[dict], good: str, bad: 
     return answer_logps(model, rows, good) - answer_logps(model, rows, bad)
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_the_reference_log_probs_are_the_init_adapters_not_the_bases(method, tiny_base, small_persona_data,
+                                                                      tmp_path):
+    """TRL's reference pass (`compute_ref_log_probs`, what the loss uses) on our trainer, against log-probs of the
+    init adapter loaded by stock PEFT, row by row: equal to 1e-5 per answer token (float32 sums of ~100 tokens
+    carry ~1e-5 of rounding), also after the policy has moved; and visibly not the base's (the adapter disabled)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from persona_lora.train.config import load_config
+    from persona_lora.train.preference_train import (
+        build_policy,
+        check_init_base,
+        preference_trainer,
+        prepare_preferences,
+        resolve_init,
+    )
+    from persona_lora.train.steps import set_up
+    from persona_lora.train.synthetic import make_random_adapter
+
+    init_dir = make_random_adapter(tiny_base, tmp_path / "init", "all", r=8, alpha=16, std=0.05, system_prompt=SYSTEM)
+    data = persona_pairs(small_persona_data, tmp_path / "prefs.jsonl", unpaired=method == "kto")
+    cfg = load_config(str(REPO / "configs" / "tiny-dpo.yaml"), {
+        "base": {"model": str(tiny_base), "device": "cpu"}, "data": {"path": str(data), "system_prompt": None},
+        "preference": {"method": method, "init_adapter": str(init_dir)},
+        "training": {"output_dir": str(tmp_path / "o"), "batch_size": 2, "report_to": ["none"]}})
+    init = resolve_init(cfg)
+    setup = set_up(cfg)
+    check_init_base(init, setup)
+    run = prepare_preferences(cfg, setup.tokenizer)
+    torch.manual_seed(0)
+    model = build_policy(cfg, setup, init)
+    trainer = preference_trainer(cfg, setup, model, run, tmp_path / "o", [])
+    with torch.no_grad():  # the policy moves; the reference must not
+        for name, p in model.peft_model.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                p.add_(0.05)
+    items = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.data_collator(items)
+    ref = trainer.compute_ref_log_probs(trainer.model, batch)
+    answers = ("chosen_ids", "rejected_ids") if method == "dpo" else ("completion_ids",)
+    ref_logps = torch.cat(ref[:len(answers)]) if method == "dpo" else ref[0]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    stock = PeftModel.from_pretrained(base, str(init_dir))
+    stock.eval()
+    expected = torch.cat([answer_logps(stock, items, a) for a in answers])
+    with stock.disable_adapter():
+        base_logps = torch.cat([answer_logps(stock, items, a) for a in answers])
+    tokens = torch.tensor([float(len(item[a])) for a in answers for item in items])  # sums over this many tokens
+    assert ((ref_logps - expected).abs() / tokens).max().item() < 1e-5, (ref_logps, expected)  # per token: fp32
+    assert ((ref_logps - base_logps).abs() / tokens).min().item() > 1e-3, (ref_logps, base_logps)
+
+
 @pytest.fixture(scope="module")
 def sft_adapter(trained_adapter) -> Path:
     """The suite's SFT adapter (the `all` preset: LoRA on the fused experts too), which has learnt the 16 records'
