@@ -97,7 +97,7 @@ def _previous_manifest(out: Path) -> Manifest | None:
 def claim_output(plan: OutputPlan, need_bytes: int) -> None:
     """Create the folder this run writes in, once every check passed and the disk has room for its files (checked
     first, so a refusal leaves no folder behind)."""
-    check_free_space(plan.out, need_bytes, option=OPTION, what="the adapter and its checkpoints")
+    check_free_space(plan.out, need_bytes, option=OPTION, what="the run (its adapter and checkpoints)")
     if plan.staging is not None:
         plan.staging.begin()  # an earlier replacement that was killed is removed here: ours by its marker
     else:
