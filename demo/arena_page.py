@@ -17,7 +17,7 @@ Scripted battles (greedy answers; the names are revealed by the vote)::
         api_name="/battle",
     )
     revealed = client.predict(battle_id, "A", api_name="/vote")   # "A", "B", "tie" or "both_bad"
-    # {"vote_id": 12, "vote": "A", "A": "zhenhuan-dpo", "B": "base deepseek-ai/…"}
+    # {"vote_id": 12, "vote": "A", "A": "zhenhuan-dpo", "B": "base: deepseek-ai/…"}
     table = client.predict(api_name="/standings")  # the live table: rank, model, rating, 95% CI, votes, win rate
 """
 

@@ -265,3 +265,11 @@ def test_arena_on_the_openai_backend(openai_server, tmp_path):
         assert (row["left_id"], row["adapter_id"], row["winner"]) == ("persona-a", "persona-b", "adapter")
     finally:
         backend.close()
+
+
+def test_demo_command_takes_arena():
+    from persona_lora.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--base", "b", "--arena"]).arena is True
+    assert parser.parse_args(["demo", "--base", "b"]).arena is False
