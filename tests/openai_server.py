@@ -23,6 +23,11 @@ Use the `openai_server` fixture (function scope, a fresh server per test)::
         openai_server.peak_streams      # most streams open at once
         openai_server.disconnects       # streams the client closed before the end
 
+Concurrency without clocks: `openai_server.gather(n)` makes every stream wait, before its first token, until n
+streams are open at the same time (`gathered` is then True). A client that opened its streams one after the other
+never gets there (each stream gives up after `gather_timeout` seconds and answers anyway, `gathered` stays
+False), so a test asserts `gathered` instead of a wall-clock bound that a busy machine breaks.
+
 Outside pytest (benchmarks): `with running_openai_server(token_delay=0.02) as server: ...`.
 """
 
@@ -92,6 +97,10 @@ class OpenAIServer:
         self.model_listings = 0
         self.peak_streams = 0
         self.disconnects = 0
+        self.gather_streams = 0  # `gather(n)`: streams wait for n open at once before their first token
+        self.gather_timeout = 60.0
+        self.gathered = False
+        self._opened = threading.Condition()
         self._answer: Callable[[ChatRequest], str] = default_answer
         self._failures: list[Failure] = []
         self._active = 0
@@ -173,10 +182,22 @@ class OpenAIServer:
                     return f
         return None
 
+    def gather(self, n: int, timeout: float = 60.0) -> None:
+        """Hold every stream before its first token until `n` streams are open at once (see the module doc)."""
+        self.gather_streams, self.gather_timeout, self.gathered = n, timeout, False
+
     def _stream_opened(self) -> None:
         with self._lock:
             self._active += 1
             self.peak_streams = max(self.peak_streams, self._active)
+        if self.gather_streams:
+            with self._opened:
+                self._opened.notify_all()
+                reached = self._opened.wait_for(lambda: self.gathered or self.peak_streams >= self.gather_streams,
+                                                timeout=self.gather_timeout)
+                if reached:
+                    self.gathered = True
+                    self._opened.notify_all()
 
     def _stream_closed(self, disconnected: bool) -> None:
         with self._lock:

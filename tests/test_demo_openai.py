@@ -88,20 +88,16 @@ def test_protocol_server_answers_the_real_client_streamed_and_not(openai_server)
 
 
 def test_both_panes_stream_at_once_greedy(backend, engine_server):
-    """Two concurrent streamed requests, one per pane: both texts grow before either is finished, the turn takes
-    about one answer's time, and greedy is temperature 0 with the system prompt first."""
-    engine_server.token_delay = 0.03
-    started = time.monotonic()
+    """Two concurrent streamed requests, one per pane: the engine sends no token until both streams are open
+    (`gather`: a backend that ran the sides one after the other never gets there), and greedy is temperature 0
+    with the system prompt first."""
+    engine_server.token_delay = 0.01
+    engine_server.gather(2)
     updates = list(backend.stream_compare("persona-attn", [user(M1)], [user(M1)], SYSTEM,
                                           GenerationSettings(max_new_tokens=32)))
-    took = time.monotonic() - started
     final = (expected("tiny-base"), expected("persona-attn"))
     assert updates[-1] == final
-    both_partial = [u for u in updates if 0 < len(u[0]) < len(final[0]) and 0 < len(u[1]) < len(final[1])]
-    assert both_partial, "the two panes did not stream at the same time"
-    assert engine_server.peak_streams == 2
-    n_tokens = len(final[1].split())
-    assert took < 1.6 * n_tokens * 0.03, f"{took:.2f}s: the sides ran one after the other"
+    assert engine_server.gathered and engine_server.peak_streams == 2, "the two panes did not stream at once"
     base_req, ad_req = sorted(engine_server.requests, key=lambda r: r.model != "tiny-base")
     assert (base_req.model, ad_req.model) == ("tiny-base", "persona-attn")
     for req in (base_req, ad_req):
@@ -352,10 +348,12 @@ def test_compare_api_and_twenty_concurrent_sessions(app_url, engine_server):
 
 
 def test_twenty_concurrent_sessions_on_the_backend(backend, engine_server):
-    """Twenty sessions streaming through one backend at once: every answer is its own, every request ran at
-    once (the engine batches them), and the whole takes about one session's time."""
-    engine_server.token_delay = 0.02
-    engine_server.script(lambda req: f"{req.model} on {req.last_user}:" + " word" * 38)  # 40 tokens, 0.8 s
+    """Twenty sessions streaming through one backend at once: every answer is its own, and all 40 requests (two
+    sides each) were open at the same time: the engine sends no token until they are (`gather`), which a backend
+    that queued them could never reach."""
+    engine_server.token_delay = 0.005
+    engine_server.gather(40)
+    engine_server.script(lambda req: f"{req.model} on {req.last_user}:" + " word" * 38)  # 40 tokens
     names = ["persona-attn", "persona-all"]
     start = threading.Barrier(20)
 
@@ -364,14 +362,11 @@ def test_twenty_concurrent_sessions_on_the_backend(backend, engine_server):
         return list(backend.stream_compare(names[i % 2], [user(f"q{i}")], [user(f"q{i}")], SYSTEM,
                                            GenerationSettings(max_new_tokens=64)))[-1]
 
-    began = time.monotonic()
     with ThreadPoolExecutor(20) as pool:
         results = list(pool.map(run, range(20)))
-    took = time.monotonic() - began
     for i, got in enumerate(results):
         assert got == tuple(f"{m} on q{i}:" + " word" * 38 for m in ("tiny-base", names[i % 2]))
-    assert engine_server.peak_streams == 40
-    assert took < 3.0, f"{took:.2f}s for 20 sessions of 0.8 s each"
+    assert engine_server.gathered and engine_server.peak_streams == 40
 
 
 # ---------------------------------------------------------------------------------------------- the command
