@@ -277,11 +277,12 @@ def read_votes(path: str | Path) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """The file is replaced whole or not at all (a failed write leaves the old one and no temporary file)."""
+    from persona_lora.output_folder import FilesTogether
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with FilesTogether() as files, open(files.temp(path), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    tmp.replace(path)
 
 
 def dataset_card(pairs: int, votes: int, rates: list[dict]) -> str:

@@ -261,3 +261,13 @@ def test_a_writer_that_wants_an_empty_folder_takes_the_staging_folder(tmp_path, 
     assert main(["tiny-base", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"OUT_DIR {out} exists and is not empty" in err and entries(tmp_path / "bases") == ["tiny"]
+
+
+def test_the_vote_export_replaces_its_file_whole_or_not_at_all(tmp_path):
+    from persona_lora.votes import _write_jsonl
+
+    path = tmp_path / "votes.jsonl"
+    _write_jsonl(path, [{"vote": "A"}])
+    with pytest.raises(TypeError):
+        _write_jsonl(path, [{"vote": "B"}, {"vote": object()}])  # fails half way through the rows
+    assert path.read_text() == '{"vote": "A"}\n' and entries(tmp_path) == ["votes.jsonl"]
