@@ -42,7 +42,8 @@ def arena_tab(arena: Arena, *, system: gr.Textbox, settings: list, visible: bool
     page = _ArenaPage(arena, max_chars, reject)
     with gr.Tab("Arena", id="arena", visible=visible, elem_id="arena-tab") as tab:
         gr.Markdown("Two models drawn from the base and the loaded adapters answer the same prompt; their names are "
-                    "shown after your vote. Ratings are Bradley–Terry fits of all votes with bootstrap 95% intervals.")
+                    "shown after your vote. Both get the system prompt and the generation settings above. Ratings are "
+                    "Bradley–Terry fits of all votes with bootstrap 95% intervals.")
         battle = gr.State(None)
         message = gr.Textbox(label="Prompt", max_length=max_chars, lines=2, elem_id="arena-message")
         go = gr.Button("Battle: get two anonymous answers", variant="primary", elem_id="arena-go")
@@ -145,8 +146,11 @@ class _ArenaPage:
     def battle_api(self, message: str, system_prompt: str, max_new_tokens: int) -> tuple[str, str, str]:
         """(battle id, answer A, answer B), greedy."""
         message = self._message(message)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, float)) or max_new_tokens % 1:
+            raise self.reject(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
         try:
-            battle = self.arena.battle(message, system_prompt or "", GenerationSettings(int(max_new_tokens)))
+            battle = self.arena.battle(message, system_prompt or "",
+                                       GenerationSettings(max_new_tokens=int(max_new_tokens)))
         except Exception as e:  # noqa: BLE001 - every failure becomes one message
             raise self.reject(e) from e
         return battle.id, battle.answer_a, battle.answer_b
