@@ -17,8 +17,9 @@ one virtual game is negligible.
 Intervals come from the bootstrap: the votes are resampled with replacement (`rounds` times) and refitted, and
 each model's 2.5th and 97.5th percentiles are its 95% interval. Because a vote matters only through its pair and
 outcome, resampling the votes is resampling a multinomial over (pair, outcome) cells, which is drawn directly,
-and all rounds are fitted at once by a batched Newton method (numpy only): 1,000 rounds over 10,000 votes among
-10 models take well under a second on a laptop CPU (`bench/bench_arena.py` prints the time). The result
+and all rounds are fitted at once by a batched Newton method (numpy only; `bench/bench_arena.py` prints the time
+of 1,000 rounds over 10,000 votes among 10 models). With a handful of votes the intervals are rough: a pair whose
+votes all went one way is resampled only that way, so its interval is narrower than the truth warrants. The result
 depends only on the counts per cell, never on the order the votes came in, so merged stores give exactly the
 ratings of one store holding all their votes.
 """
