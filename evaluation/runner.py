@@ -100,6 +100,7 @@ def evaluate(o: EvalOptions, stream=None) -> dict:
     from persona_lora.evaluation.html_report import write_html
     from persona_lora.evaluation.judge import Judge
     from persona_lora.model_loading import load_tokenizer, resolve_base
+    from persona_lora.output_folder import FilesTogether
 
     stream = stream or sys.stderr
     started = time.perf_counter()
@@ -134,6 +135,7 @@ def evaluate(o: EvalOptions, stream=None) -> dict:
     report = build_report(plan, store.rows(), judge_id=judge.id if judge else None, run=run)
     run["created_at"] = report["created_at"]
     store.claim()  # the folder exists once there is a report to write
-    write_json(report, Path(o.out) / REPORT_JSON)
-    write_html(report, Path(o.out) / REPORT_HTML)
+    with FilesTogether() as files:  # report.json and report.html always describe the same rows
+        write_json(report, files.temp(Path(o.out) / REPORT_JSON))
+        write_html(report, files.temp(Path(o.out) / REPORT_HTML))
     return report

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from persona_lora.errors import UsageError
-from persona_lora.output_folder import check_target
+from persona_lora.output_folder import FilesTogether, check_target
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,9 @@ class RowStore:
             for name in OURS:
                 (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = run.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self._fingerprint, ensure_ascii=False, indent=1, sort_keys=True) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, run)
+        with FilesTogether() as files:
+            files.temp(run).write_text(json.dumps(self._fingerprint, ensure_ascii=False, indent=1, sort_keys=True)
+                                       + "\n", encoding="utf-8")
         self._claimed = True
 
     def _read(self) -> list[dict]:
