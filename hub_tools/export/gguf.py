@@ -47,7 +47,7 @@ QUANTS = {
     "f16": ("f16", None, 2.0),
     "bf16": ("bf16", None, 2.0),
     "q8_0": ("q8_0", None, 34 / 32),
-    "q4_k_m": ("f16", "Q4_K_M", 0.6),
+    "q4_k_m": ("auto", "Q4_K_M", 0.6),  # from the converter's highest-fidelity 16-bit type for the weights
 }
 DEFAULT_QUANT = "q8_0"
 EXPORT_RECORD = "persona_gguf.json"
@@ -107,7 +107,8 @@ def export_gguf(req: GgufRequest) -> Path:
         merged = merge_adapter(adapter, base, tmp / ".merged", force=req.force, name=name)
         weights = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
         elem = _element_size(merged)
-        check_free_space(tmp, int(weights / elem * per_weight * (2 if k_quant else 1)), option="--out",
+        # the GGUF, plus for a k-quant the 16-bit file llama-quantize reads (the merged copy is still there)
+        check_free_space(tmp, int(weights / elem * (per_weight + (2.0 if k_quant else 0.0))), option="--out",
                          what="the GGUF file")
         notes = converter_readable_copy(merged, tmp / ".convert", chat_template=trained_template)
         converted = tmp / (f".{name}.{outtype}.gguf" if k_quant else gguf_name)
@@ -212,7 +213,8 @@ def _file_stem(manifest: Manifest, out: Path) -> str:
 
 
 def _element_size(model: Path) -> int:
-    dtype = json.loads((model / "config.json").read_text(encoding="utf-8")).get("torch_dtype") or "float32"
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     return 4 if dtype == "float32" else 2
 
 
