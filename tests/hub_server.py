@@ -206,6 +206,7 @@ class FakeHub:
         self._drop_times: int | None = None
         self.lfs_put_attempts = 0
         self.dropped_puts = 0
+        self.injected: list[dict] = []  # every injected failure served: method, path, status (`fail`)
         self._corrupt: set = set()  # (repo_id or None, path)
         self._fail: list = []  # dicts: path, status, times, method
         self._httpd: ThreadingHTTPServer | None = None
@@ -507,6 +508,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if rule["times"] <= 0:
                         continue
                     rule["times"] -= 1
+                self.fake.injected.append({"method": method, "path": file_path or url_path, "status": rule["status"]})
                 raise HubHTTPError(rule["status"], f"injected failure {rule['status']}")
 
     # ---------------------------------------------------------------- routing

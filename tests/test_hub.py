@@ -156,8 +156,10 @@ def test_pull_into_local_dir(hub_server, run_dir, tmp_path):
 def test_pushing_again_unchanged_and_with_repo_name_only(hub_server, run_dir):
     url = push(run_dir, "tiny-persona")  # no namespace: the token's user
     assert url.repo_id == REPO
-    push(run_dir)  # nothing changed: no error, no new files
+    head = hub_server.head(REPO)
+    push(run_dir)  # nothing changed: no error, no new files, and no (empty) commit
     assert set(hub_server.list_files(REPO)) == PUSHED | {".gitattributes"}
+    assert hub_server.head(REPO) == head
 
 
 def test_include_extra_pushes_named_files(hub_server, run_dir):
@@ -354,6 +356,8 @@ def test_server_errors_are_retried_then_reported(hub_server, run_dir, fast_retri
     push(run_dir)
     hub_server.fail("adapter_model.safetensors", status=503, times=2)
     assert (pull() / "adapter_model.safetensors").is_file()  # transient: the client retried
+    served = [f for f in hub_server.injected if f["status"] == 503]
+    assert [f["path"] for f in served] == ["adapter_model.safetensors"] * 2  # both 503s were served
     hub_server.fail("/api/models/", status=500)
     with pytest.raises(HubError, match="500"):
         pull(revision="main")
@@ -664,6 +668,42 @@ def test_modelscope_push_pull_round_trip(ms_server, run_dir):
     assert str(folder).startswith(ms_server.home)
     for name in PUSHED:
         assert sha256(folder / name) == sha256(run_dir / name), name
+
+
+def test_modelscope_push_of_an_unchanged_folder_makes_no_commit(ms_server, run_dir):
+    push(run_dir, MS_REPO, hub="modelscope")
+    push(run_dir, MS_REPO, hub="modelscope")
+    assert len(ms_server.repos[MS_REPO].commits) == 1 and set(ms_server.list_files(MS_REPO)) == PUSHED
+
+
+def test_modelscope_revisions_push_and_pull_a_branch_and_a_missing_one_is_named(ms_server, run_dir):
+    push(run_dir, MS_REPO, hub="modelscope")
+    main_card = (run_dir / "README.md").read_bytes()
+    (run_dir / "README.md").write_bytes(main_card + b"\nOn the dev branch only.\n")
+    push(run_dir, MS_REPO, hub="modelscope", revision="dev")
+    assert ms_server.file_bytes(MS_REPO, "README.md", "dev").endswith(b"On the dev branch only.\n")
+    assert ms_server.file_bytes(MS_REPO, "README.md") == main_card  # master untouched
+    assert (pull(MS_REPO, hub="modelscope", revision="dev") / "README.md").read_bytes().endswith(
+        b"On the dev branch only.\n")
+    assert (pull(MS_REPO, hub="modelscope") / "README.md").read_bytes() == main_card
+    with pytest.raises(HubError, match=f"revision 'nope' does not exist in {MS_REPO} on ModelScope"):
+        pull(MS_REPO, hub="modelscope", revision="nope")
+
+
+def test_modelscope_rejected_and_read_only_tokens_are_told_apart(ms_server, run_dir, monkeypatch):
+    from modelscope_hub import config as ms_config
+
+    bad = "ms-badtoken-qqqqqqqqqqqqqqqq"
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", bad)
+    monkeypatch.setattr(ms_config, "_default_config", None)  # the client caches the token process-wide
+    with pytest.raises(HubError, match=r"ModelScope rejected the token \(401\)") as e:
+        push(run_dir, MS_REPO, hub="modelscope")
+    assert bad not in str(e.value)
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", DEFAULT_MS_TOKEN)
+    monkeypatch.setattr(ms_config, "_default_config", None)
+    with pytest.raises(HubError, match=r"forbidden \(403\) on ModelScope") as e:  # a valid token, another owner
+        push(run_dir, "someone-else/tiny", hub="modelscope")
+    assert DEFAULT_MS_TOKEN not in str(e.value) and "someone-else/tiny" not in ms_server.repos
 
 
 def test_modelscope_private_missing_and_pickles(ms_server, run_dir, tiny_models, monkeypatch):
