@@ -580,7 +580,7 @@ def test_judge_key_errors_name_the_variable_and_never_show_the_key(run_dir, tiny
                        "--judge-key-env", "JUDGE_KEY")
     monkeypatch.delenv("JUDGE_KEY", raising=False)
     assert main(args) == 2
-    assert "--judge-key-env JUDGE_KEY: the variable is not set" in capsys.readouterr().err
+    assert "--judge-key-env JUDGE_KEY: the environment variable JUDGE_KEY is not set" in capsys.readouterr().err
     monkeypatch.setenv("JUDGE_KEY", "sk-wrong-and-secret")
     assert main(args) == 1
     err = capsys.readouterr().err
