@@ -273,3 +273,21 @@ def test_demo_command_takes_arena():
     parser = build_parser()
     assert parser.parse_args(["demo", "--base", "b", "--arena"]).arena is True
     assert parser.parse_args(["demo", "--base", "b"]).arena is False
+
+
+def test_leaderboard_page_shows_names_as_text(tmp_path):
+    from persona_lora.cli import main
+    from persona_lora.votes import VoteStore
+
+    store = VoteStore(tmp_path / "votes.sqlite")
+    evil = '<script>window.x=1</script><img src=x onerror="alert(1)"> $\\frac{a}{b}$'
+    for n, vote in enumerate(["A", "B", "A", "tie"]):
+        store.record(base_id="tiny-base", adapter_name=evil, adapter_id="evil", prompt=f"p{n}", answer_a="x",
+                     answer_b="y", a_side="base", vote=vote, adapter_sha256="e" * 64)
+    out = tmp_path / "board"
+    assert main(["leaderboard", str(store.path), "--out", str(out), "--rounds", "50"]) == 0
+    page = (out / "leaderboard.html").read_text(encoding="utf-8")
+    assert "<script>" not in page and "<img" not in page and "&lt;script&gt;" in page
+    report = json.loads((out / "leaderboard.json").read_text(encoding="utf-8"))
+    assert [m["name"] for m in report["models"]] == ["base: tiny-base", evil]  # base won 2, lost 1, tied 1
+    assert report["models"][0]["wins"] == 2 and report["models"][0]["ties"] == 1
