@@ -531,6 +531,9 @@ LEFTOVER_CASES = [
     Case("tiny-base-missing-corpus-leaves-no-folder", lambda e: ["tiny-base", str(e.root / "new" / "base"),
                                                                  "--corpus", str(e.root / "nope.json")], 1,
          ("nope.json", "No such file")),
+    Case("tiny-base-bad-corpus-leaves-no-folder", lambda e: ["tiny-base", str(e.root / "base"), "--corpus",
+                                                             str(e.data("not json\n", name="c.jsonl"))], 1,
+         ("c.jsonl", "line 1: not JSON")),
     Case("demo-openai-failed-start-leaves-no-votes", _unreachable_endpoint, 2, ("cannot reach the engine",)),
 ]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from persona_lora import sample_data
 from persona_lora.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
-from persona_lora.errors import UsageError
+from persona_lora.errors import DataError, UsageError
 from persona_lora.model_loading import RANDOM_WEIGHTS_KEY
 from persona_lora.output_folder import is_empty
 
@@ -211,14 +211,25 @@ def corpus_texts(corpus_files: list[Path] | None = None) -> list[str]:
     files = corpus_files if corpus_files is not None else sorted(DEFAULT_CORPUS_DIR.glob("*.json*"))
     texts = [_BUILTIN_CORPUS]
     for f in sorted(Path(p) for p in files):
-        raw = f.read_text(encoding="utf-8")
+        try:
+            raw = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 at byte {e.start}; save the corpus as UTF-8", source=str(f)) from None
         try:
             data = json.loads(raw)
             items = data if isinstance(data, list) else [data]
         except json.JSONDecodeError:
-            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            items = [_json_line(f, n, line) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
         texts.extend(_strings_in(items))
     return texts
+
+
+def _json_line(path: Path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"line {n}: not JSON ({e.msg}); --corpus takes .json or .jsonl files like the training "
+                        "data", source=str(path)) from None
 
 
 def _strings_in(obj) -> list[str]:
