@@ -7,7 +7,7 @@ What "as written" allows, and nothing else:
 - commands that train get `--max-steps 2` appended (a short run of the same command);
 - `demo` starts the server, prints its start-up line and is closed instead of serving forever.
 A line that still holds a placeholder (UPPER_CASE words, `a|b`, `…`) is a usage line. The lines that cannot run
-here say why in `CANNOT_RUN_HERE`. A line whose comment says it "refuses" must exit 1 with that refusal.
+here say why in `CANNOT_RUN_HERE`. A line whose comment says it "refuses" must exit 2 with that refusal.
 """
 
 from __future__ import annotations
@@ -117,9 +117,9 @@ def test_every_runnable_readme_command_runs_as_written(tmp_path, monkeypatch, hu
             argv += ["--max-steps", "2"]
         code = main(argv)
         out, err = capsys.readouterr()
-        expected = 1 if "refuses" in comment else 0
-        assert code == expected, f"persona-lora {' '.join(argv)} exited {code}:\n{out[-2000:]}\n{err[-2000:]}"
-        if expected:
+        refusal = "refuses" in comment  # the README says this one is refused: a usage error naming the cause
+        assert code == (2 if refusal else 0), f"persona-lora {' '.join(argv)} exited {code}:\n{out[-2000:]}\n{err[-2000:]}"
+        if refusal:
             assert "kv_b_proj" in err, err
         ran.append(command)
     assert len(ran) > 20 and len(skipped) <= 4, (ran, skipped)
