@@ -54,3 +54,31 @@ def test_card_metadata_and_snippet_match_training(trained_adapter, tiny_base, tm
     model.eval()
     ours = generate_greedy(model, tok, [conv], max_new)[0]
     assert snippet_answer == ours and ours, (snippet_answer, ours)
+
+
+def test_merged_card_snippet_runs_and_answers_as_the_merged_model(trained_adapter, tiny_base, tmp_path):
+    """`persona-lora merge` writes a card whose snippet (plain transformers, no PEFT) runs as written, with the
+    folder substituted for the hub id, and answers what the merged weights answer through our formatting path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persona_lora.cli import main
+    from persona_lora.train.samples import generate_greedy
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(trained_adapter), "--base", str(tiny_base), "--out", str(merged)]) == 0
+    code = extract_snippet((merged / "README.md").read_text(encoding="utf-8"))
+    assert "PeftModel" not in code
+    code, n = re.subn(r'^model_id = ".*"$', f"model_id = {str(merged)!r}", code, flags=re.M)
+    assert n == 1
+    script = tmp_path / "merged_snippet.py"
+    script.write_text(code, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    snippet_answer = proc.stdout.strip().splitlines()[-1].strip()
+
+    conv = eval(re.search(r"messages = (\[.*?\n\])", code, flags=re.S).group(1))  # the snippet's own literal
+    max_new = int(re.search(r"max_new_tokens=(\d+)", code).group(1))
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    model.eval()
+    ours = generate_greedy(model, AutoTokenizer.from_pretrained(merged), [conv], max_new)[0]
+    assert snippet_answer == ours and ours, (snippet_answer, ours)
