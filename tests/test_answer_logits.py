@@ -128,3 +128,25 @@ def test_a_model_without_the_mask_contract_keeps_the_stock_path(tiny_llama, tiny
     loss = ours.compute_loss(model, dict(inputs), num_items_in_batch=items)
     assert rows == [60]
     assert torch.allclose(loss, stock.compute_loss(model, dict(inputs), num_items_in_batch=items), rtol=TOL, atol=0)
+
+
+def test_eval_loss_is_per_answer_token_whatever_the_batches(tiny_base, tmp_path):
+    """The eval loss is the sum of the answer tokens' losses over their number: the same with eval batches of 1, 2
+    and 3 rows (rows of 15, 7 and 8 answer tokens), and equal to the loss of one forward over all rows; the stock
+    loop's mean of batch means moves with the batch size."""
+    model = lora_model(tiny_base)
+    inputs = batch(pad_id=0)
+    with torch.no_grad():
+        want = model.eval()(**inputs).loss.item()  # the model's own mean over every answer token of the 3 rows
+
+    def evaluate(cls, size):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=size, report_to="none",
+                                 use_cpu=True, prediction_loss_only=True, remove_unused_columns=False)
+        return cls(model=model, args=args, eval_dataset=as_rows(inputs),
+                   data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+                   ).evaluate()["eval_loss"]
+
+    ours = [evaluate(answer_logits_trainer(Trainer), size) for size in (1, 2, 3)]
+    assert ours == pytest.approx([want] * 3, rel=TOL)
+    stock = evaluate(Trainer, 1)
+    assert abs(stock - want) > 100 * TOL * want  # rows with answers of other lengths: the stock mean moves

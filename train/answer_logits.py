@@ -11,6 +11,11 @@ transformers' causal LMs take `logits_to_keep` as a boolean (batch, positions) m
 logits flattened, and their causal-LM loss takes already shifted labels (`shift_labels`), so the model's own loss
 function sums the same terms over the same positions and divides by the same count; only the discarded rows are
 never made. Models whose forward or loss does not follow that contract keep the stock path (`supports`).
+
+The same trainer reports the eval loss per answer token: the sum of every held-out answer token's loss divided by
+the number of those tokens. transformers' evaluation loop averages the per-batch means weighted by rows, so its
+eval loss moves with the eval batch size and with how records of different answer lengths fall into batches (the
+length-sorted eval batches of `length_batches` change that grouping); the token-weighted one does not.
 """
 
 from __future__ import annotations
@@ -74,4 +79,34 @@ def answer_logits_trainer(trainer_cls):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            self._eval_token_loss = [0.0, 0]  # sum of the answer tokens' losses, number of answer tokens
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            total, tokens = self._eval_token_loss
+            self._eval_token_loss = None
+            if self.accelerator.num_processes > 1:
+                summed = self.accelerator.reduce(torch.tensor([total, tokens], dtype=torch.float64,
+                                                              device=self.args.device), reduction="sum")
+                total, tokens = float(summed[0]), int(summed[1])
+            if tokens and f"{metric_key_prefix}_loss" in output.metrics:
+                output.metrics[f"{metric_key_prefix}_loss"] = total / tokens
+            return output
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            tally = getattr(self, "_eval_token_loss", None)
+            if tally is not None and loss is not None and inputs.get("labels") is not None:
+                tokens = answer_token_count(inputs["labels"])  # the loss above is their mean
+                tally[0] += float(loss.detach().double()) * tokens
+                tally[1] += tokens
+            return loss, logits, labels
+
     return AnswerLogitsTrainer
+
+
+def answer_token_count(labels: torch.Tensor) -> int:
+    """The positions a causal LM's loss averages over: tokens whose label is set, less each row's first (no
+    logit predicts it)."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
