@@ -108,8 +108,8 @@ _LORA_ROWS: list[Row] = [
 _RESULT_ROWS: list[Row] = [
     ("First train loss", "metrics.first_train_loss", as_loss),
     ("Final train loss", "metrics.final_train_loss", as_loss),
-    ("Final eval loss", "metrics.final_eval_loss", as_loss),
-    ("Best eval loss", "metrics.best_eval_loss", as_loss),
+    ("Final eval loss (per answer token)", "metrics.final_eval_loss", as_loss),
+    ("Best eval loss (per answer token)", "metrics.best_eval_loss", as_loss),
     ("Optimizer steps", "metrics.steps", as_number),
 ]
 
