@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM
 
 from persona_lora.peft_compat import attach_new_adapter
 from persona_lora.presets import lora_config_for, resolve
@@ -14,6 +13,8 @@ IDS = torch.tensor([[0, 11, 250, 37, 902, 4, 1500, 1]])
 
 
 def fresh(path):
+    from transformers import AutoModelForCausalLM  # imported when used: collecting the tests stays fast
+
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from persona_lora.chat_format import IGNORE_INDEX
 from persona_lora.train.answer_logits import answer_logits_trainer, answer_positions, supports
@@ -77,6 +75,8 @@ def test_labelled_positions_only_give_the_stock_loss_and_gradients(base, request
 
 
 def trainers(model, tmp_path, dataset):
+    from transformers import Trainer, TrainingArguments
+
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, per_device_eval_batch_size=3,
                              report_to="none", use_cpu=True, prediction_loss_only=True, remove_unused_columns=False)
 
@@ -107,18 +107,25 @@ def test_trainer_projects_only_labelled_positions_in_training_and_eval(tiny_base
     assert eval_ == pytest.approx(stock_eval, rel=TOL)
 
 
-class OwnHeadLlama(LlamaForCausalLM):
-    """A causal LM whose forward projects every position itself (no `logits_to_keep`), as some models do."""
+def own_head_llama():
+    """A causal LM whose forward projects every position itself (no `logits_to_keep`), as some models do (a class
+    made when used: transformers is imported by the tests that run, not while collecting)."""
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = self.lm_head(hidden)
-        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class OwnHeadLlama(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.lm_head(hidden)
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    return OwnHeadLlama
 
 
 def test_a_model_without_the_mask_contract_keeps_the_stock_path(tiny_llama, tiny_base, tmp_path):
-    model = OwnHeadLlama.from_pretrained(tiny_llama)
+    model = own_head_llama().from_pretrained(tiny_llama)
     assert not supports(model)
     assert supports(fresh(tiny_base)) and supports(lora_model(tiny_llama))
     inputs = batch(pad_id=0)
@@ -134,6 +141,8 @@ def test_eval_loss_is_per_answer_token_whatever_the_batches(tiny_base, tmp_path)
     """The eval loss is the sum of the answer tokens' losses over their number: the same with eval batches of 1, 2
     and 3 rows (rows of 15, 7 and 8 answer tokens), and equal to the loss of one forward over all rows; the stock
     loop's mean of batch means moves with the batch size."""
+    from transformers import Trainer, TrainingArguments
+
     model = lora_model(tiny_base)
     inputs = batch(pad_id=0)
     with torch.no_grad():

@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from persona_lora.chat_format import (
     IGNORE_INDEX,
@@ -33,6 +32,12 @@ from persona_lora.errors import ConfigError, DataError, ModelLoadError
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 U, A, S = "user", "assistant", "system"
 BIG = 10_000
+
+
+def auto_tokenizer(path):
+    from transformers import AutoTokenizer  # imported when used: collecting the tests stays fast
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def msgs(*pairs) -> list[dict]:
@@ -52,7 +57,7 @@ CONVERSATIONS = {"alpaca": ALPACA, "multi": MULTI, "system": SYSTEM, "tricky": T
 
 @pytest.fixture(scope="module")
 def llama_tokenizer(tiny_llama):
-    return AutoTokenizer.from_pretrained(tiny_llama)
+    return auto_tokenizer(tiny_llama)
 
 
 @pytest.fixture(params=["deepseek_v2", "llama"])
@@ -241,7 +246,7 @@ def test_truncation_with_train_on_last(tokenizer):
 
 # ------------------------------------------------------------------------------------------------ (g)-(i) errors
 def test_no_chat_template_is_a_model_load_error(tiny_base):
-    bare = AutoTokenizer.from_pretrained(tiny_base)
+    bare = auto_tokenizer(tiny_base)
     bare.chat_template = None
     for call in (lambda: encode_example(bare, ALPACA, max_length=BIG), lambda: encode_prompt(bare, ALPACA[:1]),
                  lambda: encode_examples(bare, [ALPACA], max_length=BIG)):
@@ -269,7 +274,7 @@ def test_ending_in_a_user_turn_is_a_data_error(tok):
 
 
 def test_template_that_is_not_prefix_stable_is_refused(tiny_base):
-    odd = AutoTokenizer.from_pretrained(tiny_base)
+    odd = auto_tokenizer(tiny_base)
     odd.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ConfigError, match="prefix-stable"):
         encode_example(odd, ALPACA, max_length=BIG)
@@ -281,7 +286,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 @pytest.fixture
 def chatml_tokenizer(tiny_base):
-    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok = auto_tokenizer(tiny_base)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHATML
     return tok

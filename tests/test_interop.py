@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from persona_lora.artifact import ADAPTER_CONFIG, read_adapter_config, write_adapter_config
 from persona_lora.errors import UsageError
@@ -34,6 +33,8 @@ def logits(model) -> torch.Tensor:
 
 
 def fresh(base):
+    from transformers import AutoModelForCausalLM  # imported when used: collecting the tests stays fast
+
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
 
 

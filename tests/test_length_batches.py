@@ -12,9 +12,6 @@ import random
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from persona_lora.train.length_batches import LengthBucketSampler, length_bucket_trainer
 
@@ -28,6 +25,8 @@ def padding(lengths, batches) -> float:
 
 
 def test_batches_cover_every_record_once_with_little_padding():
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
     sampler = LengthBucketSampler(LENGTHS, 16, seed=3)
     batches = sampler.batches()
     assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
@@ -56,6 +55,9 @@ def test_order_is_random_per_epoch_and_reproducible():
 
 
 def test_the_trainer_loads_exactly_these_batches_every_epoch(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
     dataset = Dataset.from_dict({"idx": list(range(len(LENGTHS))), "length": LENGTHS})
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, use_cpu=True, report_to="none",
                              train_sampling_strategy="group_by_length", seed=5, remove_unused_columns=False)
@@ -70,6 +72,9 @@ def test_the_trainer_loads_exactly_these_batches_every_epoch(tmp_path):
 
 
 def test_other_strategies_keep_the_trainers_sampler(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
     dataset = Dataset.from_dict({"idx": list(range(10)), "length": LENGTHS[:10]})
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none",
                              train_sampling_strategy="random")
@@ -85,6 +90,9 @@ def test_batch_size_must_be_positive():
 def test_eval_batches_are_sorted_by_length(tmp_path):
     """Eval passes compute every held-out record once, in batches cut from the records sorted by length: less
     padding than the stock eval sampler's, and the same batches every pass."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
     lengths = LENGTHS[:53]
     dataset = Dataset.from_dict({"idx": list(range(len(lengths))), "length": lengths})
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, use_cpu=True, report_to="none",

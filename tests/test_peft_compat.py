@@ -6,7 +6,6 @@ When the PEFT pin moves, run this file first: a failing canary names the assumpt
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch.nn as nn
 
@@ -25,6 +24,8 @@ def test_the_rewrite_probe_sees_the_pinned_peft_rewrite_existing_linear_layers()
 
 
 def test_the_pinned_peft_is_the_verified_one():
+    import peft
+
     assert peft.__version__ == VERIFIED_PEFT, (
         f"PEFT {peft.__version__} is installed; persona_lora/peft_compat.py was verified on {VERIFIED_PEFT}: "
         "audit it, run these canaries, then update VERIFIED_PEFT")
@@ -32,6 +33,8 @@ def test_the_pinned_peft_is_the_verified_one():
 
 # ------------------------------------------------------------------------------------------------ dropout
 def test_peft_alone_refuses_dropout_on_fused_experts(tiny_base):
+    import peft
+
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"],
                              target_parameters=presets.EXPERT_PARAMS)
     with pytest.raises(ValueError, match="lora_dropout"):
@@ -67,6 +70,8 @@ DENSE_TARGETS = [f"model.layers.0.mlp.{p}" for p in MLP]
 
 
 def test_plain_peft_rewrites_dense_mlp_targets_to_the_experts(tiny_base):
+    import peft
+
     model = fresh(tiny_base)
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
     found = set(adapted(peft_model))
@@ -75,6 +80,8 @@ def test_plain_peft_rewrites_dense_mlp_targets_to_the_experts(tiny_base):
 
 
 def test_attach_new_adapter_adapts_exactly_the_named_modules(tiny_base):
+    import peft
+
     model = fresh(tiny_base)
     peft_model, _ = attach_new_adapter(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DENSE_TARGETS)))
     assert set(adapted(peft_model)) == set(DENSE_TARGETS)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from persona_lora.chat_templates import BOS_TOKEN, DEEPSEEK_V2, EOS_TOKEN
 from persona_lora.cli import main
@@ -31,6 +30,8 @@ PROMPT_IDS = torch.tensor([[0, 5, 17, 300, 42, 999, 7, 1]])
 
 
 def load(path: Path):
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path)  # no trust_remote_code: DeepSeek-V2 is native
     return model.eval()
 
@@ -62,6 +63,8 @@ def all_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------ loading
 def test_loads_natively_without_missing_or_unexpected_keys(tiny_base):
+    from transformers import AutoModelForCausalLM
+
     model, info = AutoModelForCausalLM.from_pretrained(tiny_base, output_loading_info=True)
     assert type(model).__name__ == "DeepseekV2ForCausalLM"
     assert model.config.model_type == "deepseek_v2"
@@ -76,6 +79,8 @@ def test_loads_natively_without_missing_or_unexpected_keys(tiny_base):
 
 
 def test_logits_match_a_reload_and_the_model_built_in_memory(tiny_base):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     first = logits(load(tiny_base))
     assert torch.isfinite(first).all()
     assert first.shape == (1, PROMPT_IDS.shape[1], TinySpec().vocab_size)
@@ -111,6 +116,8 @@ def test_config_is_the_hub_form_of_deepseek_v2(tiny_base):
 
 
 def test_config_converts_on_load(tiny_base):
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(tiny_base)
     rope = getattr(config, "rope_parameters", None) or config.rope_scaling
     assert rope["rope_type"] == "yarn" and rope["factor"] == 40
@@ -230,6 +237,8 @@ def test_tokenizer_is_byte_level(tokenizer, text):
 
 
 def test_generation_config(tiny_base, tokenizer):
+    from transformers import GenerationConfig
+
     gen = GenerationConfig.from_pretrained(tiny_base)
     assert gen.bos_token_id == tokenizer.bos_token_id
     assert gen.eos_token_id == tokenizer.eos_token_id
@@ -238,6 +247,8 @@ def test_generation_config(tiny_base, tokenizer):
 
 # ------------------------------------------------------------------------------------------------ variants and sizes
 def test_llama_variant_loads_and_is_dense(tiny_llama):
+    from transformers import AutoTokenizer
+
     cfg = config_json(tiny_llama)
     assert cfg["model_type"] == "llama" and "n_routed_experts" not in cfg
     model = load(tiny_llama)
@@ -351,6 +362,8 @@ def test_wide_base_writes_the_original_layout_one_layer_per_shard(tmp_path):
     """The lite-wide writer (here at toy widths, bfloat16): transformers loads it with nothing missing or left
     over, the experts fused from the per-expert tensors, one shard per layer plus embeddings and head; the same
     arguments give the same bytes."""
+    from transformers import AutoModelForCausalLM
+
     from persona_lora.train.tiny_base import build_wide_base
 
     widths = TinySpec(hidden=64, heads=2, experts=8, experts_per_token=2, moe_intermediate=32, dense_intermediate=96,
