@@ -113,7 +113,6 @@ def own_head_llama():
     from transformers import LlamaForCausalLM
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-
     class OwnHeadLlama(LlamaForCausalLM):
         def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
