@@ -134,7 +134,11 @@ def interrupted_at(result) -> str:
 def summary_lines(out: Path, base: str, result) -> list[str]:
     """The closing lines of a finished run: what it did, where it is, and the commands that come next."""
     steps = steps_done(result)
-    parts = [f"trained {steps} steps" if steps is not None else "trained"]
+    resumed = getattr(result, "resumed", False)  # the time and the rate are this invocation's
+    if steps is None:
+        parts = ["trained"]
+    else:
+        parts = [f"resumed, reached step {steps}" if resumed else f"trained {steps} steps"]
     parts[0] += f" in {format_duration(result.wall_time_s)}"
     train_loss, eval_loss = _last(result.history, "loss"), _last(result.history, "eval_loss")
     if train_loss is not None:
