@@ -36,6 +36,14 @@ from pathlib import Path
 from persona_lora.artifact import Manifest, read_manifest
 from persona_lora.errors import ManifestError, UsageError, VerificationError
 from persona_lora.train.config import TrainConfig, config_from_dict
+from persona_lora.train.reproduce.inputs import (
+    check_base,
+    check_chat_template,
+    check_data,
+    choose_device,
+    load_recorded_data,
+    resolve_recorded_base,
+)
 from persona_lora.train.reproduce.record import config_dict, original_history
 
 REPORT_NAME = "reproduce.json"
@@ -112,112 +120,6 @@ def check_out(out: Path, original: Original) -> Path:
         raise UsageError(f"--out {out} exists and is not empty; reproduce writes a new folder and never replaces "
                          "one. Choose another --out or leave it out (a new folder next to the adapter)")
     return out
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-def _short(sha: str | None) -> str:
-    return f"{sha[:12]}…" if sha else "unknown"
-
-
-def resolve_recorded_base(manifest: Manifest, override: str | None, hub: str):
-    """The base to train on: `--base` (a local copy or hub id) or the recorded hub id at its recorded revision."""
-    from persona_lora.hub_ids import parse_hub_ref
-    from persona_lora.model_loading import resolve_base
-
-    recorded = manifest.base_model
-    if override is None:
-        if recorded.source in (None, "local"):
-            raise UsageError(f"the adapter was trained on a local base folder {recorded.id!r} (config.json sha256 "
-                             f"{_short(recorded.config_sha256)}); give that folder (or a copy) with --base PATH")
-        return resolve_base(recorded.id, revision=recorded.revision, source=recorded.source)
-    if Path(override).expanduser().exists():
-        return resolve_base(override, source="local")
-    ref = parse_hub_ref(override)
-    if ref is None:
-        return resolve_base(override, source="local")  # names the missing folder
-    revision = ref.revision or (recorded.revision if ref.repo_id == recorded.id else None)
-    source = recorded.source if ref.repo_id == recorded.id and recorded.source in ("hf", "modelscope") else hub
-    return resolve_base(ref.repo_id, revision=revision, source=source)
-
-
-def check_base(manifest: Manifest, rb) -> tuple[list[str], dict]:
-    """Differences between the base found and the one recorded (config hash; revision of a hub base)."""
-    recorded = manifest.base_model
-    used_sha = rb.config_sha256
-    problems = []
-    if used_sha != recorded.config_sha256:
-        kinds = ""
-        try:
-            used_type = json.loads((rb.path / "config.json").read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError):
-            used_type = None
-        if used_type and recorded.model_type and used_type != recorded.model_type:
-            kinds = f" (model_type {used_type}, trained on {recorded.model_type})"
-        problems.append(f"base_model.config_sha256: {rb.id}'s config.json has sha256 {_short(used_sha)}{kinds}; the "
-                        f"adapter was trained on {recorded.id}, config.json sha256 {_short(recorded.config_sha256)}")
-    if rb.source in ("hf", "modelscope") and rb.id == recorded.id and rb.revision != recorded.revision:
-        problems.append(f"base_model.revision: {rb.id} at {rb.revision or 'its default branch'}; the adapter was "
-                        f"trained on revision {recorded.revision or 'the default branch'}")
-    info = {"recorded": {"id": recorded.id, "revision": recorded.revision, "config_sha256": recorded.config_sha256},
-            "used": {"id": rb.id, "revision": rb.revision, "config_sha256": used_sha}}
-    return problems, info
-
-
-def load_recorded_data(manifest: Manifest, cfg: dict, override: str | None):
-    """The dataset to train on: `--data` (a local copy or hub id) or the recorded hub dataset."""
-    from persona_lora.dataset.reading import load_records
-
-    ds = manifest.dataset
-    if override is not None:
-        same_hub = ds.hub_id is not None and override == ds.hub_id
-        return load_records(override, revision=cfg["data"].get("revision") if same_hub else None)
-    if ds.source == "hub" and ds.hub_id:
-        return load_records(ds.hub_id, revision=cfg["data"].get("revision"))
-    records = ds.stats.records if ds.stats else None
-    raise UsageError(f"the adapter was trained on a local file {ds.name!r} ({records if records is not None else '?'} "
-                     f"records, sha256 {_short(ds.sha256)}); give that file (or a copy) with --data PATH")
-
-
-def check_data(manifest: Manifest, loaded) -> tuple[list[str], dict]:
-    """Differences between the data found and the data recorded (sha256, and the record counts to show it)."""
-    ds = manifest.dataset
-    recorded_n = ds.stats.records if ds.stats else None
-    problems = []
-    if loaded.sha256 != ds.sha256:
-        problems.append(f"dataset.sha256: {loaded.name} has {len(loaded)} records, sha256 {_short(loaded.sha256)}; "
-                        f"the adapter was trained on {ds.hub_id or ds.name} with "
-                        f"{recorded_n if recorded_n is not None else 'an unrecorded number of'} records, sha256 "
-                        f"{_short(ds.sha256)}")
-    info = {"recorded": {"name": ds.hub_id or ds.name, "records": recorded_n, "sha256": ds.sha256},
-            "used": {"name": loaded.hub_id or loaded.name, "records": len(loaded), "sha256": loaded.sha256}}
-    return problems, info
-
-
-def check_chat_template(manifest: Manifest, rb) -> list[str]:
-    """The base tokenizer's chat template against the recorded one (the base's config hash does not cover it)."""
-    from persona_lora.model_loading import load_tokenizer
-
-    recorded = manifest.chat.chat_template if manifest.chat else None
-    if recorded is None:
-        return []
-    if load_tokenizer(rb).chat_template != recorded:
-        return [f"chat.chat_template: {rb.id}'s tokenizer has another chat template than the one the adapter was "
-                "trained with (same config.json, other tokenizer files)"]
-    return []
-
-
-def choose_device(recorded: str | None, configured: str) -> str:
-    """The device type the original trained on when this machine has it (the verdict "reproduced" needs it)."""
-    import torch
-
-    kind = (recorded or "").split(":")[0]
-    if kind == "cpu":
-        return "cpu"
-    if kind == "cuda" and torch.cuda.is_available():
-        return configured if configured.startswith("cuda") else "cuda"
-    return configured
 
 
 # ------------------------------------------------------------------------------------------------ plan and run
