@@ -15,7 +15,10 @@ BIN    := $(VENV)/bin
 # banner, silenced here; the data folders are configured in pyproject.toml, so nothing else is printed.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
-PORT   ?= 7860
+# the demo's port: empty = 7860, or the next free one when it is taken (PORT=N insists on N)
+PORT   ?=
+# data check/preview show the text training sees: with the config's system prompt, read from the config itself
+TINY_SYSTEM_PROMPT = $$($(BIN)/python -c 'import yaml; print(yaml.safe_load(open("configs/tiny.yaml"))["data"]["system_prompt"])')
 
 .PHONY: install quickstart data-example lint test test-fast test-gpu test-vllm-cpu test-llama-cpp browser-deps bench bench-peers schema-docs arch-docs clean
 
@@ -39,11 +42,13 @@ runs/.tiny-adapter.finished: runs/tiny-base/config.json configs/tiny.yaml exampl
 	touch $@
 
 quickstart: runs/tiny-base/config.json
-	$(BIN)/persona-lora data check examples/data/persona_zh.json --base runs/tiny-base --max-length 256
-	$(BIN)/persona-lora data preview examples/data/persona_zh.json --base runs/tiny-base -n 2
+	$(BIN)/persona-lora data check examples/data/persona_zh.json --base runs/tiny-base --max-length 256 \
+	    --system-prompt "$(TINY_SYSTEM_PROMPT)"
+	$(BIN)/persona-lora data preview examples/data/persona_zh.json --base runs/tiny-base -n 2 \
+	    --system-prompt "$(TINY_SYSTEM_PROMPT)"
 	$(MAKE) --no-print-directory runs/.tiny-adapter.finished
 	$(BIN)/persona-lora card runs/tiny-adapter
-	$(BIN)/persona-lora demo --base runs/tiny-base --adapter runs/tiny-adapter --port $(PORT)
+	$(BIN)/persona-lora demo --base runs/tiny-base --adapter runs/tiny-adapter $(if $(PORT),--port $(PORT))
 
 data-example: $(STAMP)
 	$(BIN)/persona-lora data extract examples/script/palace.txt --out runs/palace.dialogue.jsonl --overwrite
