@@ -786,3 +786,17 @@ def test_offline_mode_serves_cached_repos_and_names_itself(hub_server, run_dir, 
     blob.write_text("{}")  # the cached copy went bad: offline, its blob id still tells
     with pytest.raises(VerificationError, match="adapter_config.json: git blob id"):
         pull(REPO)
+
+
+def test_a_mistyped_local_folder_is_named_as_such_before_any_hub_lookup(tmp_path, monkeypatch):
+    """`runs/tiny-adaptr` (its parent folder exists here) is a typo of a folder, not a hub id: the first words say
+    there is no such folder, with the closest names; the hub is not asked (no network error hides the cause)."""
+    from persona_lora.hubs import pull as pull_module
+
+    (tmp_path / "runs" / "tiny-adapter").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pull_module, "pull", lambda *a, **k: pytest.fail("the hub was asked"))
+    with pytest.raises(ModelLoadError) as e:
+        pull_module.local_or_pulled("runs/tiny-adaptr", what="adapter")
+    assert str(e.value).startswith("adapter runs/tiny-adaptr: no such folder")
+    assert "did you mean runs/tiny-adapter?" in str(e.value)
