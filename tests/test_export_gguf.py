@@ -270,6 +270,22 @@ def test_converter_failure_shows_its_last_lines_and_leaves_nothing(adapters, tin
 
 
 @pytest.mark.slow
+def test_quantizer_failure_shows_its_last_lines_and_leaves_nothing(adapters, tiny_base, tmp_path, converter_env,
+                                                                   capsys):
+    checkout = standin_checkout(tmp_path / "llama.cpp", STANDIN_CONVERTER)
+    (checkout / "build" / "bin").mkdir(parents=True)
+    quantize = checkout / "build" / "bin" / "llama-quantize"
+    quantize.write_text('#!/bin/sh\nfor i in $(seq 1 30); do echo "quantize line $i"; done\nexit 1\n')
+    quantize.chmod(0o755)
+    out = tmp_path / "o"
+    rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--base", str(tiny_base),
+               "--llama-cpp", str(checkout), "--quant", "q4_k_m"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "llama-quantize failed (exit 1)" in err and "quantize line 30" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
 def test_adapter_of_another_base_is_refused(adapters, tmp_path, converter_env, capsys):
     from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
