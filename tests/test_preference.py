@@ -425,6 +425,7 @@ def test_adapter_against_adapter_equals_standalone_greedy_and_votes_record_the_p
 
     from persona_lora.chat_format import conversation_for
     from persona_lora.demo.app import _Handlers, build_demo
+    from persona_lora.demo.decode import shown_text
     from persona_lora.demo.engine import Engine, GenerationSettings
     from persona_lora.model_loading import load_base_model, load_tokenizer
     from persona_lora.peft_compat import load_adapter
@@ -441,7 +442,7 @@ def test_adapter_against_adapter_equals_standalone_greedy_and_votes_record_the_p
     for side in ("base", "one", "two"):
         model = load_base_model(str(tiny_base), device="cpu", dtype="float32")
         model = model if side == "base" else load_adapter(model, paths[side])
-        expected[side] = generate_greedy(model.eval(), tok, [conv], PAIR_N)[0]
+        expected[side] = shown_text(generate_greedy(model.eval(), tok, [conv], PAIR_N)[0], done=True)  # as shown
     assert len(set(expected.values())) == 3  # the adapters make a difference, or this proves nothing
 
     engine = Engine(str(tiny_base), device="cpu", dtype="float32", max_new_tokens_cap=64)
@@ -563,7 +564,7 @@ def test_votes_for_another_adapter_than_the_init_adapter_are_refused_unless_allo
                      prompt="q", answer_a="persona", answer_b="plain", a_side="adapter", vote="A")
     args = ["train", str(REPO / "configs" / "tiny-dpo.yaml"), "--base", str(tiny_base), "--init-adapter",
             str(sft_adapter), "--data", str(votes), "--output-dir", str(tmp_path / "o"), "--dry-run",
-            "--set", "base.device=cpu"]
+            "--set", "base.device=cpu", "--set", "training.warmup_ratio=0"]  # one vote kept: one step, no warm-up
     assert main(args) == 2
     err = capsys.readouterr().err
     assert (f"2 vote(s) in votes.sqlite judged another adapter's answers than --init-adapter {sft_adapter} "
