@@ -20,7 +20,7 @@ PORT   ?=
 # data check/preview show the text training sees: with the config's system prompt, read from the config itself
 TINY_SYSTEM_PROMPT = $$($(BIN)/python -c 'import yaml; print(yaml.safe_load(open("configs/tiny.yaml"))["data"]["system_prompt"])')
 
-.PHONY: install quickstart data-example lint test test-fast test-gpu test-vllm-cpu test-llama-cpp browser-deps bench bench-peers schema-docs arch-docs clean
+.PHONY: install quickstart data-example lint test test-fast test-gpu test-vllm-cpu test-llama-cpp browser-deps bench bench-wide bench-peers schema-docs arch-docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,7 +67,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) browser-deps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # two workers, one per core (each test runs torch single-threaded)
 test-fast: $(STAMP)
@@ -104,8 +104,12 @@ schema-docs: $(STAMP)
 arch-docs: $(STAMP)
 	$(BIN)/python -c "from pathlib import Path; from tests.import_graph import write_docs; write_docs(Path('.'))"
 
+# bench_wide builds a 3-layer model at the 16B model's real widths (about 15 GB of RAM, many minutes): its own target
 bench: $(STAMP)
-	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/bench_*.py; do [ $$b = bench/bench_wide.py ] || $(BIN)/python $$b || exit 1; done
+
+bench-wide: $(STAMP)
+	$(BIN)/python bench/bench_wide.py
 
 # Optional, not in CI: training throughput against ms-swift (a tuned peer), which pins other transformers/PEFT
 # versions than ours, so it gets its own environment outside the work tree (torch first: the CPU build).
