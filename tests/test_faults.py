@@ -487,20 +487,21 @@ def _unreachable_endpoint(env: Env) -> list[str]:
             "--base", "tiny", "--port", str(port), "--votes", str(env.root / "votes" / "votes.sqlite")]
 
 
-def _disk_full(make: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+def _then(fault: Callable[[Env], None], make: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+    """The command line of `make`, with `fault` set up after its inputs were made."""
     def argv(env: Env) -> list[str]:
         result = make(env)
-        _disk_nearly_full(env)
+        fault(env)
         return result
     return argv
+
+
+def _disk_full(make: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+    return _then(_disk_nearly_full, make)
 
 
 def _copy_full(make: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
-    def argv(env: Env) -> list[str]:
-        result = make(env)
-        _copy_fills_the_disk(env)
-        return result
-    return argv
+    return _then(_copy_fills_the_disk, make)
 
 
 LEFTOVER_CASES = [
