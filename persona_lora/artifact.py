@@ -94,7 +94,7 @@ class TokenStats:
 class DatasetStats:
     """What became of the records: nothing is dropped or truncated without being counted here."""
 
-    records: int | None = _f(None, "records in the file")
+    records: int | None = _f(None, "records read (of the file, and of the eval file when one was given)")
     kept: int | None = _f(None, "records encoded into examples")
     dropped: dict[str, int] = _f({}, "records dropped, by reason")
     truncated: int | None = _f(None, "examples cut from the left of the prompt to fit max_length")
@@ -117,6 +117,17 @@ class ExtractionInfo:
 
 
 @dataclass
+class EvalFileInfo:
+    """The held-out records' own file (`data.eval_path`, e.g. the DATA.eval.json `data build` splits off by scene)."""
+
+    name: str | None = _f(None, "file name or hub id (never an absolute path)")
+    source: str | None = _f(None, "local | hub")
+    sha256: str | None = _f(None, "sha256 of the file bytes (hub: of the canonical JSON of the rows)")
+    records: int | None = _f(None, "records in the file")
+    also_in_training: int | None = _f(None, "of them, records also in the training file (a scene split has none)")
+
+
+@dataclass
 class DatasetInfo:
     """The training data."""
 
@@ -128,6 +139,7 @@ class DatasetInfo:
     language: list[str] = _f([], "dataset languages, for the card")
     stats: DatasetStats | None = _f(None, "counts")
     extraction: ExtractionInfo | None = _f(None, "made by `data extract` + `data build`: from what, how")
+    eval_file: EvalFileInfo | None = _f(None, "the held-out records' own file, when training took one")
 
 
 @dataclass

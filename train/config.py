@@ -82,7 +82,12 @@ class DataConfig:
         "truncate", "over-long examples: truncate (cut the prompt from the left, keep the answer and EOS) or drop",
         choices=("truncate", "drop"),
     )
-    eval_fraction: float = _f(0.05, "fraction of records held out for eval loss (0 disables eval)", min=0.0, max=0.5)
+    eval_fraction: float = _f(0.05, "fraction of records held out for eval loss (0 disables eval; 0 when "
+                                    "data.eval_path is set)", min=0.0, max=0.5)
+    eval_path: str | None = _f(
+        None, "held-out records in their own file (e.g. the DATA.eval.json `data build` splits off by scene): the "
+        "eval set instead of data.eval_fraction of data.path", flag="--eval-data", metavar="EVAL.json",
+    )
     language: list[str] = _f([], "dataset languages for the card, e.g. [zh]")
     markers: list[str] = _f([], "persona markers, words the persona uses (e.g. [本宫, 臣妾]): `persona-lora eval` "
                                 "reports the share of answers holding one")
@@ -215,10 +220,28 @@ def config_from_dict(data: dict, source: str | None = None) -> TrainConfig:
         raise ConfigError("the config must be a YAML mapping with sections base, data, lora, training", source)
     problems: list[str] = []
     cfg = from_json(TrainConfig, data, "", problems, [], CONFIG_READING)
+    problems += eval_source_checks(cfg, data.get("data"))
     problems += cross_checks(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def eval_source_checks(cfg: TrainConfig, data_section) -> list[str]:
+    """With data.eval_path the held-out set is that file, so nothing is carved out of data.path: data.eval_fraction
+    becomes 0 unless it was given, and given above 0 it contradicts the file (which held-out set?)."""
+    if not cfg.data.eval_path:
+        return []
+    given = isinstance(data_section, dict) and data_section.get("eval_fraction") is not None
+    if given and cfg.data.eval_fraction > 0:
+        return [f"data.eval_path ({cfg.data.eval_path}) and data.eval_fraction {cfg.data.eval_fraction:g} both "
+                "choose the held-out set; keep the file and set data.eval_fraction: 0 (or drop data.eval_path to "
+                "hold out a fraction of data.path)"]
+    cfg.data.eval_fraction = 0.0
+    if cfg.preference.method != "sft":
+        return [f"data.eval_path is for SFT records; preference.method {cfg.preference.method} holds out "
+                "data.eval_fraction of its pairs: drop data.eval_path (--eval-data)"]
+    return []
 
 
 def cross_checks(cfg: TrainConfig) -> list[str]:

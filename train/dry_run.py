@@ -7,7 +7,7 @@ import math
 from persona_lora import presets
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.model_setup import AdaptedModel
-from persona_lora.train.prepare import PreparedData
+from persona_lora.train.prepare import PreparedData, eval_file_line
 
 ADAM_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 master weight + gradient + two Adam moments
 NF4_BYTES_PER_PARAM = 0.55  # 4-bit weights plus quantisation constants
@@ -32,6 +32,7 @@ def dry_run_report(cfg: TrainConfig, data: PreparedData, model: AdaptedModel, de
         "",
         f"dataset {data.loaded.name}: {stats.records} records, {stats.kept} kept, dropped {stats.dropped or 0}, "
         f"{stats.truncated} truncated; {stats.train_examples} train / {stats.eval_examples} eval examples",
+        *([line] if (line := eval_file_line(data)) else []),
         f"tokens: {stats.tokens.total:,} total, {stats.tokens.trained:,} trained (labels), mean "
         f"{stats.tokens.mean_length}, max {stats.tokens.max_length}",
         "",

@@ -18,6 +18,7 @@ from persona_lora.artifact import (
     ChatInfo,
     CoverageRow,
     DatasetInfo,
+    EvalFileInfo,
     FilesInfo,
     HistoryEntry,
     LoraInfo,
@@ -105,6 +106,9 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
     config = cfg.to_dict()  # as run, but without this machine's paths: the manifest is published with the adapter
     config["base"]["model"] = setup.base.id
     config["data"]["path"] = getattr(loaded, "hub_id", None) or loaded.name
+    held = data.eval_loaded
+    if held is not None:
+        config["data"]["eval_path"] = getattr(held, "hub_id", None) or held.name
     config["training"]["output_dir"] = out.name
     if config["base"]["chat_template"]:
         config["base"]["chat_template"] = Path(config["base"]["chat_template"]).name
@@ -119,7 +123,11 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
         base_model=base,
         dataset=DatasetInfo(name=loaded.name, source=loaded.source, hub_id=getattr(loaded, "hub_id", None),
                             sha256=loaded.sha256, license=None, language=list(cfg.data.language), stats=data.stats,
-                            extraction=extraction_info(getattr(loaded, "path", None), loaded.sha256)),
+                            extraction=extraction_info(getattr(loaded, "path", None), loaded.sha256),
+                            eval_file=None if held is None else EvalFileInfo(
+                                name=getattr(held, "hub_id", None) or held.name, source=held.source,
+                                sha256=held.sha256, records=len(held.records),
+                                also_in_training=data.also_in_training)),
         chat=ChatInfo(system_prompt=cfg.data.system_prompt, chat_template=setup.tokenizer.chat_template,
                       template_source=setup.template_source, train_on=cfg.data.train_on,
                       overlong=cfg.data.overlong, max_length=cfg.data.max_length),
@@ -152,7 +160,8 @@ def build_manifest(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model:
 
 # What defines a run: resuming with any of these changed trains a different run than the manifest would describe.
 RUN_DEFINING = (
-    "base_model.config_sha256", "dataset.sha256", "chat.system_prompt", "chat.chat_template", "chat.train_on",
+    "base_model.config_sha256", "dataset.sha256", "dataset.eval_file.sha256", "chat.system_prompt",
+    "chat.chat_template", "chat.train_on",
     "chat.overlong", "chat.max_length", "lora.preset", "lora.asked_target_modules", "lora.r", "lora.alpha",
     "lora.dropout", "training.learning_rate", "training.lr_scheduler", "training.warmup_ratio",
     "training.weight_decay", "training.max_grad_norm", "training.epochs", "training.max_steps",

@@ -33,7 +33,7 @@ from persona_lora.train.model_setup import (
     build_adapted_model,
     save_adapter,
 )
-from persona_lora.train.prepare import PreparedData, prepare_data
+from persona_lora.train.prepare import PreparedData, eval_file_line, prepare_data
 from persona_lora.train.progress import (
     interrupted_at,
     replace_library_output,
@@ -256,6 +256,8 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False, print_fn=print,
         print_fn("LoRA coverage:\n" + presets.format_coverage(model.coverage, model.trainable, model.total))
         if model.dropout_note:
             print_fn(f"note: {model.dropout_note}")
+        if eval_line := eval_file_line(data):
+            print_fn(eval_line)
         if plan.resume_from:
             print_fn(f"resuming from {plan.resume_from}")
         trainer, result = train_loop(cfg, setup, data, model, out, plan.resume_from, stop_after)

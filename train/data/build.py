@@ -295,16 +295,20 @@ def split_scenes(per_scene: dict[int, list[dict]], fraction: float, seed: int,
     return [s for s in scenes if s not in held], sorted(held)
 
 
-def output_paths(out: Path) -> tuple[Path, Path, Path]:
-    if out.suffix != ".json":
-        raise UsageError(f"--out {out}: give a .json file name (DATA.json; DATA.eval.json and DATA.card.md are "
-                         "written beside it)")
-    return out, out.with_suffix(".eval.json"), out.with_suffix(".card.md")
+def output_paths(out: Path) -> tuple[Path, Path, Path, Path]:
+    """DATA.json and what is written beside it: DATA.eval.json, DATA.card.md, DATA.train.yaml."""
+    from persona_lora.train.data.data_card import card_path_for, train_config_path_for
+
+    if out.suffix != ".json" or out.name.endswith(".eval.json"):
+        raise UsageError(f"--out {out}: give a .json file name not ending in .eval.json (DATA.json; "
+                         "DATA.eval.json, DATA.card.md and DATA.train.yaml are written beside it)")
+    return out, out.with_suffix(".eval.json"), card_path_for(out), train_config_path_for(out)
 
 
 def run_build(opts: BuildOptions, print_line=print) -> int:
     from persona_lora.hashing import sha256_file
     from persona_lora.train.data.data_card import write_data_card
+    from persona_lora.train.data.training_config import train_command, write_training_config
 
     if opts.context < 1:
         raise UsageError(f"--context must be at least 1 turn, got {opts.context}")
@@ -314,8 +318,8 @@ def run_build(opts: BuildOptions, print_line=print) -> int:
         raise UsageError(f"--min-chars/--max-chars: need 1 <= min <= max, got {opts.min_chars} and {opts.max_chars}")
     if opts.system_prompt and opts.character_sheet:
         raise UsageError("--system-prompt and --character-sheet both give the system prompt; keep one")
-    data_path, eval_path, card_path = output_paths(Path(opts.out))
-    refuse_existing([data_path, eval_path, card_path], opts.overwrite)
+    data_path, eval_path, card_path, config_path = output_paths(Path(opts.out))
+    refuse_existing([data_path, eval_path, card_path, config_path], opts.overwrite)
     system = opts.system_prompt
     if opts.character_sheet:
         from persona_lora.train.data.source_text import read_source_text
@@ -339,14 +343,17 @@ def run_build(opts: BuildOptions, print_line=print) -> int:
     write_data_card(card_path, opts=opts, dialogue=dialogue, result=result, system=system,
                     data_sha256=sha256_file(data_path),
                     eval_sha256=sha256_file(eval_path) if result.eval else None)
+    write_training_config(config_path, data_path=data_path, eval_path=eval_path if result.eval else None,
+                          system_prompt=system, character=opts.character)
     kept = len(result.train) + len(result.eval)
     drops = ", ".join(f"{reason} {n}" for reason, n in result.dropped.items() if n) or "none"
     print_line(f"{result.candidates} turns of {opts.character}: {kept} records kept, dropped: {drops}")
     print_line(f"wrote {data_path} ({len(result.train)} records, {_scenes(len(result.scenes_train))})"
                + (f", {eval_path} ({len(result.eval)} records, {_scenes(len(result.scenes_eval))})" if result.eval
-                  else "") + f", {card_path}")
-    if system:
-        print_line("every record carries the system prompt; set data.system_prompt in the training config to the "
-                   "same text too, so the manifest, the demo and eval prompt the persona as it was trained")
+                  else "") + f", {card_path}, {config_path}")
+    what = ["data.path", *(["data.eval_path (the held-out scenes)"] if result.eval else []),
+            *(["data.system_prompt (the one every record carries)"] if system else [])]
+    print_line(f"the training config {config_path} sets {', '.join(what)}")
     print_line(f"next: persona-lora data check {data_path}")
+    print_line(f"then: {train_command(config_path, data_path)}")
     return 0

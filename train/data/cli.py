@@ -112,7 +112,8 @@ def _configure_build(sub) -> None:
     p = sub.add_parser("build", help="a dialogue file → an Alpaca dataset of one character's lines, with its card",
                        description="Each line of --character becomes an answer, the turns before it in the scene "
                                    "the instruction and history. Writes DATA.json, DATA.eval.json (held-out "
-                                   "scenes) and DATA.card.md (provenance).")
+                                   "scenes), DATA.card.md (provenance) and DATA.train.yaml (the training config "
+                                   "`persona-lora train` takes: data.path, data.eval_path, data.system_prompt).")
     p.add_argument("dialogue", metavar="DIALOGUE.jsonl", help="the file `data extract` wrote")
     p.add_argument("--character", required=True, metavar="NAME", help="whose lines become the answers")
     p.add_argument("--alias", action="append", default=[], metavar="A[=NAME]",
@@ -125,7 +126,8 @@ def _configure_build(sub) -> None:
                    help="lines nobody spoke before in the scene: drop (default) or keep with '(scene start)'")
     p.add_argument("--min-chars", type=int, default=2, metavar="N", help="drop shorter answers (default 2)")
     p.add_argument("--max-chars", type=int, default=1000, metavar="N", help="drop longer answers (default 1000)")
-    p.add_argument("--system-prompt", metavar="TEXT", help="system prompt of every record")
+    p.add_argument("--system-prompt", metavar="TEXT", help="system prompt of every record (and data.system_prompt "
+                   "of DATA.train.yaml)")
     p.add_argument("--character-sheet", metavar="FILE", help="a text file whose text becomes the system prompt")
     p.add_argument("--eval-fraction", type=float, default=0.1, metavar="X",
                    help="share of records held out, by whole scenes, in DATA.eval.json (default 0.1; 0: none)")

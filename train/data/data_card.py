@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -27,6 +27,30 @@ def card_path_for(data_path: Path) -> Path:
     return data_path.with_name(f"{stem}.card.md")
 
 
+def train_config_path_for(data_path: Path) -> Path:
+    """DATA.json → DATA.train.yaml: the training config `data build` writes beside the data."""
+    stem = data_path.name.removesuffix(".json").removesuffix(".eval")
+    return data_path.with_name(f"{stem}.train.yaml")
+
+
+class BuiltSystemPrompt(NamedTuple):
+    text: str
+    card: str  # the data card's file name
+    config: str  # the training config's file name
+
+
+def built_system_prompt(data_path: str | Path | None, data_sha256: str | None) -> BuiltSystemPrompt | None:
+    """The system prompt `data build` put in every record of `data_path`, by its card (None: none, or no card
+    written for these bytes)."""
+    block = read_data_card(data_path, data_sha256) if data_path else None
+    text = ((block or {}).get("build") or {}).get("system_prompt")
+    if not isinstance(text, str) or not text:
+        return None
+    path = Path(data_path)
+    return BuiltSystemPrompt(text, card_path_for(path).name,
+                             block.get("train_config") or train_config_path_for(path).name)
+
+
 def write_data_card(path: Path, *, opts: Any, dialogue: DialogueFile, result: Any,
                     system: str | None, data_sha256: str, eval_sha256: str | None) -> None:
     source = dialogue.source
@@ -37,6 +61,7 @@ def write_data_card(path: Path, *, opts: Any, dialogue: DialogueFile, result: An
         "data_sha256": data_sha256,
         "eval_file": Path(opts.out).with_suffix(".eval.json").name if eval_sha256 else None,
         "eval_sha256": eval_sha256,
+        "train_config": train_config_path_for(Path(opts.out)).name,
         "source_file": source.get("file"),
         "source_sha256": source.get("sha256"),
         "source_encoding": source.get("encoding"),
