@@ -19,8 +19,10 @@ from persona_lora.hub_tools.merge import cli as merge_cli
 def configure_push(p: argparse.ArgumentParser) -> None:
     p.description = ("Upload the adapter/model files of DIR to REPO_ID (created if missing) as one commit. "
                      "Checkpoints, optimizer states, logs and pickled files are never pushed unless named with "
-                     "--include.")
-    p.add_argument("dir", metavar="DIR", help="the adapter folder (or merged model folder)")
+                     "--include. A GGUF export (`export --for llama.cpp|ollama`) goes to a repo of its own "
+                     "(OWNER/NAME-GGUF), or into its adapter's repo under gguf/ with the card's \"Run it locally\" "
+                     "section filled in (the rest of the card is kept).")
+    p.add_argument("dir", metavar="DIR", help="the adapter folder (or merged model folder, or GGUF export folder)")
     p.add_argument("repo_id", metavar="REPO_ID", help="owner/name (or name, for your own namespace)")
     add_hub_option(p)
     p.add_argument("--private", action="store_true",

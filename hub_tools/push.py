@@ -1,7 +1,8 @@
 """Push an adapter (or merged model) folder to a hub as one commit holding only the files that belong.
 
 What belongs is decided by `files.select_files` (adapter/model files, card, manifest, tokenizer; never
-checkpoints, logs or pickles unless named with --include) and reported: the user sees what was left out.
+checkpoints, logs or pickles unless named with --include) and reported: the user sees what was left out. A GGUF
+export folder sends exactly the files its record lists, placed by `push_gguf`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def plan_push(folder: str | Path, include_extra: list[str] | None = None) -> Pus
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a folder; give the adapter folder `persona-lora train` wrote")
-    from persona_lora.hub_tools.export.gguf import check_gguf_export, is_gguf_export
+    from persona_lora.gguf_record import check_gguf_export, is_gguf_export
 
     if is_gguf_export(folder):  # `export --for llama.cpp|ollama`: exactly the files its record lists
         return PushPlan(folder, "gguf", check_gguf_export(folder), [])
@@ -124,6 +125,14 @@ def push_folder(
     token = be.token(token)
     if not token:
         raise be.missing_token("push")
+    if plan.kind == "gguf":  # its own repo, or beside the adapter it was made from (`push_gguf`)
+        from persona_lora.hub_tools.push_gguf import push_gguf_export
+
+        result, pushed = push_gguf_export(plan.folder, repo_id, be, token=token, private=private, revision=revision,
+                                          create_pr=create_pr, message=message)
+        log.info("pushed %d file(s) to %s (commit %s)", len(pushed), result.url, result.commit)
+        return PushResult(result.url, repo_id=result.repo_id, commit=result.commit, pushed=pushed, skipped=[],
+                          pr_url=result.pr_url)
     with be.errors("push to", repo_id, revision=revision, token=token):
         result = be.commit(repo_id, plan.folder, plan.files, private=private, revision=revision, create_pr=create_pr,
                            message=message or f"Upload {plan.kind} with persona-lora {__version__}", token=token)

@@ -34,6 +34,9 @@ from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num, ti
 from persona_lora.model_cards.metadata import base_is_on_hub, card_data
 from persona_lora.model_cards.preference_section import preference_section
 from persona_lora.model_cards.privacy import scrub
+from persona_lora.model_cards.run_locally import END as RUN_LOCALLY_END
+from persona_lora.model_cards.run_locally import START as RUN_LOCALLY_START
+from persona_lora.model_cards.run_locally import adapter_exports, render_run_locally
 from persona_lora.model_cards.snippet import usage_snippet
 from persona_lora.output_folder import FilesTogether
 from persona_lora.peft_compat import is_legacy_spelling
@@ -52,8 +55,10 @@ TEMPLATES = {"adapter": "adapter_card.md", "merged": "merged_card.md"}
 
 
 def build_context(m: Manifest, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
-                  tokenizer_in_folder: bool = False, evaluation: dict | None = None) -> dict:
-    """Everything the templates show, already formatted and escaped (the templates only lay it out)."""
+                  tokenizer_in_folder: bool = False, evaluation: dict | None = None,
+                  run_locally: str = "") -> dict:
+    """Everything the templates show, already formatted and escaped (the templates only lay it out).
+    `run_locally`: the "Run it locally" section (`run_locally.render_run_locally`), "" when no GGUF export."""
     merged = m.kind == "merged"
     base = m.base_model
     dataset = m.dataset or DatasetInfo()
@@ -91,7 +96,10 @@ def build_context(m: Manifest, adapter_config: dict | None, *, loss_png: str | N
             m, base_id=base_id, adapter_id=None if merged else own_id, model_id=own_id if merged else None,
             tokenizer_from_adapter=tokenizer_from_adapter),
         "legacy_spelling": fenced(f"persona-lora upgrade-adapter {name or 'ADAPTER_DIR'}", "bash") if legacy else None,
-        "serving": None if merged else sections.serving_section(m),
+        "serving": None if merged else sections.serving_section(m, gguf_exported=bool(run_locally)),
+        "run_locally": run_locally,
+        "run_locally_start": RUN_LOCALLY_START,
+        "run_locally_end": RUN_LOCALLY_END,
         "demo_command": (fenced(f"persona-lora demo --base {base_id} --adapter {own_id}", "bash") if not merged
                          else fenced(f"persona-lora demo --base {base_id} --adapter {source_adapter}", "bash")
                          if source_adapter else None),
@@ -122,18 +130,20 @@ def _environment():
 
 
 def render_card(m: Manifest, adapter_config: dict | None, *, loss_png: str | None, repo_id: str | None = None,
-                tokenizer_in_folder: bool = False, evaluation: tuple[dict, list] | None = None) -> str:
+                tokenizer_in_folder: bool = False, evaluation: tuple[dict, list] | None = None,
+                run_locally: str = "") -> str:
     """The card text for a scrubbed manifest (`privacy.scrub`; no user section merged in yet).
 
     Rendered as `ModelCard.from_template` renders: `card_data` is the Hub's YAML of the metadata and the
     metadata fields are variables too, beside the template's own `c`. `evaluation` is the Evaluation section
-    and its `model-index` results (`eval_section`), for `card --eval`.
+    and its `model-index` results (`eval_section`), for `card --eval`; `run_locally` the "Run it locally"
+    section, for `card --gguf`.
     """
     from huggingface_hub import ModelCard
 
     section, results = evaluation or (None, None)
     context = build_context(m, adapter_config, loss_png=loss_png, repo_id=repo_id,
-                            tokenizer_in_folder=tokenizer_in_folder, evaluation=section)
+                            tokenizer_in_folder=tokenizer_in_folder, evaluation=section, run_locally=run_locally)
     data = card_data(m, eval_results=results, model_name=repo_id or m.name)
     variables = {**data.to_dict(), "c": context}
     content = _environment().get_template(TEMPLATES[m.kind]).render(card_data=data.to_yaml(), **variables)
@@ -178,12 +188,14 @@ def _free_name(folder: Path, stem: str, suffix: str) -> Path:
     return path
 
 
-def write_card(folder: Path, *, repo_id: str | None = None, eval_dir: Path | None = None) -> Path:
+def write_card(folder: Path, *, repo_id: str | None = None, eval_dir: Path | None = None,
+               gguf_dirs: list[Path] | None = None) -> Path:
     """(Re)write `folder/README.md` and its loss curve from the folder's manifest; returns the README path.
 
     `repo_id` (e.g. given by a push) names the adapter in the usage snippet; without it the manifest's name is
     used, which is also the folder name a `persona-lora pull` writes. `eval_dir` (an adapter's `persona-lora eval
-    --out` folder) adds the Evaluation section and the Hub's `model-index`.
+    --out` folder) adds the Evaluation section and the Hub's `model-index`. `gguf_dirs` (GGUF exports of this
+    adapter, `persona-lora export --for llama.cpp|ollama --out DIR`) add the "Run it locally" section.
     """
     from persona_lora.model_cards.plots import has_loss_points, write_loss_curve
 
@@ -211,8 +223,14 @@ def write_card(folder: Path, *, repo_id: str | None = None, eval_dir: Path | Non
             report = eval_section.read_report(eval_dir)
             name = eval_section.adapter_name(report, folder, str(eval_dir))
             evaluation = (eval_section.evaluation_section(report, name), eval_section.eval_results(report, name))
+        run_locally = ""
+        if gguf_dirs:
+            if manifest.kind != "adapter":
+                raise UsageError(f"--gguf: {folder} is a merged model; GGUF exports are listed on their adapter's card")
+            run_locally = render_run_locally(adapter_exports(folder, list(gguf_dirs)))
         text = render_card(m, adapter_config, loss_png=loss_png, repo_id=repo_id,
-                           tokenizer_in_folder=(folder / "tokenizer_config.json").is_file(), evaluation=evaluation)
+                           tokenizer_in_folder=(folder / "tokenizer_config.json").is_file(), evaluation=evaluation,
+                           run_locally=run_locally)
         old = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
         if old is not None and _user_section(old) is None:
             if _PEFT_DEFAULT_CARD in old:  # the stub PEFT's save_pretrained writes: nothing of the user's in it

@@ -26,6 +26,11 @@ def configure_card(p: argparse.ArgumentParser) -> None:
                    help="the --out folder of `persona-lora eval` run on this adapter: adds an Evaluation section "
                         "(summary table, set, prompts, decoding) and the Hub's model-index with the held-out loss. "
                         "Give it again on every regeneration to keep the section")
+    p.add_argument("--gguf", type=Path, action="append", default=[], metavar="DIR", dest="gguf_dirs",
+                   help="a GGUF export of this adapter (the --out folder of `persona-lora export --for llama.cpp|"
+                        "ollama`; repeatable): adds the \"Run it locally\" section with its Ollama and llama.cpp "
+                        "commands, naming the hub repo it was pushed to or else the export folder. Checked: the "
+                        "files are there and were merged from this adapter. Give it again on every regeneration")
 
 
 def run_card(args: argparse.Namespace) -> int:
@@ -33,6 +38,6 @@ def run_card(args: argparse.Namespace) -> int:
 
     if args.repo_id is not None and not args.repo_id.strip():
         raise UsageError("--repo-id is empty: give the Hub repo id (owner/name) or leave the option out.")
-    path = write_card(args.adapter_dir, repo_id=args.repo_id, eval_dir=args.eval_dir)
+    path = write_card(args.adapter_dir, repo_id=args.repo_id, eval_dir=args.eval_dir, gguf_dirs=args.gguf_dirs)
     print(path)
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from persona_lora.artifact import DatasetInfo, LoraInfo, Manifest, TrainingInfo
 from persona_lora.engines import ENGINES, KV_B_ISSUE
+from persona_lora.gguf_record import WHY_MERGED
 from persona_lora.model_cards.markdown import code, esc, fenced, is_num, num
 from persona_lora.model_cards.rows import (
     Row,
@@ -306,10 +307,11 @@ def merge_section(m: Manifest) -> dict | None:
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-def serving_section(m: Manifest) -> list[tuple[str, str, str]] | None:
+def serving_section(m: Manifest, *, gguf_exported: bool = False) -> list[tuple[str, str, str]] | None:
     """Per engine: whether it applies this adapter as trained, and the command that prepares it. vLLM's MLA
     attention does not apply LoRA on `kv_b_proj` (vllm-project/vllm#48974), so an adapter with it is served as
-    trained there only as a merged model."""
+    trained there only as a merged model. `gguf_exported`: the card has a "Run it locally" section (a GGUF export
+    of this adapter exists), which the llama.cpp / Ollama row points to."""
     lora = m.lora or LoraInfo()
     if not lora.target_modules and not lora.target_parameters:
         return None
@@ -324,13 +326,13 @@ def serving_section(m: Manifest) -> list[tuple[str, str, str]] | None:
     else:
         rows.append((vllm, "yes", code(f"persona-lora export {name} --for vllm --out DIR")))
     rows.append((sglang, "yes", code(f"persona-lora export {name} --for sglang --out DIR")))
-    # On your own machine: a merged GGUF (llama.cpp's deepseek2 graph skips LoRA on MLA attention, so a LoRA GGUF
-    # or Ollama's ADAPTER would not answer as trained); the export writes the ollama/llama-cli commands.
+    # On your own machine: a merged GGUF; this row is the card's one place that says why not a LoRA GGUF.
     mla = m.base_model.model_type in MLA_MODEL_TYPES
     target = "ollama" if m.base_model.model_type == "deepseek_v2" else "llama.cpp"
+    how = code(f"persona-lora export {name} --for {target} --out DIR") + \
+        " (its README has the `ollama` / `llama-cli` commands)"
+    if gguf_exported:
+        how = "the GGUF file and commands under *Run it locally* below; or " + how
     rows.append(("llama.cpp / Ollama (run it locally)",
-                 "yes, as one merged GGUF file" + (" (not as a LoRA GGUF: llama.cpp skips LoRA on MLA attention)"
-                                                   if mla else ""),
-                 code(f"persona-lora export {name} --for {target} --out DIR")
-                 + " (its README has the `ollama` / `llama-cli` commands)"))
+                 "yes, as one merged GGUF file" + (f" (not as a LoRA GGUF: {WHY_MERGED})" if mla else ""), how))
     return rows

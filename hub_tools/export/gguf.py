@@ -15,8 +15,14 @@ failed converter or quantizer leaves nothing that looks complete):
 3. a converter-readable copy of the merged folder (`converter_readable_copy`): the converter pins transformers
    4.x, which cannot read a transformers-5 tokenizer_config.json; it also treats only 26/27-layer DeepSeek-V2
    models as "lite" (no q-LoRA), so another depth without q-LoRA must say `q_lora_rank: 0`;
-4. `convert_hf_to_gguf.py` (f32, f16, bf16 and q8_0 directly), then `llama-quantize` for a k-quant;
-5. the README with the llama.cpp commands, the Modelfile (Ollama), and `persona_gguf.json` (what was exported).
+4. `convert_hf_to_gguf.py` (f32, f16, bf16 and q8_0 directly), then `llama-quantize` for a k-quant (q4_k_m,
+   q5_k_m, q6_k): the converter cannot write k-quants, so those need the compiled tool of the same llama.cpp
+   (`--llama-cpp PATH`'s build, or the cached build, compiled on first use); a checkout with a converter but no
+   built llama-quantize is refused before anything is merged. q8_0 stays with the converter: gguf-py writes
+   llama.cpp's Q8_0 blocks with the rounding of ggml's reference quantizer, straight from the merged weights
+   (one rounding, no 16-bit intermediate file), and needs no compiled tool;
+5. the README with the llama.cpp commands, the Modelfile (Ollama), and `persona_gguf.json` (what was exported,
+   from which adapter weights: `persona_lora.gguf_record`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import shutil
 import subprocess
 import time
@@ -35,7 +40,19 @@ from persona_lora.artifact import ADAPTER_WEIGHTS, MANIFEST_NAME, Manifest, read
 from persona_lora.chat_templates import EOS_TOKEN
 from persona_lora.consistency import check_folder
 from persona_lora.errors import ModelLoadError, UsageError
+from persona_lora.gguf_record import (
+    EXPORT_RECORD,
+    MODELFILE,
+    README,
+    WHY_MERGED,
+    GgufRecord,
+    is_gguf_export,
+    read_record,
+    write_record,
+)
+from persona_lora.hashing import sha256_file
 from persona_lora.hub_tools.export import llama_cpp, ollama
+from persona_lora.model_cards.run_locally import card_decoding, run_commands
 from persona_lora.output_folder import OutputFolder, Target, check_free_space, check_target, human_size
 
 log = logging.getLogger(__name__)
@@ -47,12 +64,12 @@ QUANTS = {
     "f16": ("f16", None, 2.0),
     "bf16": ("bf16", None, 2.0),
     "q8_0": ("q8_0", None, 34 / 32),
-    "q4_k_m": ("auto", "Q4_K_M", 0.6),  # from the converter's highest-fidelity 16-bit type for the weights
+    # k-quants: llama-quantize reads the converter's highest-fidelity 16-bit file ("auto") and writes the type
+    "q4_k_m": ("auto", "Q4_K_M", 0.61),
+    "q5_k_m": ("auto", "Q5_K_M", 0.71),
+    "q6_k": ("auto", "Q6_K", 0.83),
 }
 DEFAULT_QUANT = "q8_0"
-EXPORT_RECORD = "persona_gguf.json"
-MODELFILE = "Modelfile"
-README = "README.md"
 # Attention projections llama.cpp's deepseek2 graph applies no LoRA to (q_a/q_b: models with q-LoRA).
 SKIPPED_BY_LLAMA_CPP = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 LITE_LAYERS = (26, 27)
@@ -122,6 +139,7 @@ def export_gguf(req: GgufRequest) -> Path:
         facts = ExportFacts(name=name, gguf=gguf_name, quant=req.quant, target=req.target,
                             system_prompt=chat.system_prompt if chat else None, llama_cpp=llama.origin,
                             base_id=manifest.base_model.id, adapter_name=manifest.name or adapter.name,
+                            adapter_sha256=sha256_file(adapter / ADAPTER_WEIGHTS),
                             notes=sorted(notes.get("changes", [])))
         _write_docs(tmp, facts, template)
     size = (target.path / gguf_name).stat().st_size
@@ -177,33 +195,6 @@ def _check_out(out: Path, adapter: Path, base: str, overwrite: bool) -> Target:
     return check_target(out, option="--out", replace=overwrite, ours=is_gguf_export,
                         occupied_hint="choose a new folder, or pass --overwrite to replace the GGUF export in it",
                         foreign=f"is not a GGUF export persona-lora wrote (no {EXPORT_RECORD}, or other files in it)")
-
-
-def is_gguf_export(folder: Path) -> bool:
-    """A folder a GGUF export wrote: its record, and no files other than those it lists."""
-    try:
-        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
-        files = set(record["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all(p.is_file() and p.name in files for p in folder.iterdir())
-
-
-def check_gguf_export(folder: Path) -> list[str]:
-    """The files of a GGUF export to push (those its record lists), after checking each is there and each GGUF
-    starts with the GGUF magic; VerificationError otherwise."""
-    from persona_lora.errors import VerificationError
-
-    files = sorted(json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))["files"])
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise VerificationError(f"{folder} is an incomplete GGUF export: {name} is missing; export again")
-        if name.endswith(".gguf"):
-            with path.open("rb") as fh:
-                if fh.read(4) != b"GGUF":
-                    raise VerificationError(f"{path} is not a GGUF file (no GGUF magic); export again")
-    return files
 
 
 def _file_stem(manifest: Manifest, out: Path) -> str:
@@ -313,8 +304,9 @@ def run_converter(llama: llama_cpp.LlamaCpp, model: Path, out: Path, *, outtype:
 
 def run_quantize(llama: llama_cpp.LlamaCpp, source: Path, out: Path, kind: str) -> None:
     tool = llama.tool("llama-quantize")
-    if tool is None:
-        raise UsageError(f"{llama.origin} has no built llama-quantize; build it, or choose --quant q8_0")
+    if tool is None:  # locate() already refuses this; kept for callers that pass their own LlamaCpp
+        raise UsageError(f"{llama.origin} has no built llama-quantize, which --quant {kind.lower()} needs; build "
+                         "it (`cmake --build build --target llama-quantize`), or choose --quant q8_0")
     log.info("quantizing to %s with %s", kind, tool)
     _run_tool([str(tool), str(source), str(out), kind], "llama-quantize", out, None)
 
@@ -342,14 +334,8 @@ class ExportFacts:
     llama_cpp: str
     base_id: str | None
     adapter_name: str
+    adapter_sha256: str
     notes: list[str]
-
-
-def card_decoding() -> dict[str, float | int]:
-    """The decoding the adapter's card shows (greedy, its snippet's length), as llama.cpp/Ollama parameters."""
-    from persona_lora.model_cards.snippet import SNIPPET_MAX_NEW_TOKENS
-
-    return {"temperature": 0, "num_predict": SNIPPET_MAX_NEW_TOKENS}
 
 
 def _write_docs(tmp: Path, f: ExportFacts, template: str | None) -> None:
@@ -359,46 +345,39 @@ def _write_docs(tmp: Path, f: ExportFacts, template: str | None) -> None:
                                                       stop=[EOS_TOKEN], parameters=card_decoding()),
                                      encoding="utf-8")
         files.append(MODELFILE)
-    (tmp / README).write_text(render_readme(f), encoding="utf-8")
-    record = {"adapter": f.adapter_name, "base": f.base_id, "gguf": f.gguf, "quant": f.quant, "for": f.target,
-              "llama_cpp": f.llama_cpp, "converter_copy": f.notes, "files": sorted(files)}
-    (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_record(tmp, {"name": f.name, "adapter": f.adapter_name, "adapter_sha256": f.adapter_sha256,
+                       "base": f.base_id, "gguf": f.gguf, "quant": f.quant, "for": f.target,
+                       "system_prompt": f.system_prompt, "llama_cpp": f.llama_cpp, "converter_copy": f.notes,
+                       "files": sorted(files)})
+    (tmp / README).write_text(render_readme(read_record(tmp)), encoding="utf-8")
 
 
-def run_commands(f: ExportFacts) -> list[str]:
-    """Shell lines that chat with the export as the card does (greedy), for the README and the adapter's card."""
-    decoding = card_decoding()
-    system = ["-sys", f.system_prompt] if f.system_prompt else []
-    cli = ["llama-cli", "-m", f.gguf, *system, "-cnv", "--temp", str(decoding["temperature"]),
-           "-n", str(decoding["num_predict"])]
-    server = ["llama-server", "-m", f.gguf, "--jinja", "--temp", str(decoding["temperature"])]
-    lines = [shlex.join(cli), shlex.join(server)]
-    if f.target == "ollama":
-        lines = [f"ollama create {f.name} -f {MODELFILE}", f"ollama run {f.name}", *lines]
-    return lines
+def render_readme(r: GgufRecord, *, base_model: str | None = None, relation: str | None = None) -> str:
+    """The export's README: Hub card metadata, then the commands. `base_model`/`relation` default to the base the
+    persona was merged into ("finetune": the file is the base with the persona's weights merged in); a push to a
+    `-GGUF` repo beside the adapter's own repo names that repo instead ("quantized": this adapter, converted). No
+    `library_name`: the Hub reads GGUF from the files themselves, and lists the repo by the tags."""
+    from huggingface_hub import ModelCardData
 
-
-def render_readme(f: ExportFacts) -> str:
     from persona_lora import __version__
     from persona_lora.hub_ids import is_repo_id
 
-    cmds = run_commands(f)
-    # Hub card metadata: a GGUF repo is listed with its base and found by the gguf/llama.cpp/ollama tags.
-    front = ["---"]
-    if f.base_id and is_repo_id(f.base_id) and not f.base_id.startswith((".", "/", "~")):
-        front += [f"base_model: {f.base_id}", "base_model_relation: finetune"]
-    front += ["tags:", "- gguf", "- llama.cpp", *(["- ollama"] if f.target == "ollama" else []), "- persona-lora",
-              "---", ""]
+    cmds = run_commands(r)
+    if base_model is None and r.base and is_repo_id(r.base) and not r.base.startswith((".", "/", "~")):
+        base_model, relation = r.base, "finetune"
+    data = {"base_model": base_model, "base_model_relation": relation} if base_model else {}
+    tags = ["gguf", "llama.cpp", "llama-cpp", *(["ollama"] if r.has_modelfile else []), "persona-lora"]
+    meta = ModelCardData(**data, pipeline_tag="text-generation", tags=tags).to_yaml()
     parts = [
-        *front,
-        f"# {f.adapter_name} as GGUF ({f.quant})",
+        "---", meta, "---", "",
+        f"# {r.adapter} as GGUF ({r.quant})",
         "",
-        f"The persona **{f.adapter_name}** merged into its base `{f.base_id}` and converted with llama.cpp's own "
-        f"`convert_hf_to_gguf.py` ({f.llama_cpp}) by persona-lora {__version__} (`persona-lora export --for "
-        f"{f.target} --quant {f.quant}`). The file carries the chat template the persona was trained with.",
+        f"The persona **{r.adapter}** merged into its base `{r.base}` and converted with llama.cpp's own "
+        f"`convert_hf_to_gguf.py` ({r.llama_cpp}) by persona-lora {__version__} (`persona-lora export --for "
+        f"{r.target} --quant {r.quant}`). The file carries the chat template the persona was trained with.",
         "",
     ]
-    if f.target == "ollama":
+    if r.has_modelfile:
         parts += ["## Ollama", "", "```sh", *cmds[:2], "```", "",
                   f"The `{MODELFILE}` formats chats exactly as training did (system prompt, `User:`/`Assistant:` "
                   "turns), sets the persona's system prompt as `SYSTEM`, stops at the end-of-sentence token and "
@@ -407,11 +386,9 @@ def render_readme(f: ExportFacts) -> str:
     parts += ["## llama.cpp", "", "```sh", *cmds, "```", "",
               "`llama-cli` chats in the terminal with the system prompt above; `llama-server` serves an "
               "OpenAI-compatible API (send the system prompt as the first message).", ""]
-    if f.system_prompt:
-        parts += ["## System prompt", "", "```text", f.system_prompt, "```", ""]
-    parts += ["## Why a merged model", "",
-              "llama.cpp does not apply LoRA to DeepSeek-V2's attention projections, so a LoRA GGUF (or Ollama's "
-              "`ADAPTER`) would not answer as the persona; the merged weights do.", ""]
-    if f.notes:
-        parts += ["## Conversion notes", "", *[f"- {n}" for n in f.notes], ""]
+    if r.system_prompt:
+        parts += ["## System prompt", "", "```text", r.system_prompt, "```", ""]
+    parts += ["## Why a merged model", "", WHY_MERGED, ""]
+    if r.notes:
+        parts += ["## Conversion notes", "", *[f"- {n}" for n in r.notes], ""]
     return "\n".join(parts)

@@ -161,6 +161,16 @@ class HuggingFace:
                                 git_oid=None if f.lfs else f.blob_id)
                      for f in entries if isinstance(f, RepoFile)]
 
+    def existing_files(self, repo_id: str, *, revision: str | None,
+                       token: str | None) -> tuple[str, list[RemoteFile] | None]:
+        api = self.api(token)
+        if "/" not in repo_id:
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
+        if not api.repo_exists(repo_id):
+            return repo_id, None
+        branch = revision if revision and api.revision_exists(repo_id, revision) else None
+        return repo_id, self.files(repo_id, revision=branch, token=token)[1]
+
     def _cached_files(self, repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
         """Offline, the cache is the only listing there is: each cached file is named after its blob, whose name is
         the file's sha256 (LFS) or git blob id, so the files can still be checked against what the hub sent."""

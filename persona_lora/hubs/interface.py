@@ -56,6 +56,11 @@ class HubBackend(Protocol):
     def files(self, repo_id: str, *, revision: str | None, token: str | None) -> tuple[str | None, list[RemoteFile]]:
         """(commit the listing is of, when the hub says; every file of the repo at `revision`)."""
 
+    def existing_files(self, repo_id: str, *, revision: str | None,
+                       token: str | None) -> tuple[str, list[RemoteFile] | None]:
+        """(the repo id with its owner, the files a commit to `revision` would start from: that branch's, or the
+        default branch's when `revision` does not exist yet; None when the repo does not exist)."""
+
     def snapshot(self, repo_id: str, *, revision: str | None, commit: str | None, allow_patterns: list[str],
                  local_dir: str | Path | None = None, token: str | None = None) -> Path:
         """Download the matching files (into the client's cache unless `local_dir`) and return the folder."""
