@@ -7,6 +7,10 @@ on (the data's sha256, `training.seed`, `data.eval_fraction`), and training draw
 manifest's, or the split is refused: the same seed over other records would hold out other prompts, and figures
 on them could include the adapter's own training records.
 
+An adapter trained with a separate held-out file (`data.eval_path`, e.g. the DATA.eval.json `data build` splits off
+by scene) records that file's name and sha256 instead: its held-out set is that file, found by name and proven the
+same way.
+
 Every item keeps its record's origin (`file:line` or `file:record N`), so a row of the report can be traced back.
 """
 
@@ -88,24 +92,55 @@ def training_split(manifest: Manifest) -> dict:
     source = dataset.source if dataset else None
     path = data_cfg.get("path") or (dataset.hub_id if dataset and source == "hub" else None) or (
         dataset.name if dataset else None)
+    held = dataset.eval_file if dataset else None
     return {
         "path": path, "source": source, "revision": data_cfg.get("revision"),
         "sha256": dataset.sha256 if dataset else None,
         "seed": train_cfg.get("seed", training.seed if training else None),
         "eval_fraction": data_cfg.get("eval_fraction", training.eval_fraction if training else None),
         "markers": data_cfg.get("markers") or [],
+        # data.eval_path: the held-out records were their own file, named and hashed here
+        "eval_file": None if held is None else {"path": data_cfg.get("eval_path") or held.name, "name": held.name,
+                                                "source": held.source, "sha256": held.sha256},
     }
 
 
-def _candidates(name: str, adapter_folder: Path) -> list[Path]:
-    """Where a training file recorded only by name may be: as given, next to or above the adapter folder, in
-    examples/data/ and in the sample data we ship (the embedded default trains on it)."""
+def _candidates(name: str, adapter_folder: Path, beside: Path | None = None) -> list[Path]:
+    """Where a training file recorded only by name may be: as given, next to or above the adapter folder, next to
+    `beside` (the training file, for its eval file), in examples/data/ and in the sample data we ship (the embedded
+    default trains on it)."""
     import persona_lora.sample_data as sample_data
 
     plain = Path(name)
-    places = [plain, adapter_folder / name, adapter_folder.parent / name, Path("examples") / "data" / name,
+    places = [plain, adapter_folder / name, adapter_folder.parent / name,
+              *([beside.parent / plain.name] if beside is not None else []), Path("examples") / "data" / name,
               Path(sample_data.__file__).resolve().parent / name]
     return [p for p in dict.fromkeys(places) if p.is_file()]
+
+
+def _eval_file(held: dict, adapter_name: str, adapter_folder: Path, beside: Path | None) -> LoadedDataset:
+    """The held-out file an adapter was trained with (`data.eval_path`), found by its recorded name and proven by
+    its sha256: other bytes under that name would be other prompts, perhaps trained on."""
+    name, sha = held["path"], held["sha256"]
+    fix = f"give the held-out file with --data {Path(name).name} (it is checked against the recorded sha256)"
+    if held["source"] == "hub":
+        loaded = load_records(name)
+        if loaded.sha256 != sha:
+            raise DataError(f"hub dataset {name}: its rows have changed since adapter {adapter_name} was trained "
+                            f"on it as its held-out file (sha256 {loaded.sha256[:12]}… ≠ {sha[:12]}…); {fix}", name)
+        return loaded
+    found = _candidates(name, adapter_folder, beside)
+    for candidate in found:
+        loaded = load_records(str(candidate))
+        if loaded.sha256 == sha:
+            return loaded
+    if found:
+        raise DataError(f"adapter {adapter_name} held out {name} (sha256 {sha[:12]}…), but "
+                        f"{', '.join(str(p) for p in found)} has changed since (other sha256), so it is not the set "
+                        f"training evaluated on; restore it (e.g. rerun `data build` with the same settings), or {fix}",
+                        name)
+    raise UsageError(f"adapter {adapter_name} held out the file {name} (sha256 {sha[:12]}…), which was not found "
+                     f"here; {fix}")
 
 
 def _training_data(split: dict, adapter_name: str, adapter_folder: Path) -> LoadedDataset:
@@ -145,6 +180,8 @@ def main_set(*, data: str | None, split: str | None, n: int | None, seed: int, s
         if recorded["seed"] is None or recorded["eval_fraction"] is None:
             raise UsageError(f"adapter {reference[0]}: its manifest does not record training.seed and "
                              "data.eval_fraction, so its split cannot be rebuilt; use --split all")
+    if split == "held-out" and recorded["eval_file"] is not None:
+        return _held_out_file(data, recorded, reference, n, seed, system_prompt)
     if data:
         loaded = load_records(data)
     elif recorded is not None:
@@ -173,6 +210,37 @@ def main_set(*, data: str | None, split: str | None, n: int | None, seed: int, s
     chosen = _subsample(indices, n, seed)
     info.update(available=len(indices), evaluated=len(chosen), sample_seed=seed if len(chosen) < len(indices)
                 else None)
+    return EvalSet("main", _items(loaded, chosen, system_prompt), info)
+
+
+def _held_out_file(data: str | None, recorded: dict, reference: tuple[str, Path, Manifest | None], n: int | None,
+                   seed: int, system_prompt: str | None) -> EvalSet:
+    """The held-out set of an adapter trained with a separate eval file: that file, whole. `--data` may name it,
+    or the training file (the eval file is then looked for beside it); either is proven by its sha256."""
+    name, folder = reference[0], reference[1]
+    held = recorded["eval_file"]
+    beside = None
+    if data:
+        given = load_records(data)
+        if given.sha256 == held["sha256"]:
+            loaded = given
+        elif given.sha256 == recorded["sha256"]:
+            beside = Path(given.path) if given.path else None
+            loaded = _eval_file(held, name, folder, beside)
+        else:
+            raise DataError(f"{given.name} is neither the training file nor the held-out file adapter {name} was "
+                            f"trained with ({recorded['path']}, {held['path']}; sha256 {given.sha256[:12]}… matches "
+                            "neither); give one of them, or --split all", given.name)
+    else:
+        loaded = _eval_file(held, name, folder, None)
+    indices = list(range(len(loaded.records)))
+    chosen = _subsample(indices, n, seed)
+    info = {"split": "held-out", "name": loaded.name, "source": loaded.source, "format": loaded.format,
+            "sha256": loaded.sha256, "records": len(loaded.records), "training_sha256": recorded["sha256"],
+            "sha256_matches_training": False, "held_out_file": True, "sha256_matches_held_out_file": True,
+            "split_of": name, "seed": recorded["seed"], "eval_fraction": recorded["eval_fraction"],
+            "available": len(indices), "evaluated": len(chosen),
+            "sample_seed": seed if len(chosen) < len(indices) else None}
     return EvalSet("main", _items(loaded, chosen, system_prompt), info)
 
 

@@ -55,7 +55,9 @@ def _what(report: dict) -> str:
     d = report["data"]
     name = code(d.get("name") or "the data")
     split = d.get("split")
-    if split == "held-out":
+    if split == "held-out" and d.get("held_out_file"):
+        what = f"the held-out file {name} training evaluated on"
+    elif split == "held-out":
         what = f"the held-out split of {name} (seed {esc(d.get('seed'))}, eval fraction {esc(d.get('eval_fraction'))})"
     elif split == "train":
         what = f"the training split of {name}"
@@ -65,7 +67,8 @@ def _what(report: dict) -> str:
     count = f"{num(evaluated)} prompt{'s' if evaluated != 1 else ''}" if is_num(evaluated) else "the prompts"
     sample = (f", sampled with seed {esc(d['sample_seed'])} from {num(d['available'])}"
               if d.get("sample_seed") is not None and is_num(d.get("available")) else "")
-    proof = ", data sha256 equal to the training data's" if d.get("sha256_matches_training") else ""
+    proof = ", data sha256 equal to the training data's" if d.get("sha256_matches_training") else (
+        ", sha256 equal to the one the adapter's manifest records" if d.get("sha256_matches_held_out_file") else "")
     return f"{count} from {what}{sample}{proof}"
 
 

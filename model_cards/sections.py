@@ -124,6 +124,10 @@ _PROVENANCE_ROWS: list[Row] = [
     ("Base parameters", "base_model.num_parameters", as_number),
     ("Dataset", "dataset.name", as_code),
     ("Dataset sha256", "dataset.sha256", as_code),
+    ("Held-out file (eval set)", "dataset.eval_file.name", as_code),
+    ("Held-out file sha256", "dataset.eval_file.sha256", as_code),
+    ("Held-out records", "dataset.eval_file.records", as_number),
+    ("Held-out records also in the training file", "dataset.eval_file.also_in_training", as_number),
     ("Dataset made from (`data extract` + `data build`)", "dataset.extraction.source", as_code),
     ("Source sha256", "dataset.extraction.source_sha256", as_code),
     ("Extractor", "dataset.extraction.extractor", as_text),
@@ -307,11 +311,11 @@ def merge_section(m: Manifest) -> dict | None:
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-def serving_section(m: Manifest, *, gguf_exported: bool = False) -> list[tuple[str, str, str]] | None:
+def serving_section(m: Manifest) -> list[tuple[str, str, str]] | None:
     """Per engine: whether it applies this adapter as trained, and the command that prepares it. vLLM's MLA
     attention does not apply LoRA on `kv_b_proj` (vllm-project/vllm#48974), so an adapter with it is served as
-    trained there only as a merged model. `gguf_exported`: the card has a "Run it locally" section (a GGUF export
-    of this adapter exists), which the llama.cpp / Ollama row points to."""
+    trained there only as a merged model. The table does not depend on whether a GGUF export exists (the "Run it
+    locally" section below it does), so a push of an export can fill that section in without touching the table."""
     lora = m.lora or LoraInfo()
     if not lora.target_modules and not lora.target_parameters:
         return None
@@ -331,8 +335,6 @@ def serving_section(m: Manifest, *, gguf_exported: bool = False) -> list[tuple[s
     target = "ollama" if m.base_model.model_type == "deepseek_v2" else "llama.cpp"
     how = code(f"persona-lora export {name} --for {target} --out DIR") + \
         " (its README has the `ollama` / `llama-cli` commands)"
-    if gguf_exported:
-        how = "the GGUF file and commands under *Run it locally* below; or " + how
     rows.append(("llama.cpp / Ollama (run it locally)",
                  "yes, as one merged GGUF file" + (f" (not as a LoRA GGUF: {WHY_MERGED})" if mla else ""), how))
     return rows

@@ -36,7 +36,10 @@ def _eval_file(cfg: TrainConfig, loaded) -> tuple[object, list[list[dict]], int]
     record is trained on, so eval loss on it is no held-out figure: warned with the count, never hidden)."""
     from persona_lora.dataset.reading import load_records
 
-    held = load_records(cfg.data.eval_path)
+    try:
+        held = load_records(cfg.data.eval_path)
+    except DataError as e:  # said as the eval file's problem: the training file may be the same kind of path
+        raise DataError(e.problems, f"data.eval_path {e.source or cfg.data.eval_path}") from None
     if held.sha256 == loaded.sha256:
         raise DataError(f"data.eval_path {cfg.data.eval_path} has the same records as data.path {cfg.data.path} "
                         "(same sha256): nothing would be held out; give the held-out file (DATA.eval.json of "

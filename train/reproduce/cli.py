@@ -22,6 +22,9 @@ def configure_reproduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH_OR_ID",
                    help="the training data, when the recorded one is a local file or not reachable (its sha256 must "
                         "match the record)")
+    p.add_argument("--eval-data", metavar="PATH_OR_ID",
+                   help="the held-out file the adapter was trained with (data.eval_path), when it is not beside the "
+                        "training data under its recorded name (its sha256 must match the record)")
     p.add_argument("--base", metavar="PATH_OR_ID",
                    help="the base model, when the recorded one is a local folder or not reachable (its config.json "
                         "hash must match the record)")
@@ -87,6 +90,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from persona_lora.train.reproduce.run import reproduce
 
     report, path = reproduce(args.adapter, data=args.data, base=args.base, out=args.out, max_steps=args.max_steps,
-                       allow_changes=args.allow_changes, hub=args.hub, trust_remote_code=args.trust_remote_code)
+                       allow_changes=args.allow_changes, hub=args.hub, trust_remote_code=args.trust_remote_code,
+                       eval_data=args.eval_data)
     print(format_report(report, str(path)))
     return 0 if report["verdict"] in ("reproduced", "close") else 1

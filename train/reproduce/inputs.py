@@ -1,7 +1,8 @@
 """What `reproduce` trains on, checked against the record before anything trains: the base (the recorded hub id at
 its revision, or `--base`; its config.json hash and, for a hub base, its revision) and the data (the recorded hub
-dataset, or `--data`; its sha256), and the device type the original trained on. A difference is returned as a
-named problem line; `run.plan_reproduction` refuses it unless `--allow-changes`.
+dataset, or `--data`; its sha256), the held-out file when the run had one (`--eval-data`, or found beside the
+data under its recorded name; its sha256), and the device type the original trained on. A difference is returned as
+a named problem line; `run.plan_reproduction` refuses it unless `--allow-changes`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def check_base(manifest: Manifest, rb) -> tuple[list[str], dict]:
     return problems, info
 
 
+def training_rows(ds) -> int | None:
+    """Records of the training file: the stats count the held-out file's records too when there was one."""
+    if ds is None or ds.stats is None or ds.stats.records is None:
+        return None
+    held = ds.eval_file.records if ds.eval_file is not None and ds.eval_file.records is not None else 0
+    return ds.stats.records - held
+
+
 def load_recorded_data(manifest: Manifest, cfg: dict, override: str | None):
     """The dataset to train on: `--data` (a local copy or hub id) or the recorded hub dataset."""
     from persona_lora.dataset.reading import load_records
@@ -71,7 +80,7 @@ def load_recorded_data(manifest: Manifest, cfg: dict, override: str | None):
         return load_records(override, revision=cfg["data"].get("revision") if same_hub else None)
     if ds.source == "hub" and ds.hub_id:
         return load_records(ds.hub_id, revision=cfg["data"].get("revision"))
-    records = ds.stats.records if ds.stats else None
+    records = training_rows(ds)
     raise UsageError(f"the adapter was trained on a local file {ds.name!r} ({records if records is not None else '?'} "
                      f"records, sha256 {short_sha(ds.sha256)}); give that file (or a copy) with --data PATH")
 
@@ -79,7 +88,7 @@ def load_recorded_data(manifest: Manifest, cfg: dict, override: str | None):
 def check_data(manifest: Manifest, loaded) -> tuple[list[str], dict]:
     """Differences between the data found and the data recorded (sha256, and the record counts to show it)."""
     ds = manifest.dataset
-    recorded_n = ds.stats.records if ds.stats else None
+    recorded_n = training_rows(ds)
     problems = []
     if loaded.sha256 != ds.sha256:
         problems.append(f"dataset.sha256: {loaded.name} has {len(loaded)} records, sha256 {short_sha(loaded.sha256)}; "
@@ -87,6 +96,46 @@ def check_data(manifest: Manifest, loaded) -> tuple[list[str], dict]:
                         f"{recorded_n if recorded_n is not None else 'an unrecorded number of'} records, sha256 "
                         f"{short_sha(ds.sha256)}")
     info = {"recorded": {"name": ds.hub_id or ds.name, "records": recorded_n, "sha256": ds.sha256},
+            "used": {"name": loaded.hub_id or loaded.name, "records": len(loaded), "sha256": loaded.sha256}}
+    return problems, info
+
+
+def load_recorded_eval(manifest: Manifest, data_loaded, override: str | None):
+    """The held-out file (`data.eval_path`) to train with, when the original had one: `--eval-data`, the recorded
+    hub dataset, or the recorded file name beside the training file; None when the original held out a fraction."""
+    from persona_lora.dataset.reading import load_records
+
+    held = manifest.dataset.eval_file if manifest.dataset else None
+    if held is None:
+        if override is not None:
+            raise UsageError(f"--eval-data {override}: the adapter was trained without a separate held-out file "
+                             "(it held out data.eval_fraction of its data); drop --eval-data")
+        return None
+    if override is not None:
+        return load_records(override)
+    if held.source == "hub":
+        return load_records(held.name)
+    beside = Path(data_loaded.path).parent / Path(held.name).name if getattr(data_loaded, "path", None) else None
+    if beside is not None and beside.is_file():
+        return load_records(str(beside))
+    records = held.records if held.records is not None else "?"
+    raise UsageError(f"the adapter held out a local file {held.name!r} ({records} records, sha256 "
+                     f"{short_sha(held.sha256)}), not found beside the training data; give that file (or a copy) with "
+                     "--eval-data PATH")
+
+
+def check_eval(manifest: Manifest, loaded) -> tuple[list[str], dict | None]:
+    """Differences between the held-out file found and the one recorded (sha256 and record count)."""
+    held = manifest.dataset.eval_file if manifest.dataset else None
+    if held is None or loaded is None:
+        return [], None
+    problems = []
+    if loaded.sha256 != held.sha256:
+        problems.append(f"dataset.eval_file.sha256: {loaded.name} has {len(loaded)} records, sha256 "
+                        f"{short_sha(loaded.sha256)}; the adapter was evaluated on {held.name} with "
+                        f"{held.records if held.records is not None else 'an unrecorded number of'} records, sha256 "
+                        f"{short_sha(held.sha256)}")
+    info = {"recorded": {"name": held.name, "records": held.records, "sha256": held.sha256},
             "used": {"name": loaded.hub_id or loaded.name, "records": len(loaded), "sha256": loaded.sha256}}
     return problems, info
 

@@ -40,8 +40,10 @@ from persona_lora.train.reproduce.inputs import (
     check_base,
     check_chat_template,
     check_data,
+    check_eval,
     choose_device,
     load_recorded_data,
+    load_recorded_eval,
     resolve_recorded_base,
 )
 from persona_lora.train.reproduce.record import config_dict, original_history
@@ -53,7 +55,7 @@ MIN_UPDATES = 2  # optimizer updates the compared losses must reach for any verd
 # Run-defining settings where a difference comes from the machine, not the record: reported, never "reproduced"
 ENVIRONMENTAL = ("training.dtype", "training.world_size")
 # Inputs checked before training: a difference there is refused (or, allowed, a named change)
-CHECKED_FIRST = ("base_model.config_sha256", "dataset.sha256", "chat.chat_template")
+CHECKED_FIRST = ("base_model.config_sha256", "dataset.sha256", "dataset.eval_file.sha256", "chat.chat_template")
 
 
 @dataclass
@@ -127,7 +129,7 @@ def check_out(out: Path, original: Original) -> Path:
 
 def plan_reproduction(original: Original, *, data: str | None = None, base: str | None = None,
                       out: str | Path | None = None, max_steps: int | None = None, allow_changes: bool = False,
-                      hub: str = "hf", trust_remote_code: bool = False) -> Plan:
+                      hub: str = "hf", trust_remote_code: bool = False, eval_data: str | None = None) -> Plan:
     """Rebuild the config from the manifest and check base and data against the record; nothing is written.
     Differences of the inputs are refused (VerificationError naming each) unless `allow_changes`."""
     m = original.manifest
@@ -167,7 +169,9 @@ def plan_reproduction(original: Original, *, data: str | None = None, base: str 
     base_problems, base_info = check_base(m, rb)
     loaded = load_recorded_data(m, cfg, data)
     data_problems, data_info = check_data(m, loaded)
-    problems = base_problems + data_problems
+    held = load_recorded_eval(m, loaded, eval_data)
+    eval_problems, eval_info = check_eval(m, held)
+    problems = base_problems + data_problems + eval_problems
     template_file = m.chat is not None and m.chat.template_source == "file"  # the run's own, recorded in full
     if template_file and not m.chat.chat_template:
         raise ManifestError(f"{original.folder / 'persona_manifest.json'}: chat.template_source is 'file' but "
@@ -177,8 +181,8 @@ def plan_reproduction(original: Original, *, data: str | None = None, base: str 
     if problems and not allow_changes:
         raise VerificationError(
             f"{original.label} cannot be reproduced with these inputs:" + "".join(f"\n  - {p}" for p in problems)
-            + "\nGive the recorded ones with --base/--data, or pass --allow-changes to train on these anyway (the "
-            "verdict is then 'different' and names what changed)")
+            + "\nGive the recorded ones with --base/--data/--eval-data, or pass --allow-changes to train on these "
+            "anyway (the verdict is then 'different' and names what changed)")
     changes += problems
 
     if rb.source == "local":
@@ -188,6 +192,8 @@ def plan_reproduction(original: Original, *, data: str | None = None, base: str 
     cfg["base"]["trust_remote_code"] = bool(cfg["base"].get("trust_remote_code")) and trust_remote_code
     cfg["base"]["device"] = choose_device(m.training.device if m.training else None, cfg["base"].get("device", "auto"))
     cfg["data"]["path"] = loaded.path or loaded.hub_id or loaded.name
+    if held is not None:
+        cfg["data"]["eval_path"] = held.path or held.hub_id or held.name
     if loaded.source == "local":
         cfg["data"]["revision"] = None
     training = cfg["training"]
@@ -207,7 +213,8 @@ def plan_reproduction(original: Original, *, data: str | None = None, base: str 
             template_dir.cleanup()
         raise
     return Plan(config=config, config_from=config_from, out=out_path, stop_after=stop_after,
-                compare_upto=max(steps), changes=changes, inputs={"base": base_info, "data": data_info},
+                compare_upto=max(steps), changes=changes,
+                inputs={"base": base_info, "data": data_info, **({"eval_data": eval_info} if eval_info else {})},
                 notes=notes, template_dir=template_dir)
 
 
@@ -397,11 +404,12 @@ def write_report(out: Path, report: dict) -> Path:
 
 def reproduce(spec: str, *, data: str | None = None, base: str | None = None, out: str | Path | None = None,
               max_steps: int | None = None, allow_changes: bool = False, hub: str = "hf",
-              trust_remote_code: bool = False, print_fn=print) -> tuple[dict, Path]:
+              trust_remote_code: bool = False, eval_data: str | None = None, print_fn=print) -> tuple[dict, Path]:
     """Check, train, compare, write `reproduce.json` into the reproduction's folder; the report and its path."""
     original = open_adapter(spec, hub=hub)
     plan = plan_reproduction(original, data=data, base=base, out=out, max_steps=max_steps,
-                             allow_changes=allow_changes, hub=hub, trust_remote_code=trust_remote_code)
+                             allow_changes=allow_changes, hub=hub, trust_remote_code=trust_remote_code,
+                             eval_data=eval_data)
     print_fn(f"reproducing {original.label} ({plan.config_from}) into {plan.out}"
              + (f", first {plan.stop_after} steps" if plan.stop_after else ""))
     for line in plan.changes:
