@@ -96,7 +96,7 @@ def build_context(m: Manifest, adapter_config: dict | None, *, loss_png: str | N
             m, base_id=base_id, adapter_id=None if merged else own_id, model_id=own_id if merged else None,
             tokenizer_from_adapter=tokenizer_from_adapter),
         "legacy_spelling": fenced(f"persona-lora upgrade-adapter {name or 'ADAPTER_DIR'}", "bash") if legacy else None,
-        "serving": None if merged else sections.serving_section(m, gguf_exported=bool(run_locally)),
+        "serving": None if merged else sections.serving_section(m),
         "run_locally": run_locally,
         "run_locally_start": RUN_LOCALLY_START,
         "run_locally_end": RUN_LOCALLY_END,

@@ -133,4 +133,5 @@ def with_section(readme: str, section: str) -> str | None:
     end = readme.find(END, start + len(START)) if start >= 0 else -1
     if start < 0 or end < 0:
         return None
-    return readme[: start + len(START)] + ("\n" + section.strip() + "\n" if section.strip() else "\n") + readme[end:]
+    body = "\n" + section.strip() + "\n\n" if section.strip() else "\n"  # as the card template lays it out
+    return readme[: start + len(START)] + body + readme[end:]

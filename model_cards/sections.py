@@ -311,11 +311,11 @@ def merge_section(m: Manifest) -> dict | None:
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-def serving_section(m: Manifest, *, gguf_exported: bool = False) -> list[tuple[str, str, str]] | None:
+def serving_section(m: Manifest) -> list[tuple[str, str, str]] | None:
     """Per engine: whether it applies this adapter as trained, and the command that prepares it. vLLM's MLA
     attention does not apply LoRA on `kv_b_proj` (vllm-project/vllm#48974), so an adapter with it is served as
-    trained there only as a merged model. `gguf_exported`: the card has a "Run it locally" section (a GGUF export
-    of this adapter exists), which the llama.cpp / Ollama row points to."""
+    trained there only as a merged model. The table does not depend on whether a GGUF export exists (the "Run it
+    locally" section below it does), so a push of an export can fill that section in without touching the table."""
     lora = m.lora or LoraInfo()
     if not lora.target_modules and not lora.target_parameters:
         return None
@@ -335,8 +335,6 @@ def serving_section(m: Manifest, *, gguf_exported: bool = False) -> list[tuple[s
     target = "ollama" if m.base_model.model_type == "deepseek_v2" else "llama.cpp"
     how = code(f"persona-lora export {name} --for {target} --out DIR") + \
         " (its README has the `ollama` / `llama-cli` commands)"
-    if gguf_exported:
-        how = "the GGUF file and commands under *Run it locally* below; or " + how
     rows.append(("llama.cpp / Ollama (run it locally)",
-                 "yes, as one merged GGUF file" + (f" (not as a LoRA GGUF: {WHY_MERGED})" if mla else ""), how))
+                 "yes, as one merged GGUF file" + (f"; not as a LoRA GGUF: {WHY_MERGED}" if mla else ""), how))
     return rows

@@ -137,7 +137,7 @@ def export_gguf(req: GgufRequest) -> Path:
         shutil.rmtree(tmp / ".convert")
         shutil.rmtree(merged)
         facts = ExportFacts(name=name, gguf=gguf_name, quant=req.quant, target=req.target,
-                            system_prompt=chat.system_prompt if chat else None, llama_cpp=llama.origin,
+                            system_prompt=chat.system_prompt if chat else None, llama_cpp=llama.public_name,
                             base_id=manifest.base_model.id, adapter_name=manifest.name or adapter.name,
                             adapter_sha256=sha256_file(adapter / ADAPTER_WEIGHTS),
                             notes=sorted(notes.get("changes", [])))

@@ -62,7 +62,14 @@ class LlamaCpp:
     checkout: Path
     python: Path
     bin_dir: Path | None
-    origin: str  # how messages and the export's README name it
+    origin: str  # how messages name it (with its local path)
+
+    @property
+    def public_name(self) -> str:
+        """How the export's README and record name it: no local path, since they are published by a push."""
+        if self.origin.startswith("--llama-cpp"):
+            return f"the llama.cpp checkout `{self.checkout.name}` given with --llama-cpp"
+        return f"llama.cpp build {BUILD}"
 
     @property
     def converter(self) -> Path:
