@@ -102,6 +102,22 @@ def test_aliases_from_flags_and_files_and_the_did_you_mean_line(tmp_path, capsys
     assert code == 2 and "'嬛嬛' is given as an alias of both '甄嬛' and '华妃'" in err
 
 
+def test_did_you_mean_finds_titles_and_aliases_that_hold_the_name_strongest_first(tmp_path, capsys):
+    out = tmp_path / "data.json"
+    path = dialogue(tmp_path, [[("Emperor", "q"), ("Lady Hua", "a"), ("Emperor", "q2"), ("Lady Hua", "a2"),
+                                ("Hu", "x"), ("Consort Hua", "y"), ("Emperor", "q3")]])
+    code, _, err = build(capsys, path, out, "--character", "hua")
+    # the name inside a title first (by lines), a close spelling after; the unrelated speaker with most lines not
+    assert code == 2 and "closest: Lady Hua (2 lines), Consort Hua (1 line), Hu (1 line); fix:" in err
+    code, stdout, _ = build(capsys, path, out, "--character", "Lady Hua", "--eval-fraction", "0")
+    assert code == 0 and "did you mean: Consort Hua (1 line) — the same character as Lady Hua? if so add: " \
+        "--alias 'Consort Hua'\n" in stdout  # `Hu` is no word of `Lady Hua`: not offered
+    path = dialogue(tmp_path, [[("皇后", "起来吧。"), ("莞嫔（甄嬛）", "谢娘娘。"), ("皇后", "坐。"), ("嬛嬛", "是。"),
+                                ("皇后", "去吧。"), ("嬛嬛", "臣妾告退。")]], name="zh.jsonl")
+    code, _, err = build(capsys, path, tmp_path / "zh.json", "--character", "甄嬛")
+    assert code == 2 and "closest: 莞嫔（甄嬛） (1 line), 嬛嬛 (2 lines); fix:" in err
+
+
 def test_a_character_not_among_the_speakers_lists_the_closest(tmp_path, capsys):
     path = dialogue(tmp_path, [[("Eleanor", "hi"), ("Thomas", "yes"), ("Margaret", "no")]])
     out = tmp_path / "data.json"

@@ -10,10 +10,10 @@ record a filter drops is counted by reason. The split into DATA.json and DATA.ev
 
 from __future__ import annotations
 
-import difflib
 import json
 import random
 import re
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +21,8 @@ from pathlib import Path
 from persona_lora.errors import UsageError
 from persona_lora.train.data.dialogue_file import DialogueFile, read_dialogue, refuse_existing, write_atomically
 from persona_lora.train.data.script_extract import Utterance, join_lines
+from persona_lora.train.data.speaker_names import CJK, closest_speakers, near_names, spelling_variants
 
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _PUNCT_ONLY = re.compile(r"^[\W_]*$")
 _BRACKETED = re.compile(r"[（(\[［〔【][^）)\]］〕】]*[）)\]］〕】]")
 FILTERS = ("no line before it (scene start)", "only punctuation", "only narration or stage directions",
@@ -131,19 +131,10 @@ def speakers_table(speakers: Counter, limit: int = 15) -> str:
     return "\n".join(rows)
 
 
-def near_names(name: str, speakers: Counter) -> list[str]:
-    """Speakers that may be `name` under another spelling: same letters in another case, one inside the other,
-    a shared character of a short CJK name, or a close spelling."""
-    out = []
-    for other in speakers:
-        if other == name:
-            continue
-        cjk = _CJK.search(name) and _CJK.search(other)
-        if (other.casefold() == name.casefold() or (len(other) > 1 and (other in name or name in other))
-                or (cjk and set(other) & set(name) and len(other) <= len(name) + 1)
-                or difflib.SequenceMatcher(None, other.casefold(), name.casefold()).ratio() >= 0.75):
-            out.append(other)
-    return sorted(out, key=lambda s: -speakers[s])
+def shell_word(text: str) -> str:
+    """`text` as one word of a shell command: as it is unless it holds spaces or shell syntax (a CJK name stays
+    readable; `Consort Hua` becomes `'Consort Hua'`)."""
+    return text if re.fullmatch(r"[^\s'\"\\$`!*?&;|<>(){}\[\]#~]+", text) else shlex.quote(text)
 
 
 def _scenes(n: int) -> str:
@@ -154,21 +145,9 @@ def _lines(n: int) -> str:
     return f"{n} line{'s' if n != 1 else ''}"
 
 
-def spelling_variants(speakers: Counter) -> list[tuple[str, str]]:
-    """Speakers that differ only in case or spacing (`Thomas`, `THOMAS`): (the rarer spelling, the commoner)."""
-    groups: dict[str, list[str]] = {}
-    for name in speakers:
-        groups.setdefault("".join(name.split()).casefold(), []).append(name)
-    out = []
-    for names in groups.values():
-        names.sort(key=lambda n: -speakers[n])
-        out += [(other, names[0]) for other in names[1:]]
-    return out
-
-
 def label(speaker: str, text: str) -> str:
     """Who spoke, kept in the context: `皇后：……` for CJK names, `Queen: …` otherwise."""
-    return f"{speaker}：{text}" if _CJK.search(speaker) else f"{speaker}: {text}"
+    return f"{speaker}：{text}" if CJK.search(speaker) else f"{speaker}: {text}"
 
 
 def scene_turns(utterances: list[Utterance], alias_map: dict[str, str]) -> dict[int, list[list[Turn]]]:
@@ -249,10 +228,7 @@ def build_dataset(dialogue: DialogueFile, opts: BuildOptions, system: str | None
     character = alias_map.get(opts.character, opts.character)
     speakers = Counter(alias_map.get(u.speaker, u.speaker) for u in dialogue.utterances if u.kind == "speech")
     if character not in speakers:
-        close = difflib.get_close_matches(character, list(speakers), n=5, cutoff=0.3)
-        close += [s for s in near_names(character, speakers) if s not in close]
-        shown = ", ".join(f"{s} ({_lines(speakers[s])})" for s in close[:5]) or \
-            ", ".join(f"{s} ({_lines(n)})" for s, n in speakers.most_common(5))
+        shown = ", ".join(f"{s} ({_lines(speakers[s])})" for s in closest_speakers(character, speakers))
         raise UsageError(f"--character {opts.character}: not among the {len(speakers)} speakers of "
                          f"{opts.dialogue}; closest: {shown}; fix: --character with one of them, or --alias "
                          f"{opts.character}=NAME")
@@ -329,12 +305,12 @@ def run_build(opts: BuildOptions, print_line=print) -> int:
     result = build_dataset(dialogue, opts, system)
     print_line(f"speakers of {Path(opts.dialogue).name} (after aliases):\n" + speakers_table(result.speakers))
     if result.suggestions:
-        flags = " ".join(f"--alias {s}" for s in result.suggestions)
+        flags = " ".join(f"--alias {shell_word(s)}" for s in result.suggestions)
         listed = ", ".join(f"{s} ({_lines(result.speakers[s])})" for s in result.suggestions)
         print_line(f"did you mean: {listed} — the same character as {opts.character}? if so add: {flags}")
     for alias, name in result.variants:
         print_line(f"did you mean: {alias} ({_lines(result.speakers[alias])}) is {name} "
-                   f"({_lines(result.speakers[name])})? if so add: --alias {alias}={name}")
+                   f"({_lines(result.speakers[name])})? if so add: --alias {shell_word(f'{alias}={name}')}")
     write_atomically(data_path, json.dumps(result.train, ensure_ascii=False, indent=1) + "\n")
     if result.eval:
         write_atomically(eval_path, json.dumps(result.eval, ensure_ascii=False, indent=1) + "\n")
