@@ -69,15 +69,15 @@ def _sibling_adapter(be: HubBackend, record: GgufRecord, repo_id: str, token: st
         return None
     sibling = repo_id[: -len(GGUF_REPO_SUFFIX)]
     with be.errors("look up the adapter repo", sibling, token=token):
-        _, files = be.existing_files(sibling, revision=None, token=token)
+        _, _, files = be.existing_files(sibling, revision=None, token=token)
     weights = next((f for f in files or [] if f.path == ADAPTER_WEIGHTS), None)
     return sibling if _same_adapter(record, weights) else None
 
 
 def _adapter_card(be: HubBackend, record: GgufRecord, repo_id: str, revision: str | None, token: str,
                   place: PushedTo) -> str | None:
-    """The adapter repo's README with its "Run it locally" section naming this push; None when it has no such
-    section (left as it is)."""
+    """The adapter repo's README (at `revision`, the branch the commit starts from) with its "Run it locally"
+    section naming this push; None when it has no such section (left as it is)."""
     from persona_lora.model_cards.markdown import tidy
     from persona_lora.model_cards.run_locally import render_run_locally, with_section
 
@@ -101,7 +101,7 @@ def push_gguf_export(folder: Path, repo_id: str, be: HubBackend, *, token: str, 
     record = read_record(folder)
     files = check_gguf_export(record.folder)
     with be.errors("push to", repo_id, revision=revision, token=token):
-        repo_id, remote = be.existing_files(repo_id, revision=revision, token=token)
+        repo_id, listed, remote = be.existing_files(repo_id, revision=revision, token=token)
     there = {f.path: f for f in remote or []}
     beside_adapter = ADAPTER_WEIGHTS in there or ADAPTER_CONFIG in there
     if beside_adapter and not _same_adapter(record, there.get(ADAPTER_WEIGHTS)):
@@ -125,7 +125,7 @@ def push_gguf_export(folder: Path, repo_id: str, be: HubBackend, *, token: str, 
             _link(record.folder / name, stage / rel)
             paths.append(rel)
         if sub:
-            card = _adapter_card(be, record, repo_id, revision, token, place)
+            card = _adapter_card(be, record, repo_id, listed, token, place)
             if card is None:
                 log.warning("%s's README.md has no \"Run it locally\" section to fill in, so it was left as it is; "
                             "regenerate the card with `persona-lora card ADAPTER_DIR --gguf %s` and push the adapter "

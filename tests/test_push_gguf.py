@@ -142,6 +142,23 @@ def test_push_into_the_adapters_repo_keeps_its_card(made, export, hub_server, tm
     assert (adapter / "README.md").read_text() == card
 
 
+def test_push_into_a_new_branch_of_the_adapters_repo(made, export, hub_server, capsys):
+    """--revision BRANCH (not there yet): the branch starts from main's adapter and card; main is unchanged, and
+    the section downloads that branch."""
+    repo = f"{DEFAULT_USER}/zhen-huan"
+    assert push(made["adapter"], repo, capsys)[0] == 0
+    main_head = hub_server.head(repo)
+    rc = main(["push", str(export), repo, "--revision", "gguf-dev"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert hub_server.head(repo) == main_head
+    assert "gguf/zhen-huan.f32.gguf" in hub_server.list_files(repo, revision="gguf-dev")
+    card = hub_server.file_bytes(repo, "README.md", revision="gguf-dev").decode()
+    assert f"hf download {repo} --revision gguf-dev --include 'gguf/*'" in card
+    assert f"({hub_server.url}/{repo}/tree/gguf-dev)" in card
+    assert outside_section(card) == outside_section(hub_server.file_bytes(repo, "README.md").decode())
+
+
 def test_a_card_without_the_section_markers_is_left_as_it_is(made, export, hub_server, capsys, caplog):
     """An adapter repo whose README someone wrote (no markers): the GGUF files go under gguf/, the README is
     not touched, and the warning says how to add the section."""
@@ -212,3 +229,34 @@ def test_card_refuses_an_export_of_another_adapter_or_an_incomplete_one(made, ex
     assert rc != 0 and "incomplete GGUF export" in err and "zhen-huan.f32.gguf is missing" in err
     rc = main(["card", str(adapter), "--gguf", str(tmp_path)])
     assert rc == 2 and "is not a GGUF export (no persona_gguf.json)" in capsys.readouterr().err
+
+
+def test_on_modelscope_too(made, export, ms_server, capsys):
+    """The same placement through the ModelScope client: into the adapter's repo under gguf/ with the card's
+    section naming ModelScope and its download command; a repo of its own at the root."""
+    from tests.hub_fixtures import DEFAULT_MS_USER
+
+    repo = f"{DEFAULT_MS_USER}/zhen-huan"
+    assert main(["push", str(made["adapter"]), repo, "--hub", "modelscope"]) == 0
+    card_before = ms_server.file_bytes(repo, "README.md").decode()
+    rc = main(["push", str(export), repo, "--hub", "modelscope"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    files = ms_server.list_files(repo)
+    assert "gguf/zhen-huan.f32.gguf" in files and "gguf/Modelfile" in files and "adapter_model.safetensors" in files
+    assert ms_server.file_bytes(repo, "gguf/zhen-huan.f32.gguf") == (export / "zhen-huan.f32.gguf").read_bytes()
+    card = ms_server.file_bytes(repo, "README.md").decode()
+    assert outside_section(card) == outside_section(card_before)
+    assert f"modelscope download --model {repo} --include 'gguf/*' --local_dir zhen-huan-gguf" in card
+    assert f"on ModelScope: [{repo}](" in card
+
+    own = f"{DEFAULT_MS_USER}/zhen-huan-GGUF"
+    assert main(["push", str(export), own, "--hub", "modelscope"]) == 0
+    capsys.readouterr()
+    assert sorted(f for f in ms_server.list_files(own) if not f.startswith(".")) == \
+        sorted(["Modelfile", "README.md", "persona_gguf.json", "zhen-huan.f32.gguf"])
+    meta = front_matter(ms_server.file_bytes(own, "README.md").decode())
+    assert meta["base_model"] == repo and meta["base_model_relation"] == "quantized"
+    pushed = json.loads((export / "persona_gguf.json").read_text())["pushed"]
+    assert [(p["hub"], p["repo_id"], p["folder"]) for p in pushed] == [("modelscope", repo, "gguf"),
+                                                                      ("modelscope", own, "")]

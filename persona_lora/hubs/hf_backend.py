@@ -162,14 +162,14 @@ class HuggingFace:
                      for f in entries if isinstance(f, RepoFile)]
 
     def existing_files(self, repo_id: str, *, revision: str | None,
-                       token: str | None) -> tuple[str, list[RemoteFile] | None]:
+                       token: str | None) -> tuple[str, str | None, list[RemoteFile] | None]:
         api = self.api(token)
         if "/" not in repo_id:
             repo_id = f"{api.whoami()['name']}/{repo_id}"
         if not api.repo_exists(repo_id):
-            return repo_id, None
+            return repo_id, None, None
         branch = revision if revision and api.revision_exists(repo_id, revision) else None
-        return repo_id, self.files(repo_id, revision=branch, token=token)[1]
+        return repo_id, branch, self.files(repo_id, revision=branch, token=token)[1]
 
     def _cached_files(self, repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
         """Offline, the cache is the only listing there is: each cached file is named after its blob, whose name is

@@ -57,9 +57,10 @@ class HubBackend(Protocol):
         """(commit the listing is of, when the hub says; every file of the repo at `revision`)."""
 
     def existing_files(self, repo_id: str, *, revision: str | None,
-                       token: str | None) -> tuple[str, list[RemoteFile] | None]:
-        """(the repo id with its owner, the files a commit to `revision` would start from: that branch's, or the
-        default branch's when `revision` does not exist yet; None when the repo does not exist)."""
+                       token: str | None) -> tuple[str, str | None, list[RemoteFile] | None]:
+        """(the repo id with its owner, the revision listed, the files a commit to `revision` would start from):
+        that branch's, or the default branch's (revision None) when `revision` does not exist yet; files None when
+        the repo does not exist."""
 
     def snapshot(self, repo_id: str, *, revision: str | None, commit: str | None, allow_patterns: list[str],
                  local_dir: str | Path | None = None, token: str | None = None) -> Path:

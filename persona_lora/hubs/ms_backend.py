@@ -114,15 +114,15 @@ class ModelScope:
         return None, out
 
     def existing_files(self, repo_id: str, *, revision: str | None,
-                       token: str | None) -> tuple[str, list[RemoteFile] | None]:
+                       token: str | None) -> tuple[str, str | None, list[RemoteFile] | None]:
         if not self._api(token).repo_exists(repo_id, repo_type="model", token=token):
-            return repo_id, None
+            return repo_id, None, None
         try:
-            return repo_id, self.files(repo_id, revision=revision, token=token)[1]
+            return repo_id, revision, self.files(repo_id, revision=revision, token=token)[1]
         except Exception:  # a branch that does not exist yet: the commit starts from the default branch
             if revision in (None, self.default_branch):
                 raise
-            return repo_id, self.files(repo_id, revision=None, token=token)[1]
+            return repo_id, None, self.files(repo_id, revision=None, token=token)[1]
 
     def snapshot(self, repo_id: str, *, revision: str | None, commit: str | None, allow_patterns: list[str],
                  local_dir: str | Path | None = None, token: str | None = None) -> Path:
