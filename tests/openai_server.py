@@ -72,6 +72,7 @@ class Failure:
     after: int = 2  # tokens sent before a mid-stream failure
     times: int | None = None  # how many requests it hits (None: all)
     endpoint: str = "chat"  # chat | models
+    retry_after: str | None = None  # a 429's Retry-After header (e.g. "7"), sent as given
 
 
 def default_answer(req: ChatRequest) -> str:
@@ -138,15 +139,15 @@ class OpenAIServer:
             self._answer = answer
 
     def fail(self, kind: str, *, model: str | None = None, after: int = 2, times: int | None = None,
-             endpoint: str = "chat") -> None:
+             endpoint: str = "chat", retry_after: str | None = None) -> None:
         """Misbehave on the matching requests: `400` (a refused `response_format`), `401`/`404`/`429`/`500` before
         any token; `cut` (connection closed),
         `garbage` (a non-JSON event), `error_event` (an engine error event, as vLLM sends), `hang` (no more
         bytes until the server closes) or `no_done` (the stream ends without a finish reason) after `after`
-        tokens."""
+        tokens. `retry_after`: the Retry-After header of a `429`."""
         if kind not in FAILURES:
             raise ValueError(f"failure kind must be one of {FAILURES}, got {kind!r}")
-        self._failures.append(Failure(kind, model, after, times, endpoint))
+        self._failures.append(Failure(kind, model, after, times, endpoint, retry_after))
 
     def serves(self, model: str) -> bool:
         """A listed model, or SGLang's `base:adapter` of two listed ones."""
@@ -230,11 +231,13 @@ def _handler_for(server: OpenAIServer):
 
         # -------------------------------------------------------------- plumbing
 
-        def _json(self, status: int, body: dict) -> None:
+        def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
@@ -266,7 +269,8 @@ def _handler_for(server: OpenAIServer):
             self._json(status, _error(status, messages[status], {400: "BadRequestError", 401: "invalid_api_key",
                                                                   404: "NotFoundError",
                                                                   429: "rate_limit_exceeded",
-                                                                  500: "InternalServerError"}[status]))
+                                                                  500: "InternalServerError"}[status]),
+                       {"Retry-After": failure.retry_after} if status == 429 and failure.retry_after else None)
             return True
 
         # -------------------------------------------------------------- routes

@@ -162,6 +162,41 @@ def test_429_and_a_hanging_request_are_retried(novel, server, tmp_path, capsys):
     assert len(server.requests) == n_chunks(text) + 3 and speech(out) == lines
 
 
+def test_a_429s_retry_after_is_waited_and_said(novel, server, tmp_path, capsys):
+    path, text, lines = novel
+    out = tmp_path / "d.jsonl"
+    server.fail("429", times=1, retry_after="1")
+    code, stdout, err = extract(capsys, path, server, out, "--concurrency", "1")
+    assert code == 0, err
+    assert "chunk 1: rate-limited (HTTP 429), the endpoint asks to wait 1 s (Retry-After); waiting 1 s before try " \
+           "2 of 4" in stdout
+    assert len(server.requests) == n_chunks(text) + 1 and speech(out) == lines
+
+
+def test_retry_after_replaces_the_back_off_up_to_a_cap(server):
+    from persona_lora.train.data.novel_chunks import Chunk
+    from persona_lora.train.data.novel_extract import MAX_RETRY_AFTER, EndpointSettings, NovelClient
+
+    slept, said = [], []
+    client = NovelClient(EndpointSettings(server.url, "extractor", retries=4, backoff=0.5), sleep=slept.append,
+                         progress=said.append)
+    server.fail("429", times=1, retry_after="7")
+    server.fail("429", times=1, retry_after=str(int(MAX_RETRY_AFTER * 100)))  # an hour-long quota reset
+    server.fail("429", times=1, retry_after="Wed, 21 Oct 2026 07:28:00 GMT")  # the date form: the back-off
+    server.fail("429", times=1)  # no header: the back-off
+    chunk = Chunk(0, 0, 10, 0, '林婉说：“来了。”')
+    try:
+        assert client.ask(chunk) == [{"speaker": "林婉", "line": "来了。"}]
+    finally:
+        client.close()
+    assert slept[:2] == [7.0, MAX_RETRY_AFTER] and len(slept) == 4 and len(server.requests) == 5
+    assert 0.5 * 4 * 0.75 <= slept[2] <= 0.5 * 4 * 1.25 and 0.5 * 8 * 0.75 <= slept[3] <= 0.5 * 8 * 1.25
+    assert said == [
+        "chunk 1: rate-limited (HTTP 429), the endpoint asks to wait 7 s (Retry-After); waiting 7 s before try 2 of 5",
+        f"chunk 1: rate-limited (HTTP 429), the endpoint asks to wait {MAX_RETRY_AFTER * 100:g} s (Retry-After); "
+        f"waiting {MAX_RETRY_AFTER:g} s, the most this waits for one retry before try 3 of 5"]
+
+
 def test_a_server_refusing_json_schema_is_asked_without_it(novel, server, tmp_path, capsys):
     path, text, lines = novel
     out = tmp_path / "d.jsonl"

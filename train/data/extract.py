@@ -134,7 +134,8 @@ def _run_novel(opts: ExtractOptions, source: SourceText, print_line) -> int:
         raise UsageError("--format novel needs --endpoint URL and --model NAME (an OpenAI-compatible chat API, e.g. "
                          "vLLM at http://127.0.0.1:8000/v1); --dry-run counts the chunks without them")
     client = NovelClient(EndpointSettings(opts.endpoint, opts.model.strip(), opts.api_key_env, opts.concurrency,
-                                          opts.retries, opts.backoff, opts.timeout, opts.json_schema))
+                                          opts.retries, opts.backoff, opts.timeout, opts.json_schema),
+                         progress=print_line)
     try:
         run = run_chunks(chunks, client, cache, progress=print_line)
     finally:

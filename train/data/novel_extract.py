@@ -8,6 +8,9 @@ Why this shape:
   with `response_format` (servers that reject it are asked again without it, once per run) and every answer is
   validated either way: an answer that is not that JSON is retried with back-off, as are 429s, 5xx, timeouts
   and cut connections, and after the last try the chunk counts as failed; failed chunks are named, never dropped.
+  A 429 with `Retry-After: N` (seconds) is retried after N seconds rather than the back-off, at most
+  MAX_RETRY_AFTER (a quota reset hours away is not waited for: the chunk fails and a re-run asks again); the wait
+  is said in the progress output.
 - Every valid answer is written to the cache at once, keyed by (chunk sha256, model, prompt version), one file
   each, written atomically: a re-run, or a resume after Ctrl-C or kill -9, sends only chunks without an answer.
 - A refused key or an unknown model fails every chunk the same way, so it stops the run at the first answer.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -35,6 +39,7 @@ from persona_lora.train.data.novel_chunks import Chunk
 log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "novel-dialogue-v1"
+MAX_RETRY_AFTER = 60.0  # seconds: the longest a 429's Retry-After is waited before one retry
 SYSTEM_PROMPT = (
     "You extract the dialogue from a passage of a novel. Return JSON of exactly this shape: "
     '{"dialogues": [{"speaker": "...", "line": "..."}]} listing every spoken line of the passage in reading order. '
@@ -137,7 +142,8 @@ class AnswerCache:
 class NovelClient:
     """Asks the endpoint for each chunk's dialogues; thread-safe."""
 
-    def __init__(self, settings: EndpointSettings, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, settings: EndpointSettings, *, sleep: Callable[[float], None] = time.sleep,
+                 progress: Callable[[str], None] | None = None):
         import openai
 
         if settings.concurrency < 1:
@@ -156,6 +162,7 @@ class NovelClient:
         self._client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=0,
                                      timeout=openai.Timeout(settings.timeout, connect=min(10.0, settings.timeout)))
         self._sleep = sleep
+        self._progress = progress or log.warning
         self._lock = threading.Lock()
         self._use_schema = settings.json_schema
         self.requests = 0
@@ -177,13 +184,16 @@ class NovelClient:
     def _ask(self, chunk: Chunk) -> list[dict]:
         import openai
 
-        last = ""
+        last, asked_wait = "", None
         for attempt in range(self.settings.retries + 1):
             if self.stopped.is_set():
                 raise EndpointError("not sent: the run stopped")
-            if attempt:
+            if asked_wait is not None:
+                self._sleep(asked_wait)
+            elif attempt:
                 delay = self.settings.backoff * 2 ** (attempt - 1)
                 self._sleep(delay * (0.75 + random.random() / 2))
+            asked_wait = None
             try:
                 return parse_answer(self._request(chunk))
             except InvalidAnswer as e:
@@ -199,11 +209,33 @@ class NovelClient:
                 raise UsageError(self._explain(e)) from None
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
                 raise UsageError(self._explain(e)) from None
+            except openai.RateLimitError as e:
+                last = self._explain(e)
+                if attempt < self.settings.retries:
+                    asked_wait = self._retry_after(e, chunk, attempt)
             except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError,
                     openai.APIResponseValidationError) as e:
                 last = self._explain(e)
             log.info("chunk %d: %s (try %d of %d)", chunk.index, last, attempt + 1, self.settings.retries + 1)
         raise EndpointError(last)
+
+    def _retry_after(self, e, chunk: Chunk, attempt: int) -> float | None:
+        """The seconds a 429's `Retry-After` asks for (capped at MAX_RETRY_AFTER, said in the progress output);
+        None without a header in seconds (then the back-off applies)."""
+        response = getattr(e, "response", None)
+        raw = response.headers.get("retry-after") if response is not None else None
+        try:
+            asked = float((raw or "").strip())
+        except ValueError:
+            return None  # absent, or the HTTP-date form: the back-off
+        if not math.isfinite(asked) or asked < 0:
+            return None
+        wait = min(asked, MAX_RETRY_AFTER)
+        capped = f"; waiting {wait:g} s, the most this waits for one retry" if asked > wait else ""
+        self._progress(f"chunk {chunk.index + 1}: rate-limited (HTTP 429), the endpoint asks to wait {asked:g} s "
+                       f"(Retry-After){capped or f'; waiting {wait:g} s'} before try {attempt + 2} of "
+                       f"{self.settings.retries + 1}")
+        return wait
 
     def _request(self, chunk: Chunk) -> str | None:
         with self._lock:
