@@ -62,6 +62,14 @@ def _link(src: Path, dest: Path) -> None:
         os.symlink(src.resolve(), dest)
 
 
+def _staging(near: Path) -> tempfile.TemporaryDirectory:
+    """The folder the commit is laid out in: beside the export (hard links), else the system's temp folder."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=".persona-lora-push-", dir=near)
+    except OSError:  # a read-only parent: symbolic links from the temp folder
+        return tempfile.TemporaryDirectory(prefix="persona-lora-push-")
+
+
 def _sibling_adapter(be: HubBackend, record: GgufRecord, repo_id: str, token: str) -> str | None:
     """`OWNER/NAME` when pushing to `OWNER/NAME-GGUF` and that repo holds the adapter weights this export was merged
     from; None otherwise (no such repo, another adapter, or not a -GGUF name)."""
@@ -115,7 +123,7 @@ def push_gguf_export(folder: Path, repo_id: str, be: HubBackend, *, token: str, 
                          f"replace its card there. Push to a new repo (e.g. {repo_id}{GGUF_REPO_SUFFIX})")
     sub = ADAPTER_REPO_FOLDER if beside_adapter else ""
     place = PushedTo(be.name, repo_id, sub, revision, None, repo_page(be, repo_id, revision))
-    with tempfile.TemporaryDirectory(prefix=".persona-lora-push-", dir=record.folder.parent) as tmp:
+    with _staging(record.folder.parent) as tmp:
         stage = Path(tmp)
         paths = []
         for name in files:

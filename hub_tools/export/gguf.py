@@ -109,6 +109,7 @@ def export_gguf(req: GgufRequest) -> Path:
     check_folder(adapter)
     if req.lora_gguf:
         refuse_lora_gguf(adapter)
+    adapter_sha256 = sha256_file(adapter / ADAPTER_WEIGHTS)  # the weights merged: the card and push check it
     chat = manifest.chat
     trained_template = chat.chat_template if chat and chat.template_source == "file" else None
     template = ollama.ollama_template(trained_template) if req.target == "ollama" else None
@@ -139,7 +140,7 @@ def export_gguf(req: GgufRequest) -> Path:
         facts = ExportFacts(name=name, gguf=gguf_name, quant=req.quant, target=req.target,
                             system_prompt=chat.system_prompt if chat else None, llama_cpp=llama.public_name,
                             base_id=manifest.base_model.id, adapter_name=manifest.name or adapter.name,
-                            adapter_sha256=sha256_file(adapter / ADAPTER_WEIGHTS),
+                            adapter_sha256=adapter_sha256,
                             notes=sorted(notes.get("changes", [])))
         _write_docs(tmp, facts, template)
     size = (target.path / gguf_name).stat().st_size
