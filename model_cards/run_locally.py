@@ -41,10 +41,12 @@ def card_decoding() -> dict[str, float | int]:
 
 def run_commands(r: GgufRecord) -> list[str]:
     """Shell lines that chat with the export as the card does (greedy), run in the folder holding the GGUF: the
-    Ollama lines first when the export has a Modelfile, then llama-cli and llama-server."""
+    Ollama lines first when the export has a Modelfile, then llama-cli and llama-server. llama-cli chats by
+    itself (llama.cpp's `-cnv` belongs to llama-completion now, and llama-cli refuses it); both apply the GGUF's
+    chat template, the one the persona was trained with."""
     decoding = card_decoding()
     system = ["-sys", r.system_prompt] if r.system_prompt else []
-    cli = ["llama-cli", "-m", r.gguf, *system, "-cnv", "--temp", str(decoding["temperature"]),
+    cli = ["llama-cli", "-m", r.gguf, *system, "--temp", str(decoding["temperature"]),
            "-n", str(decoding["num_predict"])]
     server = ["llama-server", "-m", r.gguf, "--jinja", "--temp", str(decoding["temperature"])]
     lines = [shlex.join(cli), shlex.join(server)]

@@ -194,3 +194,27 @@ def test_q4_k_m_goes_through_llama_quantize(trained_adapter, tiny_base, tmp_path
     with capsys.disabled():
         print(f"\nexport q4_k_m: {q4['seconds']:.1f} s, peak RSS {q4['peak_kib'] / 1024:.0f} MiB, "
               f"GGUF {q4['gguf'].stat().st_size / 2**20:.1f} MiB")
+
+
+def test_the_run_commands_use_only_options_the_tools_have(tmp_path):
+    """The llama-cli and llama-server lines of the export's README and the card name only options those tools of
+    this build document (their README option tables, generated from the argument parser): an option of another
+    tool is refused by llama.cpp's parser ("invalid argument")."""
+    import re
+    import shlex
+
+    from persona_lora.gguf_record import GgufRecord
+    from persona_lora.model_cards.run_locally import run_commands
+
+    src = BUILD.parents[1]
+    record = GgufRecord(folder=tmp_path, name="p", adapter="p", base=None, gguf="p.q8_0.gguf", quant="q8_0",
+                        target="ollama", system_prompt=SYSTEM, adapter_sha256=None, files=["Modelfile"])
+    lines = run_commands(record)
+    assert lines[:2] == ["ollama create p -f Modelfile", "ollama run p"]
+    for line in lines[2:]:
+        argv = shlex.split(line)
+        table = (src / "tools" / argv[0].removeprefix("llama-") / "README.md").read_text()
+        documented = {o for cell in re.findall(r"^\| `([^`]+)`", table, re.M)
+                      for o in re.findall(r"(?:^|, )(-{1,2}[\w-]+)", cell)}
+        used = [a for a in argv[1:] if a.startswith("-")]
+        assert used and not [o for o in used if o not in documented], (argv[0], used)
