@@ -89,6 +89,8 @@ def test_push_to_a_gguf_repo_beside_the_adapters_repo(made, export, hub_server, 
     assert ModelCard(readme).data.base_model == adapter_repo  # the client reads it as the Hub would
     assert str(export.parent.parent) not in readme  # no local path (the checkout's is named by its folder only)
     assert "the llama.cpp checkout `llama.cpp` given with --llama-cpp" in readme
+    assert f"The LoRA adapter it was merged from, with its model card (data, training, samples): `{adapter_repo}`" \
+        in readme
     assert "ollama create zhen-huan -f Modelfile" in readme and "llama-cli -m zhen-huan.f32.gguf" in readme
     record = json.loads((export / "persona_gguf.json").read_text())
     assert [(p["hub"], p["repo_id"], p["folder"]) for p in record["pushed"]] == [("hf", gguf_repo, "")]

@@ -378,6 +378,9 @@ def render_readme(r: GgufRecord, *, base_model: str | None = None, relation: str
         f"{r.target} --quant {r.quant}`). The file carries the chat template the persona was trained with.",
         "",
     ]
+    if relation == "quantized":
+        parts += [f"The LoRA adapter it was merged from, with its model card (data, training, samples): "
+                  f"`{base_model}`.", ""]
     if r.has_modelfile:
         parts += ["## Ollama", "", "```sh", *cmds[:2], "```", "",
                   f"The `{MODELFILE}` formats chats exactly as training did (system prompt, `User:`/`Assistant:` "
