@@ -235,8 +235,8 @@ def eval_source_checks(cfg: TrainConfig, data_section) -> list[str]:
     given = isinstance(data_section, dict) and data_section.get("eval_fraction") is not None
     if given and cfg.data.eval_fraction > 0:
         return [f"data.eval_path ({cfg.data.eval_path}) and data.eval_fraction {cfg.data.eval_fraction:g} both "
-                "choose the held-out set; keep the file and set data.eval_fraction: 0 (or drop data.eval_path to "
-                "hold out a fraction of data.path)"]
+                "choose the held-out set; keep the file and set data.eval_fraction: 0 (--set data.eval_fraction=0), "
+                "or drop data.eval_path to hold out a fraction of data.path"]
     cfg.data.eval_fraction = 0.0
     if cfg.preference.method != "sft":
         return [f"data.eval_path is for SFT records; preference.method {cfg.preference.method} holds out "
