@@ -79,6 +79,9 @@ def test_build_writes_the_training_config_train_reads(tmp_path, capsys):
     code = main(["data", "build", str(tmp_path / "palace.dialogue.jsonl"), "--character", "Cleo", "--out",
                  str(data)])
     assert code == 2 and f"{config}" in capsys.readouterr().err
+    code = main(["data", "build", str(tmp_path / "palace.dialogue.jsonl"), "--character", "Cleo", "--out",
+                 str(tmp_path / "other.eval.json")])  # would hold out into other.eval.eval.json
+    assert code == 2 and "give a .json file name not ending in .eval.json" in capsys.readouterr().err
 
 
 def test_a_build_without_held_out_scenes_or_system_prompt_says_so_in_its_config(tmp_path, capsys):
