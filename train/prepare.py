@@ -1,5 +1,9 @@
 """Records -> training examples: load and validate, split (seeded), encode through the one formatting path.
 
+The eval set is either a seeded `data.eval_fraction` of `data.path`, or a file of its own (`data.eval_path`, e.g.
+the DATA.eval.json `data build` holds out by scene); then every record of `data.path` is trained on, and records
+found in both files are counted and warned about.
+
 Every record that does not become an example is counted with its reason, and every truncation is counted: the
 manifest and card report both, so what the adapter was trained on is never a guess.
 """
@@ -31,14 +35,14 @@ class PreparedData:
     also_in_training: int = 0  # records of the eval file that are also in the training file
 
 
-def _eval_file(cfg: TrainConfig, loaded) -> tuple[object, list[list[dict]], int]:
+def _eval_file(cfg: TrainConfig, loaded, train_convs: list[list[dict]]) -> tuple[object, list[list[dict]], int]:
     """data.eval_path: its records as conversations, and how many of them the training file also holds (each such
     record is trained on, so eval loss on it is no held-out figure: warned with the count, never hidden)."""
     from persona_lora.dataset.reading import load_records
 
     try:
         held = load_records(cfg.data.eval_path)
-    except DataError as e:  # said as the eval file's problem: the training file may be the same kind of path
+    except DataError as e:  # said as the eval file's problem, so nobody looks for it in data.path
         raise DataError(e.problems, f"data.eval_path {e.source or cfg.data.eval_path}") from None
     if held.sha256 == loaded.sha256:
         raise DataError(f"data.eval_path {cfg.data.eval_path} has the same records as data.path {cfg.data.path} "
@@ -46,8 +50,7 @@ def _eval_file(cfg: TrainConfig, loaded) -> tuple[object, list[list[dict]], int]
                         "`data build`), or drop data.eval_path to hold out data.eval_fraction of data.path",
                         held.name)
     convs = [conversation_for(r["messages"], cfg.data.system_prompt) for r in held.records]
-    trained = {json.dumps(conversation_for(r["messages"], cfg.data.system_prompt), ensure_ascii=False,
-                          sort_keys=True) for r in loaded.records}
+    trained = {json.dumps(c, ensure_ascii=False, sort_keys=True) for c in train_convs}
     shared = [held.records[i].get("origin", i) for i, c in enumerate(convs)
               if json.dumps(c, ensure_ascii=False, sort_keys=True) in trained]
     log.info("eval records: %d read from %s (data.eval_path)", len(convs), held.name)
@@ -68,7 +71,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     convs = [conversation_for(r["messages"], cfg.data.system_prompt) for r in loaded.records]
     held, also_in_training, origins = None, 0, [r.get("origin", i) for i, r in enumerate(loaded.records)]
     if cfg.data.eval_path:  # the held-out set is its own file: appended after the training records
-        held, eval_convs, also_in_training = _eval_file(cfg, loaded)
+        held, eval_convs, also_in_training = _eval_file(cfg, loaded, convs)
         train_idx, eval_idx = list(range(len(convs))), list(range(len(convs), len(convs) + len(eval_convs)))
         convs += eval_convs
         origins += [r.get("origin", i) for i, r in enumerate(held.records)]
