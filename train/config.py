@@ -157,6 +157,9 @@ class TrainingConfig:
     samples: int = _f(4, "base-vs-adapter sample answers on held-out prompts at the end (0: none)", min=0)
     sample_max_new_tokens: int = _f(64, "max new tokens per sample answer", min=1)
     dataloader_workers: int = _f(0, "DataLoader worker processes", min=0)
+    compile: bool = _f(False, "run the decoder layers under torch.compile (dynamic shapes); the first steps compile "
+                              "(minutes on a CPU, which needs a C++ compiler), and the time it cost is printed",
+                       flag="--compile")
     fsdp: TriState = _f(
         TriState.FALSE, "shard the frozen base across processes per decoder layer (FSDP2; launch with torchrun or "
         "accelerate launch): false, true, auto (on with more than one process when the base does not fit one device)"

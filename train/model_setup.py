@@ -15,6 +15,7 @@ from persona_lora.errors import UsageError
 from persona_lora.expert_lora import use_lora_aware_experts
 from persona_lora.model_loading import ResolvedBase, load_base_model
 from persona_lora.peft_compat import attach_new_adapter, portable_config
+from persona_lora.train.compiled_layers import compile_decoder_layers
 from persona_lora.train.config import TrainConfig, TriState
 
 
@@ -101,6 +102,8 @@ def build_adapted_model(cfg: TrainConfig, rb: ResolvedBase, device: str, *, meta
     total = sum(p.numel() for p in peft_model.parameters())
     # training, eval and the sample answers run the routed-expert LoRA without rebuilding the expert weights
     experts_forward = "" if meta else use_lora_aware_experts(peft_model)
+    if cfg.training.compile and not meta:  # after LoRA and the expert routine: what is compiled is what trains
+        compile_decoder_layers(peft_model, device)
     return AdaptedModel(peft_model, spec, table, note, trainable, total, experts_forward, sharded)
 
 

@@ -25,6 +25,7 @@ from persona_lora.peft_compat import native_targets
 from persona_lora.progress import verbose
 from persona_lora.train import fsdp
 from persona_lora.train.answer_logits import answer_logits_trainer
+from persona_lora.train.compiled_layers import compile_timer_callback
 from persona_lora.train.config import TrainConfig
 from persona_lora.train.dry_run import dry_run_report
 from persona_lora.train.length_batches import LENGTH_BUCKETS, batch_order, length_bucket_trainer
@@ -170,7 +171,8 @@ def train_loop(cfg: TrainConfig, setup: RunSetup, data: PreparedData, model: Ada
         eval_dataset=_to_dataset(data.eval) if data.eval else None,
         data_collator=_collator(cfg, setup.tokenizer, setup.device),
         processing_class=setup.tokenizer,
-        callbacks=[*loop_callbacks(stop, tally, stop_after, cfg.training.allow_no_update), train_progress_callback()],
+        callbacks=[*loop_callbacks(stop, tally, stop_after, cfg.training.allow_no_update), train_progress_callback(),
+                   *([compile_timer_callback()] if cfg.training.compile else [])],
     )
     replace_library_output(trainer)
     started = time.time()
