@@ -13,16 +13,19 @@ on its target list, given to
   checkpointing on CPU, the default 5% eval split, eval passes and end-of-training sample answers, card) at r=8:
   preset `all` (attention, dense MLP, shared experts, routed experts) with the LoRA-aware expert forward, the same
   with PEFT's `ParamWrapper` (PERSONA_LORA_EXPERT_LORA=peft: what it was before), and our default preset
-  `attention+mlp` (no routed experts). `--only ours-all-stock-malloc` adds `all` with the C library's allocator
-  defaults (PERSONA_LORA_HOST_MALLOC=stock), to see what keeping freed memory for reuse is worth.
+  `attention+mlp` (no LoRA on the routed experts, which run our routine bare), and that preset with the bare
+  experts on transformers' own forward (`ours-attention+mlp-peft`, what stock transformers runs).
+  `--only ours-all-stock-malloc` adds `all` with the C library's allocator defaults (PERSONA_LORA_HOST_MALLOC=stock),
+  to see what keeping freed memory for reuse is worth; `--only ours-all-compile` adds `all` with
+  `training.compile: true` (its compile time, first step minus the median step, is shown apart).
 
 Every recipe runs --repeats times (default 2), in interleaved rounds, and the best round counts (a shared machine
 only ever adds time); the spread is printed too. Trained tokens/s = non-padding tokens trained / time. "loop" is
 the training steps alone (Trainer.train minus its eval passes); "+eval" is what the manifest's tokens_per_second
 counts; "command" is the whole process, interpreter start to exit (the tutorial's: its script). Goals (`all`):
 >= 6x the tutorial in the loop, >= 4x for the command, loop >= 4,725 tokens/s (1.5x the best tuned peer's 3,150 on
-this job). The `ours-all` worker's phases show where
-the rest of the command goes.
+this job); default preset >= 1.15x the same preset on transformers' bare-expert forward. The `ours-all` worker's
+phases show where the rest of the command goes.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def worker_tutorial(base: Path, data: Path, n: int) -> dict:
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "all") -> dict:
+def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "all", compile: bool = False) -> dict:
     """The whole `persona-lora train` command in this process, its phases timed by wrapping the trainer's steps."""
     started = time.time()
     import datasets  # noqa: F401  (the libraries the command imports anyway, timed as imports, not as "other")
@@ -129,6 +132,12 @@ def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "
                                (trainer, "save_adapter", "save adapter"), (trainer, "sample_answers", "sample answers"),
                                (cards, "write_card", "card + loss plot")):
         timed(owner, name, label)
+    steps: list[float] = []
+    if compile:  # the trainer's own first-step/later-steps line, kept as figures
+        import persona_lora.train.compiled_layers as compiled
+
+        real_summary = compiled.compile_summary
+        compiled.compile_summary = lambda seconds: steps.extend(seconds) or real_summary(seconds)
     out = data.parent / f"ours-out-{preset}"
     config = data.parent / f"ours-{preset}.yaml"
     config.write_text(json.dumps({
@@ -137,19 +146,26 @@ def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "
         "data": {"path": str(data), "system_prompt": TUTORIAL_SYSTEM, "max_length": 384},
         "lora": {"preset": preset, "r": 8, "alpha": 32, "dropout": 0.0},
         "training": {"output_dir": str(out), "batch_size": batch, "epochs": 1, "learning_rate": 2e-4,
-                     "save_steps": 10**6, "report_to": ["none"], "logging_steps": 10},
+                     "save_steps": 10**6, "report_to": ["none"], "logging_steps": 10, "compile": compile},
     }), encoding="utf-8")
     if main(["train", str(config), "--overwrite"]) != 0:
         raise SystemExit("persona-lora train failed")
     phases["total in process"] = time.time() - started
     m = json.loads((out / "persona_manifest.json").read_text())
     evals = phases.get("eval passes", 0.0)
+    if steps:
+        import statistics
+
+        later = statistics.median(steps[1:]) if len(steps) > 1 else 0.0
+        phases["  of which compiling (first step - median step)"] = max(steps[0] - later, 0.0)
     return {"loop_s": m["run"]["wall_time_s"] - evals, "eval_s": evals, "tokens": m["run"]["trained_tokens"],
             "peak_rss_mb": peak_rss_mb(), "trainable": m["lora"]["trainable_params"], "phases": phases}
 
 
-WORKERS = ("tutorial", "ours-all", "ours-all-peft", "ours-attention+mlp", "ours-all-stock-malloc")
-DEFAULT_WORKERS = WORKERS[:4]  # the last only with --only: ours-all with the C library's allocator defaults
+WORKERS = ("tutorial", "ours-all", "ours-all-peft", "ours-attention+mlp", "ours-attention+mlp-peft",
+           "ours-all-stock-malloc", "ours-all-compile")
+DEFAULT_WORKERS = WORKERS[:5]  # the last two only with --only: ours-all with the C library's allocator defaults,
+# and ours-all with training.compile (minutes of compiling on a CPU)
 
 
 def run_worker(name: str, base: Path, data: Path, examples: int, batch: int) -> dict:
@@ -183,8 +199,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         if args.worker.startswith("ours-"):
-            preset = args.worker.removeprefix("ours-").removesuffix("-peft").removesuffix("-stock-malloc")
-            result = worker_ours(args.base, args.data, args.examples, args.batch_size, preset)
+            preset = (args.worker.removeprefix("ours-").removesuffix("-peft").removesuffix("-stock-malloc")
+                      .removesuffix("-compile"))
+            result = worker_ours(args.base, args.data, args.examples, args.batch_size, preset,
+                                 compile=args.worker.endswith("-compile"))
         else:
             result = worker_tutorial(args.base, args.data, args.examples)
         print("RESULT " + json.dumps(result))
@@ -237,6 +255,15 @@ def print_results(results: dict, args, source: str) -> None:
         a, p = rate["ours-all"], rate["ours-all-peft"]
         print(f"LoRA-aware experts / ParamWrapper (ours-all / ours-all-peft): loop {a['loop'] / p['loop']:.2f}x, "
               f"command {a['command'] / p['command']:.2f}x")
+    if "ours-attention+mlp" in rate and "ours-attention+mlp-peft" in rate:
+        a, p = rate["ours-attention+mlp"], rate["ours-attention+mlp-peft"]
+        print(f"default preset, bare routed experts on our routine / on transformers' forward (ours-attention+mlp / "
+              f"ours-attention+mlp-peft): loop {a['loop'] / p['loop']:.2f}x, "
+              f"command {a['command'] / p['command']:.2f}x")
+    if "ours-all" in rate and "ours-all-compile" in rate:
+        a, p = rate["ours-all-compile"], rate["ours-all"]
+        print(f"training.compile / without (ours-all-compile / ours-all): loop {a['loop'] / p['loop']:.2f}x, "
+              f"command {a['command'] / p['command']:.2f}x")
     if "ours-all" in rate and "ours-all-stock-malloc" in rate:
         a, p = rate["ours-all"], rate["ours-all-stock-malloc"]
         print(f"freed memory kept for reuse / C library defaults (ours-all / ours-all-stock-malloc): loop "
@@ -244,7 +271,7 @@ def print_results(results: dict, args, source: str) -> None:
     print("tutorial: attention + routed experts (its list, as PEFT 0.21 rewrites it); ours-all: attention + dense MLP "
           "+ shared + routed experts; ours-attention+mlp (our default preset): no routed experts.\n"
           "goals (ours-all): loop >= 6x and command >= 4x the tutorial; loop >= 4,725 tokens/s")
-    for name in ("ours-all", "ours-all-peft"):
+    for name in ("ours-all", "ours-all-peft", "ours-all-compile"):
         if name not in results:
             continue
         phases = results[name]["phases"]
@@ -253,7 +280,7 @@ def print_results(results: dict, args, source: str) -> None:
         rows = {"interpreter start": results[name]["command_s"] - inside, **phases}
         rows["  of which training steps"] = loop
         rows["other (checks, manifest, folder)"] = inside - sum(
-            v for k, v in phases.items() if k not in ("Trainer construction", "eval passes"))
+            v for k, v in phases.items() if k not in ("Trainer construction", "eval passes") and not k.startswith(" "))
         print(f"\nwhere the {name} command's {results[name]['command_s']:.1f} s go")
         for label, seconds in rows.items():
             inner = label in ("Trainer construction", "eval passes") or label.startswith("  ")
