@@ -27,8 +27,10 @@ measured; the fastest counts (a shared machine only ever adds time). Printed: st
 forward / backward / optimizer split, peak memory, and beside them the arithmetic each case must do per step
 (`predicted`): matmul FLOPs and bytes of weight-sized tensors written. Goals (3 layers, CPU, `all`): ours <= 1.15x
 the floor's step time; >= 3.5x ParamWrapper's tokens/s at batch 4, >= 2.5x at 16; peak memory below
-ParamWrapper's; default >= 1.15x faster than default-stock. With --compile the decoder layers run under
-torch.compile; the first (compiling) step's time is printed separately.
+ParamWrapper's; default >= 1.15x faster than default-stock. No LoRA step is faster than the floor's, so
+ours/ParamWrapper can be at most ParamWrapper/floor: each row's notes print that ceiling, measured and as predicted
+by the matmul work alone (ParamWrapper's excess over it is memory traffic: the `wt GB` column). With --compile the
+decoder layers run under torch.compile; the first (compiling) step's time is printed separately.
 """
 
 from __future__ import annotations
@@ -297,6 +299,11 @@ def report(out: list[dict], cfg: dict, args) -> None:
                              f"{ours['peak_mb'] / peft['peak_mb']:.2f}x")
             if ours and floor:
                 notes.append(f"ours/floor step {ours['step_s'] / floor['step_s']:.2f}x")
+            if peft and floor:  # no LoRA path is faster than the frozen base: this bounds ours/ParamWrapper
+                pw, fl = (predicted(c, cfg, batch, args.seq, rows[c]["answers"], checkpointing, nbytes)["gflop"]
+                          for c in ("peft-all", "floor"))
+                notes.append(f"ceiling for ours/ParamWrapper (ParamWrapper/floor): "
+                             f"{peft['step_s'] / floor['step_s']:.2f}x measured, {pw / fl:.2f}x by matmul work alone")
             if default and stock:
                 notes.append(f"default vs default-stock {stock['step_s'] / default['step_s']:.2f}x faster")
             print("      " + "; ".join(notes))
