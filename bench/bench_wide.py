@@ -200,9 +200,10 @@ def worker(args) -> None:
         path, params, optimizer = f"bare: {bare}", [], None
     inner = model.get_base_model() if preset else model
     compile_s = None
-    if args.compile:
-        for layer in inner.model.layers:
-            layer.compile()
+    if args.compile:  # what `training.compile: true` does
+        from persona_lora.train.compiled_layers import compile_decoder_layers
+
+        compile_decoder_layers(model, args.device)
     model.train()
     results = []
     for checkpointing in args.checkpointing:
@@ -323,7 +324,7 @@ def main() -> int:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (training.compile)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.batches = [int(b) for b in str(args.batches).split(",")]
