@@ -243,11 +243,11 @@ def print_results(results: dict, args, source: str) -> None:
     print(f"\ntraining throughput, tiny DeepSeek-V2 base, {args.examples} records of {source}, one epoch, CPU "
           f"({os.cpu_count()} cores), our batch {args.batch_size}, r 8, best of {max(1, args.repeats)} interleaved "
           "rounds; tokens/s and ratio to the tutorial")
-    print(f"{'recipe':<20}{'tokens':>8}{'loop s':>8}{'loop':>7}{'x':>7}{'+eval':>7}{'command s':>11}{'command':>9}"
+    print(f"{'recipe':<24}{'tokens':>8}{'loop s':>8}{'loop':>7}{'x':>7}{'+eval':>7}{'command s':>11}{'command':>9}"
           f"{'x':>7}{'peak RSS MB':>13}{'LoRA params':>13}")
     for name, r in results.items():
         q = rate[name]
-        print(f"{name:<20}{r['tokens']:>8}{r['loop_s']:>8.1f}{q['loop']:>7.0f}"
+        print(f"{name:<24}{r['tokens']:>8}{r['loop_s']:>8.1f}{q['loop']:>7.0f}"
               f"{q['loop'] / rate['tutorial']['loop']:>6.2f}x{q['eval']:>7.0f}{r['command_s']:>11.1f}"
               f"{q['command']:>9.0f}{q['command'] / rate['tutorial']['command']:>6.2f}x"
               f"{r['peak_rss_mb']:>13.0f}{r['trainable']:>13,}")
