@@ -251,23 +251,16 @@ def print_results(results: dict, args, source: str) -> None:
               f"{q['loop'] / rate['tutorial']['loop']:>6.2f}x{q['eval']:>7.0f}{r['command_s']:>11.1f}"
               f"{q['command']:>9.0f}{q['command'] / rate['tutorial']['command']:>6.2f}x"
               f"{r['peak_rss_mb']:>13.0f}{r['trainable']:>13,}")
-    if "ours-all" in rate and "ours-all-peft" in rate:
-        a, p = rate["ours-all"], rate["ours-all-peft"]
-        print(f"LoRA-aware experts / ParamWrapper (ours-all / ours-all-peft): loop {a['loop'] / p['loop']:.2f}x, "
-              f"command {a['command'] / p['command']:.2f}x")
-    if "ours-attention+mlp" in rate and "ours-attention+mlp-peft" in rate:
-        a, p = rate["ours-attention+mlp"], rate["ours-attention+mlp-peft"]
-        print(f"default preset, bare routed experts on our routine / on transformers' forward (ours-attention+mlp / "
-              f"ours-attention+mlp-peft): loop {a['loop'] / p['loop']:.2f}x, "
-              f"command {a['command'] / p['command']:.2f}x")
-    if "ours-all" in rate and "ours-all-compile" in rate:
-        a, p = rate["ours-all-compile"], rate["ours-all"]
-        print(f"training.compile / without (ours-all-compile / ours-all): loop {a['loop'] / p['loop']:.2f}x, "
-              f"command {a['command'] / p['command']:.2f}x")
-    if "ours-all" in rate and "ours-all-stock-malloc" in rate:
-        a, p = rate["ours-all"], rate["ours-all-stock-malloc"]
-        print(f"freed memory kept for reuse / C library defaults (ours-all / ours-all-stock-malloc): loop "
-              f"{a['loop'] / p['loop']:.2f}x, command {a['command'] / p['command']:.2f}x")
+    for faster, slower, label in (
+            ("ours-all", "ours-all-peft", "LoRA-aware experts / ParamWrapper"),
+            ("ours-attention+mlp", "ours-attention+mlp-peft",
+             "default preset, bare routed experts on our routine / on transformers' forward"),
+            ("ours-all-compile", "ours-all", "training.compile / without"),
+            ("ours-all", "ours-all-stock-malloc", "freed memory kept for reuse / C library defaults")):
+        if faster in rate and slower in rate:
+            a, p = rate[faster], rate[slower]
+            print(f"{label} ({faster} / {slower}): loop {a['loop'] / p['loop']:.2f}x, "
+                  f"command {a['command'] / p['command']:.2f}x")
     print("tutorial: attention + routed experts (its list, as PEFT 0.21 rewrites it); ours-all: attention + dense MLP "
           "+ shared + routed experts; ours-attention+mlp (our default preset): no routed experts.\n"
           "goals (ours-all): loop >= 6x and command >= 4x the tutorial; loop >= 4,725 tokens/s")

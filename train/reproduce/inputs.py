@@ -88,14 +88,17 @@ def load_recorded_data(manifest: Manifest, cfg: dict, override: str | None):
 def check_data(manifest: Manifest, loaded) -> tuple[list[str], dict]:
     """Differences between the data found and the data recorded (sha256, and the record counts to show it)."""
     ds = manifest.dataset
-    recorded_n = training_rows(ds)
+    return _compare("dataset.sha256", loaded, "trained on", ds.hub_id or ds.name, training_rows(ds), ds.sha256)
+
+
+def _compare(key: str, loaded, what: str, name: str, records: int | None, sha256: str) -> tuple[list[str], dict]:
+    """([the difference, named by its manifest key], {recorded, used}) of a file found against the one recorded."""
     problems = []
-    if loaded.sha256 != ds.sha256:
-        problems.append(f"dataset.sha256: {loaded.name} has {len(loaded)} records, sha256 {short_sha(loaded.sha256)}; "
-                        f"the adapter was trained on {ds.hub_id or ds.name} with "
-                        f"{recorded_n if recorded_n is not None else 'an unrecorded number of'} records, sha256 "
-                        f"{short_sha(ds.sha256)}")
-    info = {"recorded": {"name": ds.hub_id or ds.name, "records": recorded_n, "sha256": ds.sha256},
+    if loaded.sha256 != sha256:
+        count = records if records is not None else "an unrecorded number of"
+        problems.append(f"{key}: {loaded.name} has {len(loaded)} records, sha256 {short_sha(loaded.sha256)}; the "
+                        f"adapter was {what} {name} with {count} records, sha256 {short_sha(sha256)}")
+    info = {"recorded": {"name": name, "records": records, "sha256": sha256},
             "used": {"name": loaded.hub_id or loaded.name, "records": len(loaded), "sha256": loaded.sha256}}
     return problems, info
 
@@ -129,15 +132,7 @@ def check_eval(manifest: Manifest, loaded) -> tuple[list[str], dict | None]:
     held = manifest.dataset.eval_file if manifest.dataset else None
     if held is None or loaded is None:
         return [], None
-    problems = []
-    if loaded.sha256 != held.sha256:
-        problems.append(f"dataset.eval_file.sha256: {loaded.name} has {len(loaded)} records, sha256 "
-                        f"{short_sha(loaded.sha256)}; the adapter was evaluated on {held.name} with "
-                        f"{held.records if held.records is not None else 'an unrecorded number of'} records, sha256 "
-                        f"{short_sha(held.sha256)}")
-    info = {"recorded": {"name": held.name, "records": held.records, "sha256": held.sha256},
-            "used": {"name": loaded.hub_id or loaded.name, "records": len(loaded), "sha256": loaded.sha256}}
-    return problems, info
+    return _compare("dataset.eval_file.sha256", loaded, "evaluated on", held.name, held.records, held.sha256)
 
 
 def check_chat_template(manifest: Manifest, rb) -> list[str]:
