@@ -157,7 +157,7 @@ def worker_ours(base: Path, data: Path, n: int, batch: int = 16, preset: str = "
         import statistics
 
         later = statistics.median(steps[1:]) if len(steps) > 1 else 0.0
-        phases["  of which compiling (first step - median step)"] = max(steps[0] - later, 0.0)
+        phases["  of which compiling (1st - median)"] = max(steps[0] - later, 0.0)
     return {"loop_s": m["run"]["wall_time_s"] - evals, "eval_s": evals, "tokens": m["run"]["trained_tokens"],
             "peak_rss_mb": peak_rss_mb(), "trainable": m["lora"]["trainable_params"], "phases": phases}
 
